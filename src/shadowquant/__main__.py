@@ -1,0 +1,3 @@
+from shadowquant.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Command line: `python -m shadowquant <command>`; the stages the Snakemake rules run, by hand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from shadowquant.errors import PipelineError
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threshold '{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"threshold {text} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shadowquant", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="check an mllm model file", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+
+    s = sub.add_parser("validate-config", help="validate a config file and print it with defaults")
+    s.add_argument("config")
+
+    s = sub.add_parser("fetch-model", help="resolve model.source into a local model directory + manifest")
+    s.add_argument("--source", required=True)
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--type", default=None)
+    s.add_argument("--revision", default=None)
+    s.add_argument("--trust-remote-code", action="store_true")
+
+    s = sub.add_parser("select-samples", help="pick records of a corpus as METHOD.md section 1 does")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-samples", type=int, required=True)
+    s.add_argument("--offset", type=int, default=0)
+
+    s = sub.add_parser("profile", help="profile activations into act_scales.json")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--samples", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--out-table", required=True)
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--checkpoint-dir", default=None)
+    s.add_argument("--checkpoint-every", type=int, default=0)
+
+    s = sub.add_parser("decide", help="clip/shadow decision for one threshold")
+    s.add_argument("--act-scales", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--threshold", type=_threshold, default=152.0)
+    s.add_argument("--statistic", choices=["signed", "absmax"], default="signed")
+
+    s = sub.add_parser("export", help="int8 export (safetensors, optionally .pth)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--decision", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--pth", default=None)
+
+    s = sub.add_parser("convert", help="int8 safetensors export -> mllm model file")
+    s.add_argument("--export", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--version", type=int, choices=[1, 2], default=1)
+
+    s = sub.add_parser("tiny-model", help="build a tiny random-weight model of a family (for trying the pipeline)")
+    s.add_argument("--family", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from shadowquant import stages
+
+    try:
+        if args.command == "inspect":
+            from shadowquant.inspector import main as inspect_main
+
+            return inspect_main(args.rest)
+        if args.command == "validate-config":
+            import yaml
+
+            from shadowquant.config import load_config
+
+            print(yaml.safe_dump(load_config(args.config), sort_keys=False), end="")
+        elif args.command == "fetch-model":
+            stages.fetch_model(args.source, args.manifest, args.type, args.revision, args.trust_remote_code)
+        elif args.command == "select-samples":
+            stages.select_samples(args.corpus, args.out, args.num_samples, args.offset)
+        elif args.command == "profile":
+            stages.profile(args.manifest, args.samples, args.out_json, args.out_table, args.seq_len,
+                           args.batch_size, args.device, args.dtype, args.checkpoint_dir, args.checkpoint_every)
+        elif args.command == "decide":
+            stages.decide(args.act_scales, args.out, args.threshold, args.statistic)
+        elif args.command == "export":
+            stages.export(args.manifest, args.decision, args.out, args.pth)
+        elif args.command == "convert":
+            stages.convert(args.export, args.out, version=args.version)
+        elif args.command == "tiny-model":
+            from shadowquant.tiny import build_tiny_model
+
+            print(build_tiny_model(args.family, args.out, seed=args.seed))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,110 @@
+"""The clip / shadow decision of METHOD.md section 2, for one threshold and statistic."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shadowquant.errors import PipelineError
+
+SIDES = ("input", "output")
+STATISTICS = ("signed", "absmax")
+# Keys of act_scales.json: the reference keys carry the signed statistic,
+# the absmax variant sits under added keys.
+STAT_KEYS = {
+    "signed": ("ori", "top_0_1"),
+    "absmax": ("absmax_ori", "absmax_top_0_1"),
+}
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """Static W8A8 parameters of one Linear: scales are not divided by 127."""
+
+    input_scale: float
+    output_scale: float
+    clip_input: bool
+    clip_output: bool
+
+
+def decide_side(ori: float, top: float, threshold: float) -> tuple[float, bool]:
+    """Return (scale, clip) for one side: clip when top * t > ori (METHOD.md section 2)."""
+    if top * threshold > ori:
+        return ori, True
+    return top, False
+
+
+def load_act_scales(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: activation scales file not found") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    for key in ("ori", "top_0_1"):
+        if not isinstance(data.get(key), dict):
+            raise PipelineError(f"{path}: missing key '{key}' (expected the act_scales format of METHOD.md section 1)")
+    return data
+
+
+def decide(act_scales: dict, threshold: float, statistic: str = "signed", layers: list[str] | None = None,
+           source: str = "act_scales.json") -> dict[str, LayerQuant]:
+    """Decide scale and clip flag for every side of every layer of `act_scales`.
+
+    `layers`, when given, must all be present (an act_scales.json from another model is an error).
+    """
+    if statistic not in STAT_KEYS:
+        raise PipelineError(f"unknown statistic '{statistic}'; valid: {', '.join(STAT_KEYS)}")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise PipelineError(f"threshold {threshold!r} must be a positive number")
+    ori_key, top_key = STAT_KEYS[statistic]
+    if ori_key not in act_scales or top_key not in act_scales:
+        raise PipelineError(f"{source}: has no '{ori_key}'/'{top_key}' keys; re-run profiling to get the {statistic} statistic")
+    ori_all, top_all = act_scales[ori_key], act_scales[top_key]
+    names = list(ori_all) if layers is None else list(layers)
+    missing = [n for n in names if n not in ori_all or n not in top_all]
+    if missing:
+        raise PipelineError(f"{source}: missing layers {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                            f"({len(missing)} of {len(names)}); profile this model again")
+    result = {}
+    for name in names:
+        sides = {}
+        for side in SIDES:
+            try:
+                ori = float(ori_all[name][side])
+                top = float(top_all[name][side])
+            except (KeyError, TypeError, ValueError):
+                raise PipelineError(f"{source}: layer '{name}' has no numeric '{side}' value under '{ori_key}'/'{top_key}'") from None
+            scale, clip = decide_side(ori, top, threshold)
+            if not (math.isfinite(scale) and scale > 0):
+                raise PipelineError(f"{source}: layer '{name}' {side} scale {scale!r} under statistic '{statistic}' "
+                                    f"is not a positive finite number; int8 scales must be > 0")
+            sides[side] = (scale, clip)
+        result[name] = LayerQuant(sides["input"][0], sides["output"][0], sides["input"][1], sides["output"][1])
+    return result
+
+
+def summarize(decisions: dict[str, LayerQuant], threshold: float, statistic: str) -> dict:
+    """The JSON summary of a decision: shadow (no-clip) sides and counts."""
+    shadow_inputs = [n for n, q in decisions.items() if not q.clip_input]
+    shadow_outputs = [n for n, q in decisions.items() if not q.clip_output]
+    return {
+        "threshold": threshold,
+        "statistic": statistic,
+        "num_layers": len(decisions),
+        "num_shadow_inputs": len(shadow_inputs),
+        "num_shadow_outputs": len(shadow_outputs),
+        "num_shadow_sides": len(shadow_inputs) + len(shadow_outputs),
+        "shadow_inputs": shadow_inputs,
+        "shadow_outputs": shadow_outputs,
+        "layers": {n: asdict(q) for n, q in decisions.items()},
+    }
+
+
+def load_decisions(path: str | Path) -> dict[str, LayerQuant]:
+    """Read back the `layers` table of a summary written by `summarize`."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {n: LayerQuant(**q) for n, q in data["layers"].items()}

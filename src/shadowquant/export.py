@@ -1,0 +1,70 @@
+"""Int8 export of METHOD.md section 4: int8 weights, static scales and clip flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import save_file
+
+from shadowquant.atomic import atomic_path
+from shadowquant.decision import LayerQuant
+from shadowquant.errors import PipelineError
+
+SCALE_FLOOR = 1e-5
+
+
+def quantize_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-tensor int8: returns (int8 values, float32 scale already divided by 127)."""
+    t = t.detach().to(torch.float32)
+    scale = torch.clamp(t.abs().max() / 127, min=SCALE_FLOOR)
+    q = torch.clamp(torch.round(t / scale), -128, 127).to(torch.int8)
+    return q, scale.reshape(())
+
+
+def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant],
+                    profiled: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Build the export tensors from a float state dict and the per-layer decisions."""
+    profiled = list(profiled)
+    missing = [n for n in profiled if n not in decisions]
+    if missing:
+        raise PipelineError(f"no scales for layers {', '.join(missing[:5])}; the act_scales do not match this model")
+    out: dict[str, torch.Tensor] = {}
+    quantized_params = set()
+    for layer in profiled:
+        if "head" in layer:
+            continue
+        for kind in ("weight", "bias"):
+            key = f"{layer}.{kind}"
+            if key in state:
+                quantized_params.add(key)
+    for key, tensor in state.items():
+        if key in quantized_params:
+            t = tensor.detach()
+            if key.endswith(".weight"):
+                t = t.t()  # [out, in] -> [in, out]: QNN runs Linear as a 1x1 Conv2d
+            q, scale = quantize_per_tensor(t)
+            out[key] = q.contiguous()
+            out[f"{key}.scale"] = scale
+        else:
+            # Clone so tied tensors (embeddings / lm_head) become separate, as safetensors requires.
+            out[key] = tensor.detach().clone().contiguous()
+    for layer in profiled:
+        q = decisions[layer]
+        out[f"{layer}.input_scale"] = torch.tensor(q.input_scale, dtype=torch.float32)
+        out[f"{layer}.output_scale"] = torch.tensor(q.output_scale, dtype=torch.float32)
+        out[f"{layer}.clip_input"] = torch.tensor(q.clip_input, dtype=torch.bool)
+        out[f"{layer}.clip_output"] = torch.tensor(q.clip_output, dtype=torch.bool)
+    return out
+
+
+def save_export(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def save_export_pth(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """The reference-compatible pickle-based .pth (only ever written, never read back here)."""
+    with atomic_path(path, suffix=".pth") as tmp:
+        torch.save(tensors, tmp)

@@ -1,0 +1,275 @@
+"""Activation profiling of every nn.Linear (METHOD.md section 1), streaming and resumable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from shadowquant.atomic import atomic_path, write_json
+from shadowquant.errors import PipelineError
+from shadowquant.stats import SideStats
+
+log = logging.getLogger(__name__)
+SIDES = ("input", "output")
+
+
+def tokenize_samples(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Each text on its own, special tokens included, truncated to seq_len (as the reference)."""
+    out = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=True, truncation=True, max_length=seq_len)["input_ids"]
+        if not ids:
+            raise PipelineError(f"calibration sample {i} tokenizes to zero tokens; remove empty records from the corpus")
+        out.append(list(ids))
+    return out
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Group sample indices into batches of similar length (longest first) to keep padding low."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: with causal attention the valid positions never see the pads."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def linear_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+class ActivationProfiler:
+    """Forward hooks feeding every observed Linear's input and output into SideStats."""
+
+    def __init__(self, model, layer_names: list[str], total_tokens: int, device):
+        self.model = model
+        modules = dict(model.named_modules())
+        missing = [n for n in layer_names if n not in modules]
+        if missing:
+            raise PipelineError(f"model has no Linear layers named {', '.join(missing[:5])}")
+        self.layers = {n: modules[n] for n in layer_names}
+        self.stats: dict[str, dict[str, SideStats]] = {}
+        for name, mod in self.layers.items():
+            # Upper bound of elements per side; MoE experts see at most every token.
+            self.stats[name] = {
+                "input": SideStats(total_tokens * mod.in_features, device),
+                "output": SideStats(total_tokens * mod.out_features, device),
+            }
+        self.valid: torch.Tensor | None = None  # [batch, seq] bool mask of the current batch
+        self._handles = []
+
+    def _select(self, t: torch.Tensor) -> torch.Tensor:
+        valid = self.valid
+        if valid is not None and t.dim() >= 3 and t.shape[:2] == valid.shape:
+            return t[valid]
+        return t
+
+    def _hook(self, name: str):
+        stats = self.stats[name]
+
+        def hook(module, args, output):
+            stats["input"].update(self._select(args[0]))
+            stats["output"].update(self._select(output))
+
+        return hook
+
+    def __enter__(self):
+        for name, mod in self.layers.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def first_non_finite(self) -> tuple[str, str] | None:
+        for name, sides in self.stats.items():
+            for side in SIDES:
+                if not sides[side].is_finite():
+                    return name, side
+        return None
+
+    # --- checkpoint state ---
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        tensors, scalars = {}, {}
+        for name, sides in self.stats.items():
+            for side in SIDES:
+                t, s = sides[side].state(f"{name}.{side}")
+                tensors.update(t)
+                scalars[f"{name}.{side}"] = s["n"]
+        return tensors, scalars
+
+    def load_state(self, tensors, scalars) -> None:
+        for name, sides in self.stats.items():
+            for side in SIDES:
+                key = f"{name}.{side}"
+                sides[side].load_state(key, tensors, {"n": scalars[key]})
+
+
+class Checkpoint:
+    """Running state every few samples: tensors in a numbered safetensors file, then a JSON pointer.
+
+    The pointer is written last, so a kill at any moment leaves either the old or the new
+    complete checkpoint. `fingerprint` ties it to the exact inputs; a stale one is ignored.
+    """
+
+    def __init__(self, directory: str | Path, fingerprint: dict):
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+        self.pointer = self.dir / "checkpoint.json"
+
+    def load(self) -> tuple[int, dict, dict] | None:
+        try:
+            meta = json.loads(self.pointer.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if meta.get("fingerprint") != self.fingerprint:
+            log.warning("ignoring checkpoint in %s: it was made for other inputs", self.dir)
+            return None
+        tensors = load_file(self.dir / meta["tensors"])
+        return meta["batches_done"], tensors, meta["scalars"]
+
+    def save(self, batches_done: int, tensors: dict, scalars: dict) -> None:
+        name = f"state-{batches_done:06d}.safetensors"
+        with atomic_path(self.dir / name, suffix=".safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        write_json(self.pointer, {"fingerprint": self.fingerprint, "batches_done": batches_done,
+                                  "tensors": name, "scalars": scalars})
+        for old in self.dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        if self.dir.exists():
+            for f in self.dir.iterdir():
+                f.unlink(missing_ok=True)
+            self.dir.rmdir()
+
+
+def _locate_non_finite(model, profiler: ActivationProfiler, name: str, side: str, batch: list[int],
+                       sequences, pad_id, device) -> int:
+    """Re-run the batch's samples one by one to name the sample that produced NaN/Inf."""
+    module = profiler.layers[name]
+    found = []
+
+    def probe(mod, args, output):
+        t = args[0] if side == "input" else output
+        found.append(not bool(torch.isfinite(t).all()))
+
+    handle = module.register_forward_hook(probe)
+    try:
+        for idx in batch:
+            found.clear()
+            ids, mask = collate([sequences[idx]], pad_id, device)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            if any(found):
+                return idx
+    finally:
+        handle.remove()
+    return batch[0]
+
+
+@torch.inference_mode()
+def profile_model(model, sequences: list[list[int]], pad_id: int, batch_size: int = 1,
+                  layer_names: list[str] | None = None, checkpoint: Checkpoint | None = None,
+                  checkpoint_every: int = 0, progress: bool = True,
+                  after_batch: Callable[[int], None] | None = None) -> dict:
+    """Profile `sequences` and return the act_scales dict (reference keys plus absmax keys).
+
+    `after_batch(batches_done)` is called after each batch (used by tests to interrupt a run).
+    """
+    device = next(model.parameters()).device
+    names = layer_names or linear_names(model)
+    total_tokens = sum(len(s) for s in sequences)
+    batches = plan_batches([len(s) for s in sequences], batch_size)
+    profiler = ActivationProfiler(model, names, total_tokens, device)
+    start = 0
+    if checkpoint is not None:
+        restored = checkpoint.load()
+        if restored is not None:
+            start, tensors, scalars = restored
+            profiler.load_state(tensors, scalars)
+            log.info("resuming profiling after %d of %d batches", start, len(batches))
+    every_batches = max(1, math.ceil(checkpoint_every / batch_size)) if checkpoint_every else 0
+    done_samples = sum(len(b) for b in batches[:start])
+    bar = tqdm(total=len(sequences), initial=done_samples, desc="profiling", unit="sample", disable=not progress)
+    with profiler:
+        for b in range(start, len(batches)):
+            batch = batches[b]
+            ids, mask = collate([sequences[i] for i in batch], pad_id, device)
+            profiler.valid = mask.bool() if not bool(mask.all()) else None
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            bad = profiler.first_non_finite()
+            if bad is not None:
+                profiler.valid = None
+                with _suspended(profiler):
+                    sample = _locate_non_finite(model, profiler, *bad, batch, sequences, pad_id, device)
+                raise PipelineError(f"non-finite activation (NaN or Inf) in layer '{bad[0]}' {bad[1]} for calibration "
+                                    f"sample {sample}; try dtype: float32 or check the model weights")
+            bar.update(len(batch))
+            if checkpoint is not None and every_batches and (b + 1) % every_batches == 0 and b + 1 < len(batches):
+                checkpoint.save(b + 1, *profiler.state())
+            if after_batch is not None:
+                after_batch(b + 1)
+    bar.close()
+    return assemble_act_scales(profiler, names, total_tokens, len(sequences))
+
+
+class _suspended:
+    """Temporarily remove the profiler's hooks (for the diagnostic re-run)."""
+
+    def __init__(self, profiler):
+        self.profiler = profiler
+
+    def __enter__(self):
+        self.profiler.__exit__()
+
+    def __exit__(self, *exc):
+        pass
+
+
+def assemble_act_scales(profiler: ActivationProfiler, names: list[str], total_tokens: int, num_samples: int) -> dict:
+    out = {"ori": {}, "top_0_1": {}, "all_stat": {}, "absmax_ori": {}, "absmax_top_0_1": {}, "count": {}}
+    for name in names:
+        res = {side: profiler.stats[name][side].result() for side in SIDES}
+        for key in ("ori", "top_0_1", "absmax_ori", "absmax_top_0_1"):
+            out[key][name] = {side: res[side][key] for side in SIDES}
+        out["all_stat"][name] = {side: {"mean": res[side]["mean"], "std": res[side]["std"]} for side in SIDES}
+        out["count"][name] = {side: res[side]["n"] for side in SIDES}
+    out["meta"] = {"num_samples": num_samples, "num_tokens": total_tokens, "num_layers": len(names)}
+    return out
+
+
+def act_scales_table(act_scales: dict):
+    """One row per layer and side: the statistics plus the outlier ratios people look at."""
+    import pandas as pd
+
+    rows = []
+    for name in act_scales["ori"]:
+        for side in SIDES:
+            ori, top = act_scales["ori"][name][side], act_scales["top_0_1"][name][side]
+            row = {"layer": name, "side": side, "count": act_scales.get("count", {}).get(name, {}).get(side),
+                   "ori": ori, "top_0_1": top}
+            if "absmax_ori" in act_scales:
+                aori, atop = act_scales["absmax_ori"][name][side], act_scales["absmax_top_0_1"][name][side]
+                row.update(absmax_ori=aori, absmax_top_0_1=atop,
+                           negative_outlier=aori > ori, absmax_ratio=aori / atop if atop else math.inf)
+            row.update(mean=act_scales["all_stat"][name][side]["mean"], std=act_scales["all_stat"][name][side]["std"],
+                       ratio=ori / top if top else math.inf)
+            rows.append(row)
+    return pd.DataFrame(rows)

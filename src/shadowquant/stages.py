@@ -1,0 +1,212 @@
+"""One function per pipeline stage, called by the CLI and by the Snakemake adapters.
+
+Stages take plain paths and values, validate what they read, and write every
+output atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from shadowquant.atomic import atomic_path, write_json, write_text
+from shadowquant.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def threshold_label(threshold: float) -> str:
+    """Filename-safe, stable rendering of a threshold: 152, 10000000, 1.5."""
+    t = float(threshold)
+    return str(int(t)) if t.is_integer() else repr(t)
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: model manifest not found; run the fetch_model rule first") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: model manifest is not valid JSON ({exc.msg}); delete it to refetch") from None
+
+
+# --- stage 1: inputs -------------------------------------------------------
+
+def fetch_model(source: str, manifest: str | Path, model_type: str | None = None, revision: str | None = None,
+                trust_remote_code: bool = False) -> dict:
+    from shadowquant.models import fetch_model as fetch
+
+    manifest = Path(manifest)
+    info = fetch(source, manifest.parent, revision=revision, trust_remote_code=trust_remote_code)
+    if model_type is not None:
+        from shadowquant.families import FAMILIES
+
+        detected = info["family"]
+        # qwen1 checkpoints run on the Qwen2 architecture in transformers.
+        if model_type != detected and not (model_type == "qwen1" and detected == "qwen2"):
+            raise PipelineError(f"model.type '{model_type}' contradicts the model at {source}, whose config says "
+                                f"'{info.get('model_type')}' ({detected}); set model.type: {detected} or leave it "
+                                f"null to auto-detect (valid: {', '.join(FAMILIES)})")
+        info["family"] = model_type
+    write_json(manifest, info)
+    return info
+
+
+def build_corpus(source: str, out: str | Path, sha256: str | None = None) -> None:
+    """builtin:pydoc → a .jsonl; https:// → a verified download. Local files need no stage."""
+    from shadowquant import corpus, download
+
+    if source == "builtin:pydoc":
+        corpus.build_pydoc_corpus(out)
+    elif source.startswith("https://"):
+        download.download(source, out, sha256=sha256)
+    else:
+        raise PipelineError(f"calibration.dataset '{source}' is neither builtin:pydoc nor an https:// URL")
+
+
+def select_samples(corpus_path: str | Path, out: str | Path, num_samples: int, offset: int = 0,
+                   what: str = "calibration") -> None:
+    from shadowquant import corpus
+
+    texts = corpus.prepare_samples(corpus_path, num_samples, seed=42, offset=offset, what=what)
+    corpus.write_jsonl(out, texts)
+
+
+# --- stage 2: profiling ----------------------------------------------------
+
+def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out_table: str | Path,
+            seq_len: int, batch_size: int = 1, device: str = "auto", dtype: str = "auto",
+            checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, progress: bool = True,
+            after_batch=None) -> dict:
+    from shadowquant import corpus
+    from shadowquant.download import sha256_file
+    from shadowquant.models import load_model
+    from shadowquant.profiling import Checkpoint, act_scales_table, linear_names, profile_model, tokenize_samples
+
+    info = read_manifest(manifest)
+    texts = corpus.read_jsonl_texts(samples)
+    model, tokenizer, family = load_model(info["path"], device=device, dtype=dtype,
+                                          trust_remote_code=info.get("trust_remote_code", False),
+                                          family=info.get("family"))
+    if family == "mixtral" and batch_size > 1:
+        # Routed experts see flattened tokens, where padding cannot be told apart: profile unbatched.
+        log.warning("mixtral: profiling with batch_size 1 so padded tokens never reach the experts")
+        batch_size = 1
+    sequences = tokenize_samples(tokenizer, texts, seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    checkpoint = None
+    if checkpoint_dir is not None and checkpoint_every:
+        fingerprint = {
+            "manifest": info, "samples": sha256_file(samples), "seq_len": seq_len, "batch_size": batch_size,
+            "dtype": str(next(model.parameters()).dtype), "device": next(model.parameters()).device.type,
+        }
+        checkpoint = Checkpoint(checkpoint_dir, fingerprint)
+    names = linear_names(model)
+    log.info("profiling %d Linear layers on %d samples (%d tokens), batch size %d, %s on %s", len(names),
+             len(sequences), sum(map(len, sequences)), batch_size, next(model.parameters()).dtype,
+             next(model.parameters()).device)
+    scales = profile_model(model, sequences, pad_id, batch_size=batch_size, layer_names=names,
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every, progress=progress,
+                           after_batch=after_batch)
+    scales["meta"].update(seq_len=seq_len, family=family, source=info.get("source"))
+    table = act_scales_table(scales)
+    with atomic_path(out_table, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_json(out_json, scales)
+    if checkpoint is not None:
+        checkpoint.clear()
+    return scales
+
+
+# --- stage 3: decision and export ------------------------------------------
+
+def decide(act_scales: str | Path, out: str | Path, threshold: float, statistic: str) -> dict:
+    from shadowquant.decision import decide as decide_layers, load_act_scales, summarize
+
+    data = load_act_scales(act_scales)
+    decisions = decide_layers(data, float(threshold), statistic, source=str(act_scales))
+    summary = summarize(decisions, float(threshold), statistic)
+    write_json(out, summary)
+    log.info("statistic %s, threshold %s: %d shadow inputs, %d shadow outputs of %d layers", statistic,
+             threshold_label(threshold), summary["num_shadow_inputs"], summary["num_shadow_outputs"],
+             summary["num_layers"])
+    return summary
+
+
+def _checkpoint_dtype(model_dir: str | Path) -> str:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+
+
+def export(manifest: str | Path, decision: str | Path, out: str | Path, out_pth: str | Path | None = None,
+           shadow_summary: str | Path | None = None) -> None:
+    from shadowquant.decision import load_decisions
+    from shadowquant.export import int8_state_dict, save_export, save_export_pth
+    from shadowquant.models import load_model
+    from shadowquant.profiling import linear_names
+
+    info = read_manifest(manifest)
+    model, _, family = load_model(info["path"], device="cpu", dtype=_checkpoint_dtype(info["path"]),
+                                  trust_remote_code=info.get("trust_remote_code", False), family=info.get("family"))
+    decisions = load_decisions(decision)
+    names = linear_names(model)
+    extra = sorted(set(decisions) - set(names))
+    if extra:
+        raise PipelineError(f"{decision}: layers {', '.join(extra[:5])} are not Linear layers of this model")
+    tensors = int8_state_dict(model.state_dict(), decisions, names)
+    summary = json.loads(Path(decision).read_text())
+    meta = {"format": "shadowquant-int8", "family": family, "threshold": str(summary["threshold"]),
+            "statistic": summary["statistic"]}
+    save_export(tensors, out, metadata=meta)
+    if out_pth is not None:
+        save_export_pth(tensors, out_pth)
+    if shadow_summary is not None:
+        keep = {k: summary[k] for k in summary if k != "layers"}
+        write_json(shadow_summary, keep)
+    log.info("exported %d tensors to %s", len(tensors), out)
+
+
+# --- stage 4: conversion ----------------------------------------------------
+
+def convert(export_path: str | Path, out: str | Path, report: str | Path | None = None, version: int = 1) -> None:
+    from safetensors import safe_open
+
+    from shadowquant.inspector import format_report, inspect_mllm
+    from shadowquant.mllm import convert_safetensors_to_mllm
+
+    convert_safetensors_to_mllm(export_path, out, version=version)
+    with safe_open(str(export_path), framework="pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    result = inspect_mllm(out, expected_shapes=shapes)
+    text = format_report(result)
+    log.info("inspection of %s:\n%s", out, text)
+    if result.problems:
+        Path(out).unlink(missing_ok=True)  # never leave a model file the runtime would reject
+        raise PipelineError(f"{out}: inspection failed: {'; '.join(map(str, result.problems[:5]))}")
+    if report is not None:
+        write_text(report, text + "\n")
+
+
+def export_pth(export_path: str | Path, out: str | Path) -> None:
+    """The reference-compatible .pth, made from our safetensors export (which is read safely)."""
+    from safetensors.torch import load_file
+
+    from shadowquant.export import save_export_pth
+
+    save_export_pth(load_file(str(export_path)), out)
+
+
+def link_primary(src: str | Path, dst: str | Path) -> None:
+    """The root model.mllm: a hard link where the filesystem allows, else a copy; atomic either way."""
+    import os
+    import shutil
+
+    with atomic_path(dst, suffix=".mllm") as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)

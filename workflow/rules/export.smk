@@ -1,0 +1,86 @@
+# Stages 3 and 4: clip decision, int8 export, mllm conversion.
+
+
+rule decide:
+    input:
+        scales=f"{RESULTS}/act_scales.json",
+    output:
+        f"{RESULTS}/decisions/{{statistic}}-t{{threshold}}.json",
+    wildcard_constraints:
+        statistic="signed|absmax",
+        threshold=r"[0-9]+(\.[0-9]+)?",
+    log:
+        f"{LOGS}/decide-{{statistic}}-t{{threshold}}.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    script:
+        "../scripts/decide.py"
+
+
+rule export_int8:
+    input:
+        manifest=MODEL_MANIFEST,
+        decision=f"{RESULTS}/decisions/{EXPORT_STATISTIC}-t{threshold_label(EXPORT_THRESHOLD)}.json",
+    output:
+        export=f"{RESULTS}/model-int8.safetensors",
+        shadow=f"{RESULTS}/shadow_layers.json",
+    log:
+        f"{LOGS}/export_int8.log",
+    benchmark:
+        f"{BENCH}/export_int8.tsv"
+    threads: 1
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=60,
+    script:
+        "../scripts/export_int8.py"
+
+
+rule export_pth:
+    input:
+        f"{RESULTS}/model-int8.safetensors",
+    output:
+        f"{RESULTS}/model-int8.pth",
+    log:
+        f"{LOGS}/export_pth.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/export_pth.py"
+
+
+rule convert_mllm:
+    input:
+        f"{RESULTS}/model-int8.safetensors",
+    output:
+        model=f"{RESULTS}/model.mllm",
+        report=f"{RESULTS}/inspect.txt",
+    log:
+        f"{LOGS}/convert_mllm.log",
+    benchmark:
+        f"{BENCH}/convert_mllm.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    script:
+        "../scripts/convert_mllm.py"
+
+
+rule primary_model:
+    input:
+        f"{RESULTS}/model.mllm",
+    output:
+        "model.mllm",
+    log:
+        f"{LOGS}/primary_model.log",
+    threads: 1
+    resources:
+        mem_mb=200,
+        runtime=10,
+    script:
+        "../scripts/link_primary.py"

@@ -1,0 +1,73 @@
+# Stage 1: the model and the calibration corpus, resolved into local files.
+
+
+rule fetch_model:
+    output:
+        manifest=MODEL_MANIFEST,
+    params:
+        source=config["model"]["source"],
+        type=config["model"]["type"],
+        revision=config["model"]["revision"],
+        trust_remote_code=config["model"]["trust_remote_code"],
+    log:
+        f"{LOGS}/fetch_model.log",
+    benchmark:
+        f"{BENCH}/fetch_model.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    script:
+        "../scripts/fetch_model.py"
+
+
+rule build_pydoc_corpus:
+    output:
+        PYDOC_CORPUS,
+    log:
+        "logs/datasets/pydoc.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    cache: "omit-software"
+    script:
+        "../scripts/build_corpus.py"
+
+
+rule download_dataset:
+    output:
+        "resources/datasets/{file}",
+    wildcard_constraints:
+        file=r"[0-9a-f]{12}-[^/]+",
+    params:
+        url=lambda wc: DOWNLOADS[f"resources/datasets/{wc.file}"][0],
+        sha256=lambda wc: DOWNLOADS[f"resources/datasets/{wc.file}"][1],
+    log:
+        "logs/datasets/download-{file}.log",
+    benchmark:
+        "benchmarks/datasets/download-{file}.tsv"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=120,
+    retries: 2
+    script:
+        "../scripts/download_dataset.py"
+
+
+rule select_calibration:
+    input:
+        corpus=CALIBRATION_CORPUS,
+    output:
+        f"{RESULTS}/calibration.jsonl",
+    params:
+        num_samples=config["calibration"]["num_samples"],
+    log:
+        f"{LOGS}/select_calibration.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    script:
+        "../scripts/select_samples.py"

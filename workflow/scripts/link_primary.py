@@ -1,0 +1,5 @@
+# Thin adapter: rule primary_model -> shadowquant.stages.link_primary
+from shadowquant.adapter import run_stage
+from shadowquant.stages import link_primary
+
+run_stage(snakemake, link_primary, src=snakemake.input[0], dst=snakemake.output[0])
