@@ -172,15 +172,12 @@ def export(manifest: str | Path, decision: str | Path, out: str | Path, out_pth:
 # --- stage 4: conversion ----------------------------------------------------
 
 def convert(export_path: str | Path, out: str | Path, report: str | Path | None = None, version: int = 1) -> None:
-    from safetensors import safe_open
-
-    from shadowquant.inspector import format_report, inspect_mllm
+    from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
     from shadowquant.mllm import convert_safetensors_to_mllm
 
     convert_safetensors_to_mllm(export_path, out, version=version)
-    with safe_open(str(export_path), framework="pt") as fh:
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    result = inspect_mllm(out, expected_shapes=shapes)
+    shapes, codes = expectations_from_safetensors(export_path, version)
+    result = inspect_mllm(out, expected_shapes=shapes, expected_dtypes=codes)
     text = format_report(result)
     log.info("inspection of %s:\n%s", out, text)
     if result.problems:

@@ -44,7 +44,9 @@ def corpus_file(source, key):
     return source
 
 
-CALIBRATION_CORPUS = corpus_file(config["calibration"]["dataset"], "calibration.dataset")
+CALIBRATION_CORPUS = corpus_file(
+    config["calibration"]["dataset"], "calibration.dataset"
+)
 # Download targets and the URLs they come from (rule download_dataset looks them up).
 DOWNLOADS = {
     dataset_cache_path(src): (src, config["calibration"]["sha256"])

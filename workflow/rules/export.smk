@@ -6,11 +6,11 @@ rule decide:
         scales=f"{RESULTS}/act_scales.json",
     output:
         f"{RESULTS}/decisions/{{statistic}}-t{{threshold}}.json",
+    log:
+        f"{LOGS}/decide-{{statistic}}-t{{threshold}}.log",
     wildcard_constraints:
         statistic="signed|absmax",
         threshold=r"[0-9]+(\.[0-9]+)?",
-    log:
-        f"{LOGS}/decide-{{statistic}}-t{{threshold}}.log",
     threads: 1
     resources:
         mem_mb=500,

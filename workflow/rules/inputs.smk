@@ -4,11 +4,6 @@
 rule fetch_model:
     output:
         manifest=MODEL_MANIFEST,
-    params:
-        source=config["model"]["source"],
-        type=config["model"]["type"],
-        revision=config["model"]["revision"],
-        trust_remote_code=config["model"]["trust_remote_code"],
     log:
         f"{LOGS}/fetch_model.log",
     benchmark:
@@ -17,6 +12,11 @@ rule fetch_model:
     resources:
         mem_mb=8000,
         runtime=60,
+    params:
+        source=config["model"]["source"],
+        type=config["model"]["type"],
+        revision=config["model"]["revision"],
+        trust_remote_code=config["model"]["trust_remote_code"],
     script:
         "../scripts/fetch_model.py"
 
@@ -26,11 +26,11 @@ rule build_pydoc_corpus:
         PYDOC_CORPUS,
     log:
         "logs/datasets/pydoc.log",
+    cache: "omit-software"
     threads: 1
     resources:
         mem_mb=500,
         runtime=5,
-    cache: "omit-software"
     script:
         "../scripts/build_corpus.py"
 
@@ -38,20 +38,20 @@ rule build_pydoc_corpus:
 rule download_dataset:
     output:
         "resources/datasets/{file}",
-    wildcard_constraints:
-        file=r"[0-9a-f]{12}-[^/]+",
-    params:
-        url=lambda wc: DOWNLOADS[f"resources/datasets/{wc.file}"][0],
-        sha256=lambda wc: DOWNLOADS[f"resources/datasets/{wc.file}"][1],
     log:
         "logs/datasets/download-{file}.log",
     benchmark:
         "benchmarks/datasets/download-{file}.tsv"
+    wildcard_constraints:
+        file=r"[0-9a-f]{12}-[^/]+",
+    retries: 2
     threads: 1
     resources:
         mem_mb=500,
         runtime=120,
-    retries: 2
+    params:
+        url=lambda wc: DOWNLOADS[f"resources/datasets/{wc.file}"][0],
+        sha256=lambda wc: DOWNLOADS[f"resources/datasets/{wc.file}"][1],
     script:
         "../scripts/download_dataset.py"
 
@@ -61,13 +61,13 @@ rule select_calibration:
         corpus=CALIBRATION_CORPUS,
     output:
         f"{RESULTS}/calibration.jsonl",
-    params:
-        num_samples=config["calibration"]["num_samples"],
     log:
         f"{LOGS}/select_calibration.log",
     threads: 1
     resources:
         mem_mb=1000,
         runtime=30,
+    params:
+        num_samples=config["calibration"]["num_samples"],
     script:
         "../scripts/select_samples.py"

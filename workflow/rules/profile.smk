@@ -8,13 +8,6 @@ rule profile:
     output:
         scales=f"{RESULTS}/act_scales.json",
         table=f"{RESULTS}/act_scales.csv",
-    params:
-        seq_len=config["calibration"]["seq_len"],
-        batch_size=config["calibration"]["batch_size"],
-        checkpoint_every=config["calibration"]["checkpoint_every"],
-        checkpoint_dir=f"{CHECKPOINTS}/profile",
-        device=config["device"],
-        dtype=config["dtype"],
     log:
         f"{LOGS}/profile.log",
     benchmark:
@@ -24,5 +17,12 @@ rule profile:
         mem_mb=model_mem_mb,
         runtime=240,
         gpu=USES_GPU,
+    params:
+        seq_len=config["calibration"]["seq_len"],
+        batch_size=config["calibration"]["batch_size"],
+        checkpoint_every=config["calibration"]["checkpoint_every"],
+        checkpoint_dir=f"{CHECKPOINTS}/profile",
+        device=config["device"],
+        dtype=config["dtype"],
     script:
         "../scripts/profile.py"

@@ -1,0 +1,315 @@
+"""Inspect an mllm file: dtype histogram, quantized Linears and what the QNN runtime would miss.
+
+A quantized Linear `X` is any prefix with one of the companions the runtime
+pulls (`X.weight.scale`, `X.input_scale`, `X.output_scale`, `X.clip_input`,
+`X.clip_output`) or an int8 `X.weight`. METHOD section 4 keeps the weights of
+layers whose name contains `head` in float while still giving them activation
+scales, so such a prefix is checked as a float-weight Linear instead of being
+reported for lacking an int8 weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from shadowquant import atomic
+from shadowquant.errors import PipelineError
+from shadowquant.mllm import (
+    DTYPE_FLOAT16,
+    DTYPE_FLOAT32,
+    DTYPE_INT8,
+    DTYPE_NAMES,
+    MllmFile,
+    read_mllm,
+    read_safetensors_specs,
+    stored_dtype_code,
+)
+
+ACTIVATION_SCALE_SUFFIXES = (".input_scale", ".output_scale")
+CLIP_FLAG_SUFFIXES = (".clip_input", ".clip_output")
+COMPANION_SUFFIXES = (".weight.scale",) + ACTIVATION_SCALE_SUFFIXES + CLIP_FLAG_SUFFIXES
+FLOAT_WEIGHT_CODES = (DTYPE_FLOAT32, DTYPE_FLOAT16)
+
+
+@dataclass
+class DtypeStat:
+    count: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class LinearInfo:
+    prefix: str
+    weight_quantized: bool  # False for the float-weight `head` layers of METHOD section 4
+    has_bias: bool
+
+
+@dataclass
+class Problem:
+    name: str  # the tensor that is missing or bad
+    what: str
+
+
+@dataclass
+class InspectReport:
+    path: str
+    version: int
+    model_name: str | None
+    file_bytes: int
+    tensor_count: int
+    total_bytes: int  # tensor data only
+    dtypes: dict[int, DtypeStat]
+    linears: list[LinearInfo]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def quantized_linears(self) -> list[LinearInfo]:
+        return [linear for linear in self.linears if linear.weight_quantized]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "version": self.version,
+            "model_name": self.model_name,
+            "file_bytes": self.file_bytes,
+            "tensor_count": self.tensor_count,
+            "total_bytes": self.total_bytes,
+            "dtypes": {
+                DTYPE_NAMES[code]: {"code": code, "count": stat.count, "bytes": stat.bytes}
+                for code, stat in sorted(self.dtypes.items())
+            },
+            "quantized_linear_count": len(self.quantized_linears),
+            "linears": [asdict(linear) for linear in self.linears],
+            "problems": [asdict(problem) for problem in self.problems],
+            "ok": self.ok,
+        }
+
+
+def find_linear_prefixes(mllm: MllmFile) -> list[str]:
+    """Prefixes X that look like a quantized Linear, in file order."""
+    prefixes: dict[str, None] = {}
+    for entry in mllm.entries:
+        for suffix in COMPANION_SUFFIXES:
+            if entry.name.endswith(suffix):
+                prefixes.setdefault(entry.name[: -len(suffix)])
+        if entry.name.endswith(".weight") and entry.dtype == DTYPE_INT8:
+            prefixes.setdefault(entry.name[: -len(".weight")])
+    return list(prefixes)
+
+
+class _LinearChecker:
+    """Checks the companions of one Linear prefix, collecting problems."""
+
+    def __init__(self, mllm: MllmFile, problems: list[Problem]):
+        self.mllm = mllm
+        self.problems = problems
+
+    def bad(self, name: str, what: str) -> None:
+        self.problems.append(Problem(name, what))
+
+    def exists(self, name: str) -> bool:
+        if name not in self.mllm:
+            self.bad(name, "missing")
+            return False
+        return True
+
+    def dtype_is(self, name: str, codes: Sequence[int]) -> bool:
+        entry = self.mllm.entry(name)
+        if entry.dtype not in codes:
+            wanted = " or ".join(f"{DTYPE_NAMES[c]} ({c})" for c in codes)
+            self.bad(name, f"dtype {entry.dtype_name} ({entry.dtype}), expected {wanted}")
+            return False
+        return True
+
+    def scalar(self, name: str, code: int) -> float | None:
+        """The value of a one-element tensor of dtype `code`, or None after reporting why not."""
+        if not self.exists(name) or not self.dtype_is(name, (code,)):
+            return None
+        entry = self.mllm.entry(name)
+        if entry.numel != 1:
+            self.bad(name, f"{entry.numel} elements, expected 1")
+            return None
+        return float(self.mllm.read(name).reshape(-1)[0])
+
+    def positive_scale(self, name: str) -> None:
+        value = self.scalar(name, DTYPE_FLOAT32)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            self.bad(name, f"value {value}, expected a positive finite scale")
+
+    def clip_flag(self, name: str) -> None:
+        value = self.scalar(name, DTYPE_INT8)
+        if value is not None and value not in (0, 1):
+            self.bad(name, f"value {int(value)}, expected 0 or 1")
+
+    def weight_shape(self, name: str) -> None:
+        shape = self.mllm.entry(name).shape
+        if shape is not None and len(shape) != 2:
+            self.bad(name, f"shape {shape}, expected 2-D [in_features, out_features]")
+
+    def check(self, prefix: str) -> LinearInfo:
+        weight, bias = f"{prefix}.weight", f"{prefix}.bias"
+        quantized = "head" not in prefix
+        if quantized:
+            if self.exists(weight) and self.dtype_is(weight, (DTYPE_INT8,)):
+                self.weight_shape(weight)
+            self.positive_scale(f"{weight}.scale")
+        elif self.exists(weight) and self.dtype_is(weight, FLOAT_WEIGHT_CODES):
+            self.weight_shape(weight)
+        for suffix in ACTIVATION_SCALE_SUFFIXES:
+            self.positive_scale(prefix + suffix)
+        for suffix in CLIP_FLAG_SUFFIXES:
+            self.clip_flag(prefix + suffix)
+        has_bias = bias in self.mllm
+        if quantized and has_bias:
+            self.dtype_is(bias, (DTYPE_INT8,))
+            self.positive_scale(f"{bias}.scale")
+        elif quantized and f"{bias}.scale" in self.mllm:
+            self.bad(bias, f"missing although {bias}.scale exists")
+        return LinearInfo(prefix, quantized, has_bias)
+
+
+def _check_expected(
+    mllm: MllmFile,
+    expected_shapes: dict[str, tuple[int, ...]],
+    expected_dtypes: dict[str, int] | None,
+    problems: list[Problem],
+) -> None:
+    """Compare the file with the tensors it should hold (e.g. those of the safetensors export)."""
+    already_reported = {problem.name for problem in problems}
+    for name, shape in expected_shapes.items():
+        if name in already_reported:
+            continue
+        if name not in mllm:
+            problems.append(Problem(name, "missing (present in the expected tensor list)"))
+            continue
+        entry = mllm.entry(name)
+        if expected_dtypes is not None and name in expected_dtypes and entry.dtype != expected_dtypes[name]:
+            want = expected_dtypes[name]
+            problems.append(Problem(name, f"dtype {entry.dtype_name} ({entry.dtype}), expected {DTYPE_NAMES[want]} ({want})"))
+            continue
+        if entry.shape is not None and entry.shape != tuple(shape):
+            problems.append(Problem(name, f"shape {entry.shape}, expected {tuple(shape)}"))
+        elif entry.numel != math.prod(shape):
+            problems.append(Problem(name, f"{entry.numel} elements, expected {math.prod(shape)} for shape {tuple(shape)}"))
+
+
+def inspect_mllm(
+    path: str | os.PathLike,
+    expected_shapes: dict[str, tuple[int, ...]] | None = None,
+    expected_dtypes: dict[str, int] | None = None,
+) -> InspectReport:
+    """Inspect an mllm file; raises PipelineError if it is truncated or not an mllm file.
+
+    `expected_shapes` (name -> shape, e.g. from the safetensors export) adds a
+    check that every listed tensor exists with that shape (element count for
+    v1, which stores no shapes); `expected_dtypes` (name -> stored dtype code)
+    likewise checks dtypes.
+    """
+    mllm = read_mllm(path)
+    dtypes: dict[int, DtypeStat] = {}
+    for entry in mllm.entries:
+        stat = dtypes.setdefault(entry.dtype, DtypeStat())
+        stat.count += 1
+        stat.bytes += entry.size
+    problems: list[Problem] = []
+    checker = _LinearChecker(mllm, problems)
+    linears = [checker.check(prefix) for prefix in find_linear_prefixes(mllm)]
+    if expected_shapes is not None:
+        _check_expected(mllm, expected_shapes, expected_dtypes, problems)
+    return InspectReport(
+        path=str(path),
+        version=mllm.version,
+        model_name=mllm.model_name,
+        file_bytes=mllm.file_size,
+        tensor_count=len(mllm.entries),
+        total_bytes=sum(stat.bytes for stat in dtypes.values()),
+        dtypes=dtypes,
+        linears=linears,
+        problems=problems,
+    )
+
+
+def expectations_from_safetensors(path: str | os.PathLike, version: int) -> tuple[dict, dict]:
+    """Expected shapes and stored dtype codes of an mllm file of `version` converted from `path`."""
+    specs = read_safetensors_specs(path)
+    shapes = {spec.name: spec.shape for spec in specs}
+    try:
+        codes = {spec.name: stored_dtype_code(spec.dtype, version, spec.name) for spec in specs}
+    except PipelineError as exc:
+        raise PipelineError(f"{Path(path)}: {exc}") from None
+    return shapes, codes
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def format_report(report: InspectReport) -> str:
+    """Human-readable summary of an InspectReport."""
+    title = f"{report.path}: mllm v{report.version}"
+    if report.model_name:
+        title += f" ({report.model_name!r})"
+    lines = [
+        title,
+        f"  tensors: {report.tensor_count}, data {_megabytes(report.total_bytes)}, file {_megabytes(report.file_bytes)}",
+        "  dtypes:",
+    ]
+    for code, stat in sorted(report.dtypes.items()):
+        lines.append(f"    {DTYPE_NAMES[code]:>8} ({code:>3}): {stat.count:>6} tensors, {_megabytes(stat.bytes):>10}")
+    quantized = report.quantized_linears
+    lines.append(
+        f"  quantized Linears: {len(quantized)} ({sum(linear.has_bias for linear in quantized)} with bias)"
+    )
+    float_heads = [linear.prefix for linear in report.linears if not linear.weight_quantized]
+    if float_heads:
+        lines.append(f"  float-weight Linears with activation scales: {', '.join(float_heads)}")
+    if report.problems:
+        lines.append(f"  problems: {len(report.problems)}")
+        lines.extend(f"    {problem.name}: {problem.what}" for problem in report.problems)
+    else:
+        lines.append("  problems: none")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`inspect PATH [--export SAFETENSORS] [--json OUT]`: 0 clean, 1 problems, 2 unreadable file."""
+    parser = argparse.ArgumentParser(
+        prog="shadowquant inspect",
+        description="Check an mllm model file for the tensors the QNN runtime pulls for each quantized Linear.",
+    )
+    parser.add_argument("path", help="mllm model file (v1 or v2)")
+    parser.add_argument("--export", metavar="SAFETENSORS", help="int8 export it was converted from: check every tensor is there with its shape and dtype")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
+    args = parser.parse_args(argv)
+    try:
+        expected_shapes = expected_dtypes = None
+        if args.export:
+            version = read_mllm(args.path).version
+            expected_shapes, expected_dtypes = expectations_from_safetensors(args.export, version)
+        report = inspect_mllm(args.path, expected_shapes, expected_dtypes)
+    except PipelineError as exc:
+        message = str(exc)
+        # Reader messages already start with the file; others get the inspected path.
+        named_files = [str(Path(args.path))] + ([str(Path(args.export))] if args.export else [])
+        if not any(message.startswith(f"{name}:") for name in named_files):
+            message = f"{args.path}: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        atomic.write_json(args.json, report.to_dict())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
