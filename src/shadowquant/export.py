@@ -11,17 +11,7 @@ from safetensors.torch import save_file
 from shadowquant.atomic import atomic_path
 from shadowquant.decision import LayerQuant
 from shadowquant.errors import PipelineError
-
-SCALE_FLOOR = 1e-5
-
-
-def quantize_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-tensor int8: returns (int8 values, float32 scale already divided by 127)."""
-    t = t.detach().to(torch.float32)
-    scale = torch.clamp(t.abs().max() / 127, min=SCALE_FLOOR)
-    q = torch.clamp(torch.round(t / scale), -128, 127).to(torch.int8)
-    return q, scale.reshape(())
-
+from shadowquant.fakequant import quantize_per_tensor  # one definition for export and simulation
 
 def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant],
                     profiled: Iterable[str]) -> dict[str, torch.Tensor]:
