@@ -21,6 +21,8 @@ BENCH = f"benchmarks/{NAME}"
 MODEL_MANIFEST = f"resources/models/{NAME}/manifest.json"
 PYDOC_CORPUS = "resources/datasets/builtin/pydoc.jsonl"
 CHECKPOINTS = f"resources/checkpoints/{NAME}"
+# One software environment for every rule (--use-conda); the same list as pyproject.toml.
+CONDA_ENV = "../../environment.yml"
 USES_GPU = 1 if config["device"].startswith("cuda") else 0
 
 # The threshold and statistic the export uses (explicit values; the sweep adds "auto").

@@ -11,6 +11,8 @@ rule decide:
     wildcard_constraints:
         statistic="signed|absmax",
         threshold=r"[0-9]+(\.[0-9]+)?",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=500,
@@ -30,6 +32,8 @@ rule export_int8:
         f"{LOGS}/export_int8.log",
     benchmark:
         f"{BENCH}/export_int8.tsv"
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=model_mem_mb,
@@ -45,6 +49,8 @@ rule export_pth:
         f"{RESULTS}/model-int8.pth",
     log:
         f"{LOGS}/export_pth.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,
@@ -63,6 +69,8 @@ rule convert_mllm:
         f"{LOGS}/convert_mllm.log",
     benchmark:
         f"{BENCH}/convert_mllm.tsv"
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,
@@ -78,6 +86,8 @@ rule primary_model:
         "model.mllm",
     log:
         f"{LOGS}/primary_model.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=200,

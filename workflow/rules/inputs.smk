@@ -8,6 +8,8 @@ rule fetch_model:
         f"{LOGS}/fetch_model.log",
     benchmark:
         f"{BENCH}/fetch_model.tsv"
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=8000,
@@ -27,6 +29,8 @@ rule build_pydoc_corpus:
     log:
         "logs/datasets/pydoc.log",
     cache: "omit-software"
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=500,
@@ -45,6 +49,8 @@ rule download_dataset:
     wildcard_constraints:
         file=r"[0-9a-f]{12}-[^/]+",
     retries: 2
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=500,
@@ -63,6 +69,8 @@ rule select_calibration:
         f"{RESULTS}/calibration.jsonl",
     log:
         f"{LOGS}/select_calibration.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,

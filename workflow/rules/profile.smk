@@ -12,6 +12,8 @@ rule profile:
         f"{LOGS}/profile.log",
     benchmark:
         f"{BENCH}/profile.tsv"
+    conda:
+        CONDA_ENV
     threads: workflow.cores
     resources:
         mem_mb=model_mem_mb,
