@@ -39,17 +39,9 @@ def fetch_model(source: str, manifest: str | Path, model_type: str | None = None
     from shadowquant.models import fetch_model as fetch
 
     manifest = Path(manifest)
-    info = fetch(source, manifest.parent, revision=revision, trust_remote_code=trust_remote_code)
-    if model_type is not None:
-        from shadowquant.families import FAMILIES
-
-        detected = info["family"]
-        # qwen1 checkpoints run on the Qwen2 architecture in transformers.
-        if model_type != detected and not (model_type == "qwen1" and detected == "qwen2"):
-            raise PipelineError(f"model.type '{model_type}' contradicts the model at {source}, whose config says "
-                                f"'{info.get('model_type')}' ({detected}); set model.type: {detected} or leave it "
-                                f"null to auto-detect (valid: {', '.join(FAMILIES)})")
-        info["family"] = model_type
+    # A declared model.type that contradicts the model's config fails here, before any work.
+    info = fetch(source, manifest.parent, revision=revision, trust_remote_code=trust_remote_code, family=model_type)
+    info["trust_remote_code"] = trust_remote_code
     write_json(manifest, info)
     return info
 

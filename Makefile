@@ -1,0 +1,33 @@
+# Two entry points a new machine needs: `make run` and `make test`.
+# The virtual environment lives in .venv; torch is pinned (an open range pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test lint report clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[test,slurm]'
+	touch $@
+
+# The main job: the default config's model.mllm and every default target.
+run: setup
+	snakemake --cores $(CORES)
+
+lint: setup
+	snakefmt --check Snakefile workflow
+	snakemake --lint
+
+test: lint
+	python -m pytest
+
+report: setup
+	snakemake --cores $(CORES) --report report.html
+
+clean:
+	rm -rf results logs benchmarks model.mllm report.html .snakemake

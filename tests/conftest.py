@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny tokenizer, tiny random models of every family and a small text corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from shadowquant.tiny import build_tiny_model, pydoc_texts, train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (320 tokens, <s> prepended, <pad> set) trained on pydoc text."""
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Callable[[str], Path]:
+    """Factory: family -> directory of a tiny random model of that family (built once per session)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"tiny_{family}") / "model"
+            built[family] = build_tiny_model(family, out, tiny_tokenizer_dir, seed=0)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_text_corpus(tmp_path_factory) -> Path:
+    """A .jsonl of 200 records ({"text": ...}) made of pydoc paragraphs."""
+    paragraphs = [
+        " ".join(block.split())
+        for text in pydoc_texts()
+        for block in text.split("\n\n")
+        if len(block.strip()) >= 80
+    ]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for paragraph in paragraphs[:200]:
+            handle.write(json.dumps({"text": paragraph}) + "\n")
+    return path

@@ -1,0 +1,142 @@
+"""Family detection and the names of the Linear layers that are profiled and quantized."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from shadowquant.errors import PipelineError
+from shadowquant.families import (
+    FAMILIES,
+    QUANTIZED_SUFFIXES,
+    detect_family,
+    linear_layer_names,
+    quantized_layer_names,
+)
+from shadowquant.models import load_model
+
+# Quantized Linears per decoder layer (METHOD.md section 3); Mixtral: 4 attention + router + 3 per expert.
+NUM_EXPERTS = 4
+PER_LAYER = {"llama": 7, "qwen1": 7, "qwen2": 7, "gemma": 7, "phi": 6, "opt": 6, "falcon": 4,
+             "mixtral": 4 + 1 + 3 * NUM_EXPERTS}
+
+
+@pytest.mark.parametrize(
+    "model_type, family",
+    [("llama", "llama"), ("qwen2", "qwen2"), ("gemma", "gemma"), ("gemma2", "gemma"), ("phi", "phi"),
+     ("opt", "opt"), ("mixtral", "mixtral"), ("falcon", "falcon"), ("RefinedWebModel", "falcon")],
+)
+def test_detects_family_from_config_dict(model_type, family):
+    assert detect_family({"model_type": model_type}) == family
+
+
+def test_detects_family_from_config_object():
+    assert detect_family(transformers.OPTConfig()) == "opt"
+    assert detect_family(transformers.FalconConfig()) == "falcon"
+
+
+def test_declared_family_must_agree():
+    assert detect_family({"model_type": "llama"}, "llama") == "llama"
+    with pytest.raises(PipelineError, match=r"'phi'.*'llama'"):
+        detect_family({"model_type": "llama"}, "phi")
+
+
+def test_qwen1_is_accepted_for_the_qwen2_architecture():
+    assert detect_family({"model_type": "qwen2"}, "qwen1") == "qwen1"
+    assert detect_family({"model_type": "qwen2"}) == "qwen2"
+    with pytest.raises(PipelineError):
+        detect_family({"model_type": "llama"}, "qwen1")
+
+
+def test_unsupported_architecture_lists_supported_families():
+    with pytest.raises(PipelineError) as info:
+        detect_family({"model_type": "gpt2"})
+    message = str(info.value)
+    assert "'gpt2'" in message and all(family in message for family in FAMILIES)
+    with pytest.raises(PipelineError, match="qwen2"):
+        detect_family({"model_type": "qwen"})  # original remote-code Qwen
+    with pytest.raises(PipelineError, match="model_type"):
+        detect_family({})
+
+
+def test_unknown_declared_family_is_rejected():
+    with pytest.raises(PipelineError, match="valid values"):
+        detect_family({"model_type": "llama"}, "llama2")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_layer_names_per_family(family, tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir(family), family=family)
+    names = quantized_layer_names(model, family)
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[name], nn.Linear) for name in names)
+    assert not any("lm_head" in name for name in names)
+    assert all(name.rsplit(".", 1)[-1] in QUANTIZED_SUFFIXES[family] for name in names)
+    per_layer = Counter(re.search(r"(?:layers|h)\.(\d+)\.", name).group(1) for name in names)
+    assert per_layer == {"0": PER_LAYER[family], "1": PER_LAYER[family]}
+    # Every quantized layer is profiled; what is profiled but not quantized is only lm_head
+    # (and, for OPT, nothing else: its in/out projections are absent when dims agree).
+    linear = linear_layer_names(model)
+    assert set(names) <= set(linear)
+    assert set(linear) - set(names) == {"lm_head"}
+
+
+def test_falcon_dense_is_found_inside_attention(tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir("falcon"))
+    names = quantized_layer_names(model, "falcon")
+    assert "transformer.h.0.self_attention.dense" in names
+    assert "transformer.h.1.mlp.dense_4h_to_h" in names
+
+
+def test_mixtral_names_follow_the_classic_layout(tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir("mixtral"))
+    names = quantized_layer_names(model, "mixtral")
+    assert "model.layers.0.mlp.gate" in names
+    assert [n for n in names if n.startswith("model.layers.1.mlp.experts.3.")] == [
+        "model.layers.1.mlp.experts.3.w1", "model.layers.1.mlp.experts.3.w2", "model.layers.1.mlp.experts.3.w3"]
+
+
+def test_fused_mixtral_is_refused():
+    config = transformers.MixtralConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                                        num_local_experts=2, num_experts_per_tok=1)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(PipelineError, match="prepare_for_quantization"):
+        quantized_layer_names(model, "mixtral")
+
+
+def test_linears_outside_decoder_layers_are_not_quantized():
+    # OPT with a narrower word embedding has project_in/project_out Linears outside the layers.
+    config = transformers.OPTConfig(hidden_size=16, ffn_dim=32, num_attention_heads=2, num_hidden_layers=1,
+                                    word_embed_proj_dim=8, vocab_size=32, max_position_embeddings=32)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    names = quantized_layer_names(model, "opt")
+    linear = linear_layer_names(model)
+    assert "model.decoder.project_in" in linear and "model.decoder.project_out" in linear
+    assert not any("project" in name for name in names)
+    assert len(names) == 6
+
+
+def test_linear_layer_names_follow_named_modules_order(tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir("llama"))
+    expected = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert linear_layer_names(model) == expected
+    assert expected[-1] == "lm_head"
+
+
+def test_unknown_family_for_quantized_names():
+    with pytest.raises(PipelineError, match="valid values"):
+        quantized_layer_names(nn.Linear(2, 2), "bloom")
+
+
+def test_gemma2_uses_the_gemma_layer_names():
+    config = transformers.Gemma2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, vocab_size=32)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert detect_family(model.config) == "gemma"
+    assert len(quantized_layer_names(model, "gemma")) == 2 * PER_LAYER["gemma"]
