@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 QUANTILE = 0.999
+# Large activations (e.g. lm_head logits) are processed in pieces to bound temporaries.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def order_index(n: int) -> int:
@@ -75,6 +77,10 @@ class SideStats:
     def update(self, x: torch.Tensor) -> None:
         """Add the elements of `x` (any shape, already restricted to valid positions)."""
         x = x.detach().reshape(-1)
+        for start in range(0, x.numel(), CHUNK_ELEMENTS):
+            self._update_chunk(x[start : start + CHUNK_ELEMENTS])
+
+    def _update_chunk(self, x: torch.Tensor) -> None:
         if x.dtype != torch.float32:
             x = x.float()  # statistics are exact in float32/float64 whatever the model dtype
         nb = x.numel()
