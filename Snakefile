@@ -10,10 +10,28 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/inputs.smk"
 include: "workflow/rules/profile.smk"
 include: "workflow/rules/export.smk"
+include: "workflow/rules/sweep.smk"
+include: "workflow/rules/report.smk"
+
+
+# Short bookkeeping jobs run on the submitting host, never as cluster jobs.
+localrules:
+    all,
+    build_pydoc_corpus,
+    select_calibration,
+    select_evaluation,
+    aggregate_sweep,
+    select_threshold,
+    plot_sweep,
+    plot_outliers,
+    primary_model,
 
 
 rule all:

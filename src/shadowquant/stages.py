@@ -59,10 +59,16 @@ def build_corpus(source: str, out: str | Path, sha256: str | None = None) -> Non
 
 
 def select_samples(corpus_path: str | Path, out: str | Path, num_samples: int, offset: int = 0,
-                   what: str = "calibration") -> None:
+                   what: str = "calibration", shuffle: bool = True) -> None:
+    """Records `offset .. offset+num_samples` of the seed-42 permutation (or of the file order)."""
     from shadowquant import corpus
 
-    texts = corpus.prepare_samples(corpus_path, num_samples, seed=42, offset=offset, what=what)
+    if shuffle:
+        texts = corpus.prepare_samples(corpus_path, num_samples, seed=42, offset=offset, what=what)
+    else:
+        texts = corpus.select_records(corpus_path, list(range(offset, offset + num_samples)))
+        if len(texts) < num_samples:
+            raise PipelineError(f"{corpus_path}: has {len(texts)} records, fewer than {what}.num_samples = {num_samples}")
     corpus.write_jsonl(out, texts)
 
 
@@ -133,32 +139,29 @@ def _checkpoint_dtype(model_dir: str | Path) -> str:
     return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
 
 
-def export(manifest: str | Path, decision: str | Path, out: str | Path, out_pth: str | Path | None = None,
-           shadow_summary: str | Path | None = None) -> None:
-    from shadowquant.decision import load_decisions
-    from shadowquant.export import int8_state_dict, save_export, save_export_pth
+def export(manifest: str | Path, act_scales: str | Path, out: str | Path, statistic: str = "signed",
+           threshold="auto", selection: str | Path | None = None, shadow_summary: str | Path | None = None) -> None:
+    """Int8 export for the explicit (statistic, threshold), or the pair the sweep selected."""
+    from shadowquant.decision import decide as decide_layers, load_act_scales, summarize
+    from shadowquant.export import int8_state_dict, save_export
     from shadowquant.models import load_model
     from shadowquant.profiling import linear_names
+    from shadowquant.sweep import resolve_export_pair
 
+    statistic, threshold = resolve_export_pair(statistic, threshold, selection)
     info = read_manifest(manifest)
     model, _, family = load_model(info["path"], device="cpu", dtype=_checkpoint_dtype(info["path"]),
                                   trust_remote_code=info.get("trust_remote_code", False), family=info.get("family"))
-    decisions = load_decisions(decision)
     names = linear_names(model)
-    extra = sorted(set(decisions) - set(names))
-    if extra:
-        raise PipelineError(f"{decision}: layers {', '.join(extra[:5])} are not Linear layers of this model")
+    decisions = decide_layers(load_act_scales(act_scales), threshold, statistic, layers=names, source=str(act_scales))
     tensors = int8_state_dict(model.state_dict(), decisions, names)
-    summary = json.loads(Path(decision).read_text())
-    meta = {"format": "shadowquant-int8", "family": family, "threshold": str(summary["threshold"]),
-            "statistic": summary["statistic"]}
+    meta = {"format": "shadowquant-int8", "family": family, "threshold": threshold_label(threshold),
+            "statistic": statistic}
     save_export(tensors, out, metadata=meta)
-    if out_pth is not None:
-        save_export_pth(tensors, out_pth)
     if shadow_summary is not None:
-        keep = {k: summary[k] for k in summary if k != "layers"}
-        write_json(shadow_summary, keep)
-    log.info("exported %d tensors to %s", len(tensors), out)
+        summary = summarize(decisions, threshold, statistic)
+        write_json(shadow_summary, {k: v for k, v in summary.items() if k != "layers"})
+    log.info("exported %d tensors (%s, threshold %s) to %s", len(tensors), statistic, threshold_label(threshold), out)
 
 
 # --- stage 4: conversion ----------------------------------------------------
@@ -199,3 +202,19 @@ def link_primary(src: str | Path, dst: str | Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+def fetch_lambada(out: str | Path, num_samples: int) -> None:
+    """The reference's evaluation set: LAMBADA validation, first records in order (needs network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise PipelineError("evaluation.dataset 'hf:lambada' needs the 'datasets' package: pip install datasets") from None
+    from shadowquant.corpus import write_jsonl
+
+    try:
+        data = datasets.load_dataset("lambada", split=f"validation[:{num_samples}]")
+    except Exception as exc:  # the hub raises many kinds of connection errors
+        raise PipelineError(f"could not load LAMBADA from the Hugging Face hub ({type(exc).__name__}); the network "
+                            "may be unreachable: set evaluation.dataset to 'heldout' or a local .jsonl file") from None
+    write_jsonl(out, [r["text"] for r in data])

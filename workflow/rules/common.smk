@@ -25,9 +25,24 @@ CHECKPOINTS = f"resources/checkpoints/{NAME}"
 CONDA_ENV = "../../environment.yml"
 USES_GPU = 1 if config["device"].startswith("cuda") else 0
 
-# The threshold and statistic the export uses (explicit values; the sweep adds "auto").
+# The threshold and statistic the export uses: explicit values, or "auto" (the sweep's selection).
 EXPORT_THRESHOLD = config["export"]["threshold"]
 EXPORT_STATISTIC = config["statistic"]
+EXPORT_IS_AUTO = "auto" in (EXPORT_THRESHOLD, EXPORT_STATISTIC)
+# Explicit export values are always swept too, so the evaluation can report them.
+SWEEP_THRESHOLDS = sorted(
+    {float(t) for t in config["sweep"]["thresholds"]}
+    | ({float(EXPORT_THRESHOLD)} if EXPORT_THRESHOLD != "auto" else set())
+)
+SWEEP_STATISTICS = sorted(
+    set(config["sweep"]["statistics"])
+    | ({EXPORT_STATISTIC} if EXPORT_STATISTIC != "auto" else set())
+)
+SWEEP_POINTS = [
+    f"{RESULTS}/sweep/{s}-t{threshold_label(t)}.json"
+    for s in SWEEP_STATISTICS
+    for t in SWEEP_THRESHOLDS
+]
 
 
 def corpus_file(source, key):
@@ -49,10 +64,25 @@ def corpus_file(source, key):
 CALIBRATION_CORPUS = corpus_file(
     config["calibration"]["dataset"], "calibration.dataset"
 )
-# Download targets and the URLs they come from (rule download_dataset looks them up).
+LAMBADA = "resources/datasets/lambada-validation.jsonl"
+EVAL_SOURCE = config["evaluation"]["dataset"]
+if EVAL_SOURCE == "heldout":
+    # Records after the calibration samples in the same seed-42 permutation: never overlapping.
+    EVAL_CORPUS = CALIBRATION_CORPUS
+    EVAL_OFFSET, EVAL_SHUFFLE = config["calibration"]["num_samples"], True
+elif EVAL_SOURCE == "hf:lambada":
+    # The reference's evaluation: the first records of LAMBADA validation, in order.
+    EVAL_CORPUS, EVAL_OFFSET, EVAL_SHUFFLE = LAMBADA, 0, False
+else:
+    EVAL_CORPUS = corpus_file(EVAL_SOURCE, "evaluation.dataset")
+    EVAL_OFFSET, EVAL_SHUFFLE = 0, True
+# Download targets and the URL (and sha256) each comes from; rule download_dataset looks them up.
 DOWNLOADS = {
-    dataset_cache_path(src): (src, config["calibration"]["sha256"])
-    for src in [config["calibration"]["dataset"]]
+    dataset_cache_path(src): (src, sha)
+    for src, sha in [
+        (EVAL_SOURCE, None),
+        (config["calibration"]["dataset"], config["calibration"]["sha256"]),
+    ]
     if src.startswith("https://")
 }
 
@@ -65,16 +95,25 @@ def model_mem_mb(wildcards, input, attempt):
     return int((params * 4 * 2) / 2**20 + 2000) * attempt
 
 
-def export_targets():
+def selection_input(wildcards=None):
+    """The selection is an input of the export only when something is left to "auto"."""
+    return [f"{RESULTS}/selection.json"] if EXPORT_IS_AUTO else []
+
+
+def default_targets():
     targets = [
+        "model.mllm",
         f"{RESULTS}/model.mllm",
         f"{RESULTS}/model-int8.safetensors",
         f"{RESULTS}/act_scales.csv",
+        f"{RESULTS}/sweep.csv",
+        f"{RESULTS}/selection.json",
+        f"{RESULTS}/evaluation.json",
+        f"{RESULTS}/evaluation.md",
+        f"{RESULTS}/plots/sweep_threshold.png",
+        f"{RESULTS}/plots/sweep_shadow.png",
+        f"{RESULTS}/plots/outlier_ratios.png",
     ]
     if config["export"]["pth"]:
         targets.append(f"{RESULTS}/model-int8.pth")
     return targets
-
-
-def default_targets():
-    return ["model.mllm", *export_targets()]

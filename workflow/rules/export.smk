@@ -1,30 +1,11 @@
 # Stages 3 and 4: clip decision, int8 export, mllm conversion.
 
 
-rule decide:
-    input:
-        scales=f"{RESULTS}/act_scales.json",
-    output:
-        f"{RESULTS}/decisions/{{statistic}}-t{{threshold}}.json",
-    log:
-        f"{LOGS}/decide-{{statistic}}-t{{threshold}}.log",
-    wildcard_constraints:
-        statistic="signed|absmax",
-        threshold=r"[0-9]+(\.[0-9]+)?",
-    conda:
-        CONDA_ENV
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=5,
-    script:
-        "../scripts/decide.py"
-
-
 rule export_int8:
     input:
         manifest=MODEL_MANIFEST,
-        decision=f"{RESULTS}/decisions/{EXPORT_STATISTIC}-t{threshold_label(EXPORT_THRESHOLD)}.json",
+        scales=f"{RESULTS}/act_scales.json",
+        selection=selection_input,
     output:
         export=f"{RESULTS}/model-int8.safetensors",
         shadow=f"{RESULTS}/shadow_layers.json",
@@ -38,6 +19,9 @@ rule export_int8:
     resources:
         mem_mb=model_mem_mb,
         runtime=60,
+    params:
+        statistic=EXPORT_STATISTIC,
+        threshold=EXPORT_THRESHOLD,
     script:
         "../scripts/export_int8.py"
 

@@ -2,5 +2,7 @@
 from shadowquant.adapter import run_stage
 from shadowquant.stages import export
 
-run_stage(snakemake, export, manifest=snakemake.input.manifest, decision=snakemake.input.decision,
-          out=snakemake.output.export, shadow_summary=snakemake.output.shadow)
+run_stage(snakemake, export, manifest=snakemake.input.manifest, act_scales=snakemake.input.scales,
+          out=snakemake.output.export, statistic=snakemake.params.statistic, threshold=snakemake.params.threshold,
+          selection=snakemake.input.selection[0] if snakemake.input.selection else None,
+          shadow_summary=snakemake.output.shadow)

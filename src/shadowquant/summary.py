@@ -1,0 +1,86 @@
+"""Simulated evaluation of the exported model: metrics next to float, and greedy generations side by side."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from shadowquant.atomic import write_json, write_text
+from shadowquant.decision import decide, load_act_scales
+from shadowquant.stages import threshold_label
+from shadowquant.sweep import load_evaluation_model, quantize_model, resolve_export_pair
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def greedy_generations(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    device = next(model.parameters()).device
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        outputs.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    return outputs
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_summary(result: dict) -> str:
+    q, f = result["w8a8"], result["float"]
+    lines = [
+        f"# W8A8 evaluation of {result['model']}",
+        "",
+        f"Exported: statistic **{result['statistic']}**, threshold **{threshold_label(result['threshold'])}** "
+        f"({int(q['num_shadow_inputs'])} shadow inputs, {int(q['num_shadow_outputs'])} shadow outputs; "
+        f"{q['shadow_flop_fraction']:.1%} of quantized Linear FLOPs need shadow execution).",
+        "",
+        f"Evaluated on {f['num_samples']} held-out records ({f['num_tokens']} predicted tokens).",
+        "",
+        "| metric | float | W8A8 |",
+        "| --- | --- | --- |",
+    ]
+    for key in ("accuracy", "perplexity", "agreement", "kl"):
+        lines.append(f"| {key} | {_fmt(f.get(key))} | {_fmt(q.get(key))} |")
+    lines += ["", "## Greedy generations", ""]
+    for g in result["generations"]:
+        lines += [f"**Prompt:** `{g['prompt']}`", "", f"- float: {g['float']!r}", f"- W8A8: {g['w8a8']!r}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def final_evaluation(manifest, act_scales, float_json, sweep_csv, out_json, out_md, statistic: str,
+                     threshold, selection=None, prompts: list[str] = (), max_new_tokens: int = 24,
+                     device: str = "auto", dtype: str = "auto") -> dict:
+    """Metrics of the exported pair (from the sweep) next to float, plus float vs W8A8 generations."""
+    import pandas as pd
+
+    statistic, threshold = resolve_export_pair(statistic, threshold, selection)
+    table = pd.read_csv(sweep_csv)
+    row = table[(table["statistic"] == statistic) & (table["threshold"] == threshold)]
+    if row.empty:
+        from shadowquant.errors import PipelineError
+
+        raise PipelineError(f"{sweep_csv}: no sweep point for statistic {statistic} threshold {threshold:g}")
+    w8a8 = {k: (None if pd.isna(v) else v.item() if hasattr(v, "item") else v)
+            for k, v in row.iloc[0].to_dict().items()}
+    float_metrics = json.loads(Path(float_json).read_text())
+    model, tokenizer, family = load_evaluation_model(manifest, device, dtype)
+    float_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
+    quantize_model(model, family, decide(load_act_scales(act_scales), threshold, statistic))
+    w8a8_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
+    result = {
+        "model": Path(manifest).parent.name, "statistic": statistic, "threshold": threshold,
+        "float": float_metrics, "w8a8": w8a8,
+        "generations": [{"prompt": p, "float": a, "w8a8": b} for p, a, b in zip(prompts, float_text, w8a8_text)],
+    }
+    write_json(out_json, result)
+    write_text(out_md, markdown_summary(result))
+    return result

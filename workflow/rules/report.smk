@@ -1,0 +1,49 @@
+# Plots for people, registered in the Snakemake report (snakemake --report report.html).
+
+
+rule plot_sweep:
+    input:
+        sweep=f"{RESULTS}/sweep.csv",
+        selection=f"{RESULTS}/selection.json",
+    output:
+        threshold=report(
+            f"{RESULTS}/plots/sweep_threshold.png",
+            caption="../report/sweep_threshold.rst",
+            category="Threshold sweep",
+        ),
+        shadow=report(
+            f"{RESULTS}/plots/sweep_shadow.png",
+            caption="../report/sweep_shadow.rst",
+            category="Threshold sweep",
+        ),
+    log:
+        f"{LOGS}/plot_sweep.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/plot_sweep.py"
+
+
+rule plot_outliers:
+    input:
+        f"{RESULTS}/act_scales.json",
+    output:
+        report(
+            f"{RESULTS}/plots/outlier_ratios.png",
+            caption="../report/outlier_ratios.rst",
+            category="Activation profile",
+        ),
+    log:
+        f"{LOGS}/plot_outliers.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    script:
+        "../scripts/plot_outliers.py"
