@@ -11,7 +11,7 @@ import torch
 
 QUANTILE = 0.999
 # Large activations (e.g. lm_head logits) are processed in pieces to bound temporaries.
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def order_index(n: int) -> int:
@@ -31,31 +31,58 @@ def buffer_capacity(max_elements: int) -> int:
 
 
 class _TopBuffer:
-    """The `capacity` largest values seen so far (unordered)."""
+    """The `capacity` largest values seen so far (unordered).
+
+    Candidates above the current floor are appended and only compacted (one topk) once
+    they reach twice the capacity, so the cost of a selection is amortized over many
+    chunks; memory stays within about twice the exact order statistic's need.
+    """
 
     def __init__(self, capacity: int, device: torch.device):
         self.capacity = capacity
-        self.values = torch.empty(0, dtype=torch.float32, device=device)
-        self.floor: torch.Tensor | None = None  # min of a full buffer: smaller values can never enter
+        self.parts: list[torch.Tensor] = []
+        self.size = 0
+        self.floor: torch.Tensor | None = None  # a value no smaller than the floor of the top `capacity`
 
     def update(self, x: torch.Tensor) -> None:
         if self.floor is not None:
-            # Candidate filtering before any sort; equal values cannot change the kept multiset.
-            x = x[x > self.floor]
-            if x.numel() == 0:
-                return
-        merged = torch.cat((self.values, x)) if self.values.numel() else x
+            x = x[x > self.floor]  # equal values cannot change the kept multiset
+        elif x._base is not None or x.numel() > self.capacity:
+            x = x.clone()  # never keep a view that would hold a whole activation alive
+        if x.numel() == 0:
+            return
+        self.parts.append(x)
+        self.size += x.numel()
+        if self.size > 2 * self.capacity:
+            self.compact()
+
+    def compact(self) -> torch.Tensor:
+        if not self.parts:
+            return torch.empty(0)
+        merged = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
         if merged.numel() > self.capacity:
             merged = torch.topk(merged, self.capacity, sorted=False).values
-        self.values = merged if merged is not x else x.clone()
-        if self.values.numel() >= self.capacity:
-            self.floor = self.values.min()
+        if merged.numel() >= self.capacity:
+            self.floor = merged.min()
+        self.parts = [merged]
+        self.size = merged.numel()
+        return merged
 
     def kth_largest(self, k: int) -> float:
         """The k-th largest value (1-based) of everything seen."""
-        if k > self.values.numel():
-            raise RuntimeError(f"order statistic needs {k} values, buffer holds {self.values.numel()}")
-        return float(torch.topk(self.values, k, sorted=True).values[-1].item())
+        values = self.compact()
+        if k > values.numel():
+            raise RuntimeError(f"order statistic needs {k} values, buffer holds {values.numel()}")
+        return float(torch.topk(values, k, sorted=True).values[-1].item())
+
+    def state(self) -> torch.Tensor:
+        return self.compact().cpu()
+
+    def load(self, values: torch.Tensor, device) -> None:
+        values = values.to(device)
+        self.parts = [values] if values.numel() else []
+        self.size = values.numel()
+        self.floor = values.min() if values.numel() >= self.capacity else None
 
 
 class SideStats:
@@ -88,22 +115,29 @@ class SideStats:
             return
         if self.n + nb > self.max_elements:
             raise RuntimeError(f"received {self.n + nb} elements, more than the {self.max_elements} planned")
-        # Chan's parallel merge of (count, mean, M2) in float64.
-        total = x.sum(dtype=torch.float64)
-        batch_mean = total / nb
-        centered = x - batch_mean.to(torch.float32)
-        batch_m2 = (centered * centered).sum(dtype=torch.float64)
+        # Moments about the chunk's own mean (no cancellation), with fast float32 kernels
+        # (pairwise sum, BLAS dot); chunks are merged in float64 with Chan's formula.
+        shift = x.sum() / nb
+        centered = x - shift
+        s1 = centered.sum().double()
+        batch_mean = shift.double() + s1 / nb
+        batch_m2 = torch.dot(centered, centered).double() - s1 * s1 / nb
+        del centered
         delta = batch_mean - self.mean
         n_old = self.n
         self.n += nb
         self.mean = self.mean + delta * (nb / self.n)
         self.m2 = self.m2 + batch_m2 + delta * delta * (n_old * nb / self.n)
-        self.finite &= torch.isfinite(total)
-        self.maximum = torch.maximum(self.maximum, x.max())
-        self.signed.update(x)
-        a = x.abs()
-        self.abs_maximum = torch.maximum(self.abs_maximum, a.max())
-        self.absolute.update(a)
+        self.finite &= torch.isfinite(batch_m2)  # NaN or Inf anywhere poisons the sums
+        lo, hi = torch.aminmax(x)
+        self.maximum = torch.maximum(self.maximum, hi)
+        abs_hi = torch.maximum(hi, -lo)
+        self.abs_maximum = torch.maximum(self.abs_maximum, abs_hi)
+        # Skip the candidate search when nothing in the chunk can enter a full buffer.
+        if self.signed.floor is None or bool(hi > self.signed.floor):
+            self.signed.update(x)
+        if self.absolute.floor is None or bool(abs_hi > self.absolute.floor):
+            self.absolute.update(x.abs())
 
     def is_finite(self) -> bool:
         return bool(self.finite.item())
@@ -125,8 +159,8 @@ class SideStats:
     # --- checkpointing: tensors and scalars that restore the exact running state ---
     def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         tensors = {
-            f"{prefix}.signed": self.signed.values.cpu(),
-            f"{prefix}.absolute": self.absolute.values.cpu(),
+            f"{prefix}.signed": self.signed.state(),
+            f"{prefix}.absolute": self.absolute.state(),
             f"{prefix}.moments": torch.stack((self.mean, self.m2)).cpu(),
             f"{prefix}.maxima": torch.stack((self.maximum, self.abs_maximum)).cpu(),
         }
@@ -136,8 +170,7 @@ class SideStats:
         device = self.mean.device
         self.n = int(scalars["n"])
         for buf, key in ((self.signed, "signed"), (self.absolute, "absolute")):
-            buf.values = tensors[f"{prefix}.{key}"].to(device)
-            buf.floor = buf.values.min() if buf.values.numel() >= buf.capacity else None
+            buf.load(tensors[f"{prefix}.{key}"], device)
         self.mean, self.m2 = (t.to(device) for t in tensors[f"{prefix}.moments"])
         self.maximum, self.abs_maximum = (t.to(device) for t in tensors[f"{prefix}.maxima"])
 

@@ -56,9 +56,32 @@ def markdown_summary(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def html_summary(result: dict) -> str:
+    """The same summary as a small standalone page: the Snakemake report shows HTML inline."""
+    import html
+
+    q, f = result["w8a8"], result["float"]
+    rows = "".join(f"<tr><td>{k}</td><td>{_fmt(f.get(k))}</td><td>{_fmt(q.get(k))}</td></tr>"
+                   for k in ("accuracy", "perplexity", "agreement", "kl"))
+    gens = "".join(f"<h4>{html.escape(g['prompt'])}</h4><p><b>float:</b> {html.escape(g['float'])}</p>"
+                   f"<p><b>W8A8:</b> {html.escape(g['w8a8'])}</p>" for g in result["generations"])
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>W8A8 evaluation</title>"
+        "<style>body{font-family:sans-serif;font-size:13px;margin:1em} td,th{padding:2px 10px;"
+        "border-bottom:1px solid #ddd}</style></head><body>"
+        f"<h3>W8A8 evaluation of {html.escape(result['model'])}</h3>"
+        f"<p>Exported statistic <b>{result['statistic']}</b>, threshold <b>{threshold_label(result['threshold'])}</b>: "
+        f"{int(q['num_shadow_inputs'])} shadow inputs, {int(q['num_shadow_outputs'])} shadow outputs, "
+        f"{q['shadow_flop_fraction']:.1%} of quantized Linear FLOPs with shadow inputs. "
+        f"{f['num_samples']} held-out records, {f['num_tokens']} predicted tokens.</p>"
+        f"<table><tr><th>metric</th><th>float</th><th>W8A8</th></tr>{rows}</table>"
+        f"<h3>Greedy generations</h3>{gens}</body></html>\n"
+    )
+
+
 def final_evaluation(manifest, act_scales, float_json, sweep_csv, out_json, out_md, statistic: str,
                      threshold, selection=None, prompts: list[str] = (), max_new_tokens: int = 24,
-                     device: str = "auto", dtype: str = "auto") -> dict:
+                     device: str = "auto", dtype: str = "auto", out_html=None) -> dict:
     """Metrics of the exported pair (from the sweep) next to float, plus float vs W8A8 generations."""
     import pandas as pd
 
@@ -83,4 +106,6 @@ def final_evaluation(manifest, act_scales, float_json, sweep_csv, out_json, out_
     }
     write_json(out_json, result)
     write_text(out_md, markdown_summary(result))
+    if out_html is not None:
+        write_text(out_html, html_summary(result))
     return result

@@ -8,8 +8,6 @@ import logging
 import math
 from pathlib import Path
 
-import torch
-
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.decision import decide, load_act_scales, summarize as summarize_decisions
 from shadowquant.errors import PipelineError
@@ -73,6 +71,8 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
     """The float model once: its metrics, and the compact baseline every threshold job compares with."""
     from shadowquant.metrics import evaluate, save_baseline, summarize
 
+    import torch
+
     model, tokenizer, _ = load_evaluation_model(manifest, device, dtype)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     with torch.inference_mode():
@@ -88,6 +88,8 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
 def evaluate_threshold(manifest, samples, act_scales, baseline, out_json, statistic: str, threshold: float,
                        seq_len: int, batch_size: int = 4, device: str = "auto", dtype: str = "auto") -> dict:
     """One sweep point: load the model once, apply the decision, evaluate against the float baseline."""
+    import torch
+
     from shadowquant.metrics import evaluate, summarize
 
     model, tokenizer, family = load_evaluation_model(manifest, device, dtype)
@@ -128,14 +130,18 @@ def aggregate(float_json, point_jsons: list, out_csv) -> None:
         table.to_csv(tmp, index=False)
 
 
+def budget_bound(metric: str, float_value: float, max_drop: float) -> float:
+    """The worst metric value the selection still accepts."""
+    if metric == "kl":
+        return max_drop  # the float model's own KL is 0
+    return float_value - max_drop if HIGHER_IS_BETTER[metric] else float_value + max_drop
+
+
 def within_budget(value, float_value, metric: str, max_drop: float) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
-    if metric == "kl":
-        return value <= max_drop  # the float model's own KL is 0
-    if HIGHER_IS_BETTER[metric]:
-        return value >= float_value - max_drop - 1e-12
-    return value <= float_value + max_drop + 1e-12
+    bound = budget_bound(metric, float_value, max_drop)
+    return value >= bound - 1e-12 if HIGHER_IS_BETTER[metric] else value <= bound + 1e-12
 
 
 def choose(table, metric: str, max_drop: float, statistic: str | None = None,
@@ -149,7 +155,10 @@ def choose(table, metric: str, max_drop: float, statistic: str | None = None,
     floats = table[table["statistic"] == "float"]
     if floats.empty:
         raise PipelineError("sweep table has no float row; re-run the float evaluation")
-    float_value = 0.0 if metric == "kl" else float(floats.iloc[0][metric])
+    # The float model agrees with itself completely and has no divergence from itself.
+    float_value = {"kl": 0.0, "agreement": 1.0}.get(metric, None)
+    if float_value is None:
+        float_value = float(floats.iloc[0][metric])
     points = table[table["statistic"] != "float"]
     if statistic is not None:
         points = points[points["statistic"] == statistic]

@@ -113,6 +113,7 @@ def default_targets():
         f"{RESULTS}/plots/sweep_threshold.png",
         f"{RESULTS}/plots/sweep_shadow.png",
         f"{RESULTS}/plots/outlier_ratios.png",
+        f"{RESULTS}/evaluation.html",
     ]
     if config["export"]["pth"]:
         targets.append(f"{RESULTS}/model-int8.pth")

@@ -14,7 +14,7 @@ rule profile:
         f"{BENCH}/profile.tsv"
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: 8  # capped by --cores locally; --cpus-per-task on SLURM
     resources:
         mem_mb=model_mem_mb,
         runtime=240,

@@ -16,6 +16,11 @@ rule plot_sweep:
             caption="../report/sweep_shadow.rst",
             category="Threshold sweep",
         ),
+        table=report(
+            f"{RESULTS}/plots/sweep.html",
+            caption="../report/sweep_table.rst",
+            category="Threshold sweep",
+        ),
     log:
         f"{LOGS}/plot_sweep.log",
     conda:
@@ -30,11 +35,17 @@ rule plot_sweep:
 
 rule plot_outliers:
     input:
-        f"{RESULTS}/act_scales.json",
+        scales=f"{RESULTS}/act_scales.json",
+        table=f"{RESULTS}/act_scales.csv",
     output:
-        report(
+        plot=report(
             f"{RESULTS}/plots/outlier_ratios.png",
             caption="../report/outlier_ratios.rst",
+            category="Activation profile",
+        ),
+        table=report(
+            f"{RESULTS}/plots/act_scales.html",
+            caption="../report/act_scales_table.rst",
             category="Activation profile",
         ),
     log:
@@ -45,5 +56,7 @@ rule plot_outliers:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        threshold=None if EXPORT_THRESHOLD == "auto" else float(EXPORT_THRESHOLD),
     script:
         "../scripts/plot_outliers.py"

@@ -103,11 +103,7 @@ rule aggregate_sweep:
         float=f"{RESULTS}/sweep/float.json",
         points=SWEEP_POINTS,
     output:
-        report(
-            f"{RESULTS}/sweep.csv",
-            caption="../report/sweep_table.rst",
-            category="Threshold sweep",
-        ),
+        f"{RESULTS}/sweep.csv",
     log:
         f"{LOGS}/aggregate_sweep.log",
     conda:
@@ -151,8 +147,9 @@ rule evaluate_export:
         selection=selection_input,
     output:
         metrics=f"{RESULTS}/evaluation.json",
-        summary=report(
-            f"{RESULTS}/evaluation.md",
+        summary=f"{RESULTS}/evaluation.md",
+        page=report(
+            f"{RESULTS}/evaluation.html",
             caption="../report/evaluation_summary.rst",
             category="Evaluation",
         ),

@@ -1,5 +1,12 @@
-# Thin adapter: rule plot_outliers -> shadowquant.plots.plot_outlier_ratios
+# Thin adapter: rule plot_outliers -> shadowquant.plots
 from shadowquant.adapter import run_stage
-from shadowquant.plots import plot_outlier_ratios
+from shadowquant.plots import plot_outlier_ratios, write_table_html
 
-run_stage(snakemake, plot_outlier_ratios, act_scales_json=snakemake.input[0], out_png=snakemake.output[0])
+
+def profile_figures(scales, table_csv, plot, table, threshold):
+    plot_outlier_ratios(scales, plot, threshold=threshold)
+    write_table_html(table_csv, table, "Activation statistics per Linear layer and side")
+
+
+run_stage(snakemake, profile_figures, scales=snakemake.input.scales, table_csv=snakemake.input.table,
+          plot=snakemake.output.plot, table=snakemake.output.table, threshold=snakemake.params.threshold)

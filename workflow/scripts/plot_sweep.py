@@ -1,12 +1,14 @@
 # Thin adapter: rule plot_sweep -> shadowquant.plots
 from shadowquant.adapter import run_stage
-from shadowquant.plots import plot_sweep_vs_shadow, plot_sweep_vs_threshold
+from shadowquant.plots import plot_sweep_vs_shadow, plot_sweep_vs_threshold, write_table_html
 
 
-def both(sweep_csv, selection_json, by_threshold, by_shadow):
+def sweep_figures(sweep_csv, selection_json, by_threshold, by_shadow, table):
     plot_sweep_vs_threshold(sweep_csv, selection_json, by_threshold)
     plot_sweep_vs_shadow(sweep_csv, selection_json, by_shadow)
+    write_table_html(sweep_csv, table, "Threshold sweep")
 
 
-run_stage(snakemake, both, sweep_csv=snakemake.input.sweep, selection_json=snakemake.input.selection,
-          by_threshold=snakemake.output.threshold, by_shadow=snakemake.output.shadow)
+out = snakemake.output
+run_stage(snakemake, sweep_figures, sweep_csv=snakemake.input.sweep, selection_json=snakemake.input.selection,
+          by_threshold=out.threshold, by_shadow=out.shadow, table=out.table)
