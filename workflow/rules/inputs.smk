@@ -8,6 +8,7 @@ rule fetch_model:
         f"{LOGS}/fetch_model.log",
     benchmark:
         f"{BENCH}/fetch_model.tsv"
+    cache: "omit-software"
     conda:
         CONDA_ENV
     threads: 1
@@ -48,6 +49,7 @@ rule download_dataset:
         "benchmarks/datasets/download-{file}.tsv"
     wildcard_constraints:
         file=r"[0-9a-f]{12}-[^/]+",
+    cache: "omit-software"
     retries: 2
     conda:
         CONDA_ENV

@@ -12,6 +12,7 @@ rule profile:
         f"{LOGS}/profile.log",
     benchmark:
         f"{BENCH}/profile.tsv"
+    cache: "omit-software"
     conda:
         CONDA_ENV
     threads: 8  # capped by --cores locally; --cpus-per-task on SLURM
