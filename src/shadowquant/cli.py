@@ -61,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=_threshold, default=152.0)
     s.add_argument("--statistic", choices=["signed", "absmax"], default="signed")
 
-    s = sub.add_parser("export", help="int8 export (safetensors, optionally .pth)")
+    s = sub.add_parser("export", help="int8 export (safetensors) for one statistic and threshold")
     s.add_argument("--manifest", required=True)
-    s.add_argument("--decision", required=True)
+    s.add_argument("--act-scales", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--pth", default=None)
+    s.add_argument("--statistic", choices=["signed", "absmax"], default="signed")
+    s.add_argument("--threshold", type=_threshold, default=152.0)
+    s.add_argument("--shadow-summary", default=None)
 
     s = sub.add_parser("convert", help="int8 safetensors export -> mllm model file")
     s.add_argument("--export", required=True)
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "decide":
             stages.decide(args.act_scales, args.out, args.threshold, args.statistic)
         elif args.command == "export":
-            stages.export(args.manifest, args.decision, args.out, args.pth)
+            stages.export(args.manifest, args.act_scales, args.out, args.statistic, args.threshold,
+                          shadow_summary=args.shadow_summary)
         elif args.command == "convert":
             stages.convert(args.export, args.out, version=args.version)
         elif args.command == "tiny-model":
