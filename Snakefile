@@ -21,6 +21,9 @@ include: "workflow/rules/sweep.smk"
 include: "workflow/rules/report.smk"
 
 
+drop_benchmarks_of_cached_rules()
+
+
 # Short bookkeeping jobs run on the submitting host, never as cluster jobs.
 localrules:
     all,

@@ -146,15 +146,18 @@ def test_resolve_device_and_dtype():
 def test_fetch_local_directory_is_used_in_place(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("phi")
     manifest = fetch_model(str(model_dir), tmp_path / "fetched")
+    linked = tmp_path / "fetched" / "hf"
     assert manifest == {
         "source": str(model_dir),
-        "path": str(model_dir.resolve()),
+        "path": str(linked),
         "family": "phi",
         "model_type": "phi",
         "num_parameters": sum(t.numel() for t in load_file(model_dir / "model.safetensors").values()),
         "dtype": "float32",
     }
-    assert not (tmp_path / "fetched").exists()
+    # Nothing is copied: the workflow's model directory holds links to the user's files.
+    for entry in linked.iterdir():
+        assert entry.is_symlink() and entry.resolve() == (model_dir / entry.name).resolve()
 
 
 @pytest.mark.parametrize(

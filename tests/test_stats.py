@@ -18,8 +18,9 @@ def _stream(chunks, capacity_elements=None):
 def _check(result, ref):
     for key in ("n", "ori", "top_0_1", "absmax_ori", "absmax_top_0_1"):
         assert result[key] == ref[key], key  # exact order statistics, no tolerance
-    assert result["mean"] == pytest.approx(ref["mean"], rel=1e-9, abs=1e-12)
-    assert result["std"] == pytest.approx(ref["std"], rel=1e-7)
+    # float32 kernels, float64 merging: far closer than the reference's own float32 mean/std.
+    assert result["mean"] == pytest.approx(ref["mean"], abs=1e-6 * ref["std"] + 1e-12)
+    assert result["std"] == pytest.approx(ref["std"], rel=1e-6)
 
 
 @pytest.mark.parametrize("n_chunks,chunk", [(1, 10), (3, 500), (7, 3001), (20, 997)])
@@ -109,3 +110,13 @@ def test_state_round_trip_continues_exactly():
     for c in chunks[3:]:
         c2.update(c)
     assert c2.result() == a.result()
+
+
+def test_large_offset_keeps_std_accurate():
+    # A mean far larger than the spread must not cancel the variance away.
+    g = torch.Generator().manual_seed(5)
+    chunks = [1000.0 + 0.01 * torch.randn(300_000, generator=g) for _ in range(3)]
+    res = _stream(chunks)
+    ref = reference_statistics(torch.cat(chunks))
+    assert res["std"] == pytest.approx(ref["std"], rel=1e-3)
+    assert res["mean"] == pytest.approx(ref["mean"], rel=1e-9)

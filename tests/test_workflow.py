@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,6 +20,9 @@ def _config(model_dir, corpus, name, **overrides):
         "model": {"source": str(model_dir), "name": name},
         "calibration": {"dataset": str(corpus), "num_samples": 6, "seq_len": 32, "batch_size": 3,
                         "checkpoint_every": 0},
+        # A small sweep keeps eight families fast: two thresholds, both statistics, auto selection.
+        "sweep": {"thresholds": [4, 10000000]},
+        "evaluation": {"num_samples": 8, "seq_len": 24, "max_new_tokens": 4, "prompts": ["The list"]},
         "device": "cpu",
     }
     for key, value in overrides.items():
@@ -31,11 +35,20 @@ def _config(model_dir, corpus, name, **overrides):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_builds_an_mllm_the_inspector_accepts(family, tiny_model_dir, tiny_text_corpus, tmp_path):
+def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path):
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
     cfg = write_config(tmp_path, _config(model_dir, tiny_text_corpus, f"tiny-{family}", **{"model.type": family}))
-    snakemake(tmp_path, cfg, f"results/tiny-{family}/model.mllm")
-    mllm = tmp_path / f"results/tiny-{family}/model.mllm"
+    snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
+    results = tmp_path / f"results/tiny-{family}"
+    sweep = pd.read_csv(results / "sweep.csv")
+    assert len(sweep) == 1 + 2 * 2 and sweep["perplexity"].notna().all()
+    selection = json.loads((results / "selection.json").read_text())
+    assert selection["statistic"] in ("signed", "absmax") and selection["threshold"] in (4.0, 10000000.0)
+    evaluation = json.loads((results / "evaluation.json").read_text())
+    assert evaluation["generations"][0]["prompt"] == "The list"
+    for plot in ("sweep_threshold.png", "sweep_shadow.png", "outlier_ratios.png"):
+        assert (results / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mllm = results / "model.mllm"
     assert inspect_main([str(mllm), "--export", str(mllm.with_name("model-int8.safetensors"))]) == 0
     f = read_mllm(mllm)
     scales = json.loads((tmp_path / f"results/tiny-{family}/act_scales.json").read_text())
@@ -50,7 +63,8 @@ def test_every_family_builds_an_mllm_the_inspector_accepts(family, tiny_model_di
 
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):
-    base = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama")
+    base = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", statistic="signed",
+                   **{"export.threshold": 152})
     cfg = write_config(tmp_path, base)
     snakemake(tmp_path, cfg)
     assert (tmp_path / "model.mllm").stat().st_size == (tmp_path / "results/tiny-llama/model.mllm").stat().st_size
@@ -59,7 +73,8 @@ def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_t
     cfg = write_config(tmp_path, base)
     jobs = planned_jobs(snakemake(tmp_path, cfg, "-n"))
     assert "profile" not in jobs and "fetch_model" not in jobs and "select_calibration" not in jobs
-    assert {"decide", "export_int8", "convert_mllm"} <= set(jobs)
+    assert {"export_int8", "convert_mllm"} <= set(jobs)
+    assert jobs.get("evaluate_threshold") == 2  # only the new threshold 8, both statistics (explicit values are swept)
     snakemake(tmp_path, cfg)
     shadow = json.loads((tmp_path / "results/tiny-llama/shadow_layers.json").read_text())
     assert shadow["threshold"] == 8
@@ -93,3 +108,37 @@ def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, 
                                               st.get_tensor(f"{name}.bias"), st.get_tensor(f"{name}.bias.scale"))
         assert torch.allclose(w, fake_quant_weight(mods[name].weight), atol=1e-6)
         assert torch.allclose(b, fake_quant_weight(mods[name].bias), atol=1e-6)
+
+
+def test_budget_change_reruns_selection_only(tiny_model_dir, tiny_text_corpus, tmp_path):
+    base = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-budget")
+    cfg = write_config(tmp_path, base)
+    snakemake(tmp_path, cfg)
+    calibration = set((tmp_path / "results/tiny-budget/calibration.jsonl").read_text().splitlines())
+    evaluation = set((tmp_path / "results/tiny-budget/evaluation.jsonl").read_text().splitlines())
+    assert calibration and evaluation and not calibration & evaluation  # held out: disjoint
+    base["sweep"]["max_accuracy_drop"] = 0.5
+    jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, base), "-n"))
+    assert "select_threshold" in jobs
+    for rule in ("profile", "evaluate_float", "evaluate_threshold", "fetch_model", "select_evaluation"):
+        assert rule not in jobs
+    report = tmp_path / "report.html"
+    snakemake(tmp_path, cfg, "--report", str(report))
+    assert report.stat().st_size > 10_000
+
+
+def test_cache_reuses_the_profile_across_working_directories(tiny_model_dir, tiny_text_corpus, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("SNAKEMAKE_OUTPUT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    cfg = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-cache")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for workdir in (first, second):
+        workdir.mkdir()
+        # Targets before --cache: it takes a list of rule names (none: every cacheable rule).
+        proc = snakemake(workdir, write_config(workdir, cfg), "results/tiny-cache/act_scales.json", "--cache")
+    # The second directory takes the profile from the cache instead of running it.
+    assert "from cache" in proc.stderr + proc.stdout
+    assert (second / "results/tiny-cache/act_scales.json").is_symlink()
+    assert (second / "results/tiny-cache/act_scales.json").read_bytes() == \
+        (first / "results/tiny-cache/act_scales.json").read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,23 +28,84 @@ def _fill_defaults(instance: dict, sch: dict) -> None:
             _fill_defaults(instance[key], sub)
 
 
-def _describe(error: jsonschema.ValidationError, sch: dict) -> str:
-    where = ".".join(str(p) for p in error.absolute_path) or "<top level>"
+def _node_at(sch: dict, path) -> dict:
     node = sch
-    for part in error.absolute_path:
-        if isinstance(part, str):
-            node = node.get("properties", {}).get(part, {})
-        else:
-            node = node.get("items", {})
+    for part in path:
+        node = node.get("properties", {}).get(part, {}) if isinstance(part, str) else node.get("items", {})
+    return node
+
+
+def _key_name(path) -> str:
+    """'sweep.thresholds[1]' for the path ('sweep', 'thresholds', 1)."""
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "<top level>"
+
+
+def _expected(node: dict) -> str:
+    """What a schema node admits, in words: 'an integer >= 1', 'one of signed, absmax, auto', ..."""
+    if "enum" in node:
+        return "one of " + ", ".join("null" if v is None else str(v) for v in node["enum"])
+    if "const" in node:
+        return repr(node["const"])
+    if "anyOf" in node:
+        return " or ".join(_expected(option) for option in node["anyOf"])
+    types = node.get("type", [])
+    types = [types] if isinstance(types, str) else list(types)
+    words = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+             "array": "a list", "object": "a mapping of keys", "null": "null"}
+    bounds = []
+    if "minimum" in node:
+        bounds.append(f">= {node['minimum']}")
+    if "exclusiveMinimum" in node:
+        bounds.append(f"> {node['exclusiveMinimum']}")
+    if "maximum" in node:
+        bounds.append(f"<= {node['maximum']}")
+    text = " or ".join(words.get(t, t) for t in types) or "a value"
+    if bounds:
+        text += " " + " and ".join(bounds)
+    if "pattern" in node:
+        text += f" matching {node['pattern']}"
+    if "array" in types:
+        if node.get("minItems"):
+            text = "a non-empty list"
+        if "items" in node:
+            text += " of " + _expected(node["items"]).replace("an integer", "integers").replace("a number", "numbers")
+    return text
+
+
+def _describe(error: jsonschema.ValidationError, sch: dict) -> str:
+    path = list(error.absolute_path)
+    node = _node_at(sch, path)
     if error.validator == "additionalProperties":
         allowed = ", ".join(sorted(node.get("properties", {})))
         extra = sorted(set(error.instance) - set(node.get("properties", {})))
-        key = ".".join([*map(str, error.absolute_path), extra[0]]) if extra else where
+        key = _key_name([*path, extra[0]]) if extra else _key_name(path)
         return f"unknown config key '{key}'; valid keys here: {allowed}"
-    hint = node.get("description", "")
-    if "enum" in node:
-        hint = "valid values: " + ", ".join("null" if v is None else str(v) for v in node["enum"])
-    return f"config key '{where}' = {error.instance!r}: {error.message}" + (f" ({hint})" if hint else "")
+    # An item of a list is described by its list (e.g. sweep.thresholds: 'Thresholds evaluated ...').
+    described = node if "description" in node or not path else _node_at(sch, path[:-1])
+    hint = " ".join(described.get("description", "").split()).rstrip(".")
+    return (f"config key '{_key_name(path)}' = {error.instance!r} is not valid: expected {_expected(node)}"
+            + (f" ({hint})" if hint else ""))
+
+
+def _non_finite_number(value, path=()) -> tuple | None:
+    """The path of the first NaN or infinite number (YAML .nan / .inf), which JSON schema lets through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite_number(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _value_at(cfg, path):
+    for part in path:
+        cfg = cfg[part]
+    return cfg
 
 
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
@@ -57,6 +119,10 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         raise PipelineError(f"{source}: {_describe(errors[0], sch)}")
+    bad = _non_finite_number(cfg)
+    if bad is not None:
+        raise PipelineError(f"{source}: config key '{_key_name(bad)}' = {_value_at(cfg, bad)!r} is not valid: "
+                            "expected a finite number")
     return cfg
 
 

@@ -190,7 +190,8 @@ def _decoded_lines(path: str) -> Iterator[tuple[int, str]]:
                 bad = raw_line[error.start]
                 where = "decompressed byte offset" if path.lower().endswith(".zst") else "byte offset"
                 raise PipelineError(
-                    f"{path}:{number}: not UTF-8 text (byte 0x{bad:02x} at {where} {offset + error.start})"
+                    f"{path}:{number}: not UTF-8 text (byte 0x{bad:02x} at {where} {offset + error.start}); "
+                    "re-encode the file as UTF-8"
                 ) from None
             if number == 1:
                 line = line.removeprefix("\ufeff")
@@ -304,7 +305,8 @@ def prepare_samples(
     """
     n_records = count_records(path)
     if n_records == 0:
-        raise PipelineError(f"{path}: the corpus has no records")
+        raise PipelineError(f"{path}: the corpus has no records (expected JSON lines with a 'text' field, "
+                            "or blank-line separated paragraphs in a .txt)")
     if offset + num_samples > n_records:
         available = n_records - offset
         if available > 0:
@@ -312,8 +314,9 @@ def prepare_samples(
         else:
             advice = f"lower calibration.num_samples below {n_records} so records are left for {what}"
         raise PipelineError(
-            f"{path}: the corpus has {n_records} records, but {what} needs {num_samples} "
-            f"after the first {offset}; {advice} (or use a bigger corpus)"
+            f"{path}: the corpus has {n_records} records, but {what} needs {num_samples}"
+            + (f" after the first {offset} (used for calibration)" if offset else "")
+            + f"; {advice} (or use a bigger corpus)"
         )
     return select_records(path, selection_indices(n_records, num_samples, seed, offset))
 

@@ -44,6 +44,11 @@ def load_act_scales(path: str | Path) -> dict:
         raise PipelineError(f"{path}: activation scales file not found") from None
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not UTF-8 JSON text; expected the act_scales.json written by profiling") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: expected a JSON object with keys 'ori', 'top_0_1' and 'all_stat' "
+                            f"(the act_scales format of METHOD.md section 1), got a {type(data).__name__}")
     for key in ("ori", "top_0_1"):
         if not isinstance(data.get(key), dict):
             raise PipelineError(f"{path}: missing key '{key}' (expected the act_scales format of METHOD.md section 1)")

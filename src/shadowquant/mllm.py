@@ -579,16 +579,22 @@ def read_safetensors_specs(path: str | os.PathLike) -> list[TensorSpec]:
     if not isinstance(header, dict):
         raise _fail(path, "not a safetensors file: the header is not a JSON object")
     records = []
+    data_end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype_str, shape, (begin, _) = info["dtype"], info["shape"], info["data_offsets"]
+            dtype_str, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            begin, end = int(begin), int(end)
         except (TypeError, KeyError, ValueError):
             raise _fail(path, f"tensor {name!r} has a malformed header entry") from None
         if dtype_str not in _TORCH_OF_SAFETENSORS:
             raise _fail(path, f"tensor {name!r} has dtype {dtype_str}, which cannot go into an mllm file")
         records.append((begin, TensorSpec(name, _TORCH_OF_SAFETENSORS[dtype_str], tuple(int(d) for d in shape))))
+        data_end = max(data_end, end)
+    if 8 + header_size + data_end != file_size:
+        raise _fail(path, f"safetensors file is truncated or corrupt ({file_size} bytes, its header describes "
+                          f"{8 + header_size + data_end}); write the export again")
     records.sort(key=lambda record: record[0])
     return [spec for _, spec in records]
 

@@ -103,7 +103,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
             f".save_pretrained('{model_dir}-safetensors')\" (then copy the tokenizer files and point "
             "model.source there)"
         )
-    raise PipelineError(f"{model_dir}: no model weights (*.safetensors) found")
+    raise PipelineError(f"{model_dir}: no model weights found (expected model.safetensors, or "
+                        "model.safetensors.index.json with its shards)")
 
 
 def inspect_model_dir(model_dir: str | os.PathLike, declared_family: str | None = None) -> dict[str, Any]:
@@ -116,14 +117,18 @@ def inspect_model_dir(model_dir: str | os.PathLike, declared_family: str | None 
                             "and tokenizer files) nor a .gguf file")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise PipelineError(f"{model_dir}: no config.json; not a Hugging Face model directory")
+        raise PipelineError(f"{model_dir}: no config.json; not a Hugging Face model directory (expected "
+                            "config.json, *.safetensors and tokenizer files)")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PipelineError(f"{config_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise PipelineError(f"{config_path}: expected a JSON object")
-    family = detect_family(config, declared_family)
+    try:
+        family = detect_family(config, declared_family)
+    except PipelineError as exc:  # name the file whose model_type was checked
+        raise PipelineError(f"{config_path}: {exc}") from None
     numel_by_dtype: Counter[str] = Counter()
     for weight_file in _weight_files(model_dir):
         for info in read_safetensors_header(weight_file).values():
@@ -187,23 +192,6 @@ def link_model_dir(source: Path, dest: Path) -> Path:
             if entry.is_file():
                 os.symlink(entry, tmp / entry.name)
     return dest
-
-
-def source_fingerprint(source: str) -> str | None:
-    """Names, sizes and modification times of a local model source: a changed local model reruns the pipeline."""
-    if source.startswith(("hf:", "pypi:")):
-        return None
-    path = Path(source).expanduser()
-    if not path.exists():
-        return None
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
 
 
 def _fetch_hub(repo_id: str, out_dir: Path, revision: str | None, trust_remote_code: bool) -> Path:

@@ -167,17 +167,23 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, statis
 # --- stage 4: conversion ----------------------------------------------------
 
 def convert(export_path: str | Path, out: str | Path, report: str | Path | None = None, version: int = 1) -> None:
+    """Int8 safetensors export -> mllm file, published only once the inspector accepts it."""
     from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
     from shadowquant.mllm import convert_safetensors_to_mllm
 
-    convert_safetensors_to_mllm(export_path, out, version=version)
     shapes, codes = expectations_from_safetensors(export_path, version)
-    result = inspect_mllm(out, expected_shapes=shapes, expected_dtypes=codes)
-    text = format_report(result)
-    log.info("inspection of %s:\n%s", out, text)
-    if result.problems:
-        Path(out).unlink(missing_ok=True)  # never leave a model file the runtime would reject
-        raise PipelineError(f"{out}: inspection failed: {'; '.join(map(str, result.problems[:5]))}")
+    with atomic_path(out, suffix=".mllm") as tmp:
+        convert_safetensors_to_mllm(export_path, tmp, version=version)
+        result = inspect_mllm(tmp, expected_shapes=shapes, expected_dtypes=codes)
+        result.path = str(out)
+        text = format_report(result)
+        log.info("inspection of %s:\n%s", out, text)
+        if result.problems:  # never publish a model file the runtime would reject
+            shown = "; ".join(f"{problem.name} {problem.what}" for problem in result.problems[:3])
+            more = f" (and {len(result.problems) - 3} more)" if len(result.problems) > 3 else ""
+            raise PipelineError(f"{export_path}: the converted model fails inspection: {shown}{more}; every "
+                                "quantized Linear needs its weight.scale, input_scale, output_scale, clip_input and "
+                                "clip_output tensors: re-run the int8 export")
     if report is not None:
         write_text(report, text + "\n")
 

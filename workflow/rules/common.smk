@@ -7,11 +7,13 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from shadowquant.config import validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
-from shadowquant.models import source_fingerprint
+from shadowquant.sources import source_fingerprint
 from shadowquant.stages import threshold_label
 
 try:
-    config.update(validate_config(config, source="config"))
+    # Errors name the config files the keys came from (the default one and any --configfile).
+    CONFIG_SOURCE = " + ".join(map(str, workflow.configfiles)) or "config"
+    config.update(validate_config(config, source=CONFIG_SOURCE))
 except PipelineError as exc:
     sys.exit(f"error: {exc}")
 
@@ -25,6 +27,23 @@ PYDOC_CORPUS = "resources/datasets/builtin/pydoc.jsonl"
 CHECKPOINTS = f"resources/checkpoints/{NAME}"
 # One software environment for every rule (--use-conda); the same list as pyproject.toml.
 CONDA_ENV = "../../environment.yml"
+# Between-workflow caching (snakemake --cache) of the dataset fetch and profiling. The model
+# fetch is not cached: its result is a model directory, which Snakemake's cache does not keep.
+# Snakemake forbids benchmark files on cacheable rules (a cached result has no run to measure),
+# so these rules are cacheable only when --cache is given, and then drop their benchmark files.
+CACHING = (
+    getattr(getattr(workflow, "workflow_settings", None), "cache", None) is not None
+)
+CACHE_MODE = "omit-software" if CACHING else False
+CACHED_RULES = ("build_pydoc_corpus", "download_dataset", "profile")
+
+
+def drop_benchmarks_of_cached_rules():
+    if CACHING:
+        for name in CACHED_RULES:
+            workflow.get_rule(name)._benchmark = None
+
+
 USES_GPU = 1 if config["device"].startswith("cuda") else 0
 
 # The threshold and statistic the export uses: explicit values, or "auto" (the sweep's selection).
@@ -59,7 +78,10 @@ def corpus_file(source, key):
             ".jsonl/.jsonl.zst/.txt file"
         )
     if not Path(source).is_file():
-        sys.exit(f"error: config key '{key}': dataset file '{source}' not found")
+        sys.exit(
+            f"error: config key '{key}': dataset file '{source}' not found (relative paths start at the "
+            "working directory); use builtin:pydoc, an https:// URL or an existing .jsonl/.jsonl.zst/.txt file"
+        )
     return source
 
 

@@ -8,7 +8,6 @@ rule fetch_model:
         f"{LOGS}/fetch_model.log",
     benchmark:
         f"{BENCH}/fetch_model.tsv"
-    cache: "omit-software"
     conda:
         CONDA_ENV
     threads: 1
@@ -29,7 +28,7 @@ rule build_pydoc_corpus:
         PYDOC_CORPUS,
     log:
         "logs/datasets/pydoc.log",
-    cache: "omit-software"
+    cache: CACHE_MODE
     conda:
         CONDA_ENV
     threads: 1
@@ -49,7 +48,7 @@ rule download_dataset:
         "benchmarks/datasets/download-{file}.tsv"
     wildcard_constraints:
         file=r"[0-9a-f]{12}-[^/]+",
-    cache: "omit-software"
+    cache: CACHE_MODE
     retries: 2
     conda:
         CONDA_ENV

@@ -12,7 +12,7 @@ rule profile:
         f"{LOGS}/profile.log",
     benchmark:
         f"{BENCH}/profile.tsv"
-    cache: "omit-software"
+    cache: CACHE_MODE
     conda:
         CONDA_ENV
     threads: 8  # capped by --cores locally; --cpus-per-task on SLURM
