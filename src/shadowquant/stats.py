@@ -47,14 +47,31 @@ class _TopBuffer:
     def update(self, x: torch.Tensor) -> None:
         if self.floor is not None:
             x = x[x > self.floor]  # equal values cannot change the kept multiset
-        elif x._base is not None or x.numel() > self.capacity:
-            x = x.clone()  # never keep a view that would hold a whole activation alive
+        else:
+            x = self._first_cut(x)
         if x.numel() == 0:
             return
         self.parts.append(x)
         self.size += x.numel()
         if self.size > 2 * self.capacity:
             self.compact()
+
+    def _first_cut(self, x: torch.Tensor) -> torch.Tensor:
+        """Before any floor exists: cut a chunk much larger than the buffer without a full topk.
+
+        A value v taken from a strided subsample is a valid floor as soon as at least `capacity`
+        elements exceed it (none at or below v can then be among the largest `capacity`).
+        """
+        n, k = x.numel(), self.capacity
+        step = n // (32 * k)
+        if step >= 2:
+            sample = x[::step]
+            v = torch.topk(sample, min(sample.numel(), 2 * k // step + 1), sorted=False).values.min()
+            kept = x[x > v]
+            if kept.numel() >= k:
+                self.floor = v
+                return kept
+        return x.clone() if x._base is not None or n > k else x  # never keep a view of a whole activation
 
     def compact(self) -> torch.Tensor:
         if not self.parts:
@@ -70,10 +87,11 @@ class _TopBuffer:
 
     def kth_largest(self, k: int) -> float:
         """The k-th largest value (1-based) of everything seen."""
-        values = self.compact()
+        values = torch.cat(self.parts) if self.parts else torch.empty(0)
         if k > values.numel():
             raise RuntimeError(f"order statistic needs {k} values, buffer holds {values.numel()}")
-        return float(torch.topk(values, k, sorted=True).values[-1].item())
+        # Selection, not sorting: the (n - k + 1)-th smallest is the k-th largest.
+        return float(torch.kthvalue(values.cpu(), values.numel() - k + 1).values.item())
 
     def state(self) -> torch.Tensor:
         return self.compact().cpu()
