@@ -217,8 +217,8 @@ def profile_model(model, sequences: list[list[int]], pad_id: int, batch_size: in
             bad = profiler.first_non_finite()
             if bad is not None:
                 profiler.valid = None
-                with _suspended(profiler):
-                    sample = _locate_non_finite(model, profiler, *bad, batch, sequences, pad_id, device)
+                profiler.__exit__()  # the diagnostic re-run must not feed the statistics
+                sample = _locate_non_finite(model, profiler, *bad, batch, sequences, pad_id, device)
                 raise PipelineError(f"non-finite activation (NaN or Inf) in layer '{bad[0]}' {bad[1]} for calibration "
                                     f"sample {sample}; try dtype: float32 or check the model weights")
             bar.update(len(batch))
@@ -228,19 +228,6 @@ def profile_model(model, sequences: list[list[int]], pad_id: int, batch_size: in
                 after_batch(b + 1)
     bar.close()
     return assemble_act_scales(profiler, names, total_tokens, len(sequences))
-
-
-class _suspended:
-    """Temporarily remove the profiler's hooks (for the diagnostic re-run)."""
-
-    def __init__(self, profiler):
-        self.profiler = profiler
-
-    def __enter__(self):
-        self.profiler.__exit__()
-
-    def __exit__(self, *exc):
-        pass
 
 
 def assemble_act_scales(profiler: ActivationProfiler, names: list[str], total_tokens: int, num_samples: int) -> dict:
