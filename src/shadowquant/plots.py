@@ -38,6 +38,17 @@ DPI = 120
 
 # ----------------------------------------------------------------------------- inputs
 
+def _read_csv(path: Path, what: str):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: {what} not found") from None
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path}: {what} is empty") from None
+
+
 def _read_json(path: str | Path, what: str) -> dict:
     path = Path(path)
     try:
@@ -57,12 +68,7 @@ def load_sweep(path: str | Path):
     import pandas as pd
 
     path = Path(path)
-    try:
-        table = pd.read_csv(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: sweep table not found") from None
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path}: sweep table is empty") from None
+    table = _read_csv(path, "sweep table")
     missing = [c for c in SWEEP_REQUIRED if c not in table.columns]
     if missing:
         raise PipelineError(f"{path}: missing column(s) {', '.join(missing)}; expected at least "
@@ -502,15 +508,9 @@ def write_table_html(csv_path: str | Path, out_html: str | Path, title: str, flo
     """A CSV as a standalone HTML table: the Snakemake report shows HTML inline but offers CSV only as a download."""
     import html
 
-    import pandas as pd
-
     path = Path(csv_path)
-    try:
-        table = pd.read_csv(path)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: table not found") from None
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path}: table is empty") from None
+    table = _read_csv(path, "table")
+
     def number(value: float) -> str:
         # Counts and thresholds read as written in the config (10000000, not 1e+07).
         if value.is_integer() and abs(value) < 1e15:
