@@ -14,6 +14,37 @@ QUANTILE = 0.999
 CHUNK_ELEMENTS = 1 << 20
 
 
+_MASKS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _masks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two reusable boolean buffers shaped like `x`: hooks run one at a time, and reusing them
+    avoids a fresh allocation (and its page faults) for every chunk of every layer."""
+    bufs = _MASKS.get(x.device)
+    if bufs is None or bufs[0].numel() < x.numel():
+        size = max(x.numel(), CHUNK_ELEMENTS)
+        bufs = _MASKS[x.device] = (torch.empty(size, dtype=torch.bool, device=x.device),
+                                   torch.empty(size, dtype=torch.bool, device=x.device))
+    n = x.numel()
+    return bufs[0][:n], bufs[1][:n]
+
+
+def above(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Elements of 1-D `x` greater than `floor`."""
+    mask, _ = _masks(x)
+    torch.gt(x, floor, out=mask)
+    return x[mask]
+
+
+def abs_above(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """|x| for the elements of 1-D `x` with |x| > floor, without materializing |x|."""
+    mask, other = _masks(x)
+    torch.gt(x, floor, out=mask)
+    torch.lt(x, -floor, out=other)
+    torch.logical_or(mask, other, out=mask)
+    return x[mask].abs()
+
+
 def order_index(n: int) -> int:
     """Ascending index of the reference's `top_0_1` among n elements (Python indexing)."""
     idx = int(n * QUANTILE) - 1
@@ -46,7 +77,7 @@ class _TopBuffer:
 
     def update(self, x: torch.Tensor) -> None:
         if self.floor is not None:
-            x = x[x > self.floor]  # equal values cannot change the kept multiset
+            x = above(x, self.floor)  # equal values cannot change the kept multiset
         else:
             x = self._first_cut(x)
         if x.numel() == 0:
@@ -133,14 +164,18 @@ class SideStats:
             return
         if self.n + nb > self.max_elements:
             raise RuntimeError(f"received {self.n + nb} elements, more than the {self.max_elements} planned")
-        # Moments about the chunk's own mean (no cancellation), with fast float32 kernels
-        # (pairwise sum, BLAS dot); chunks are merged in float64 with Chan's formula.
-        shift = x.sum() / nb
-        centered = x - shift
-        s1 = centered.sum().double()
-        batch_mean = shift.double() + s1 / nb
-        batch_m2 = torch.dot(centered, centered).double() - s1 * s1 / nb
-        del centered
+        # Moments with fast float32 kernels (pairwise sum, BLAS dot) and no temporaries; chunks are
+        # merged in float64 with Chan's formula. Where the mean dwarfs the spread the raw second
+        # moment would cancel, so such chunks (rare in activations) are centred first.
+        total = x.sum().double()
+        batch_mean = total / nb
+        batch_m2 = torch.dot(x, x).double() - total * batch_mean
+        if x.device.type != "cpu" or bool(batch_m2 < 1e-3 * batch_mean * batch_mean * nb):
+            centered = x - batch_mean.float()
+            s1 = centered.sum().double()
+            batch_mean = batch_mean + s1 / nb
+            batch_m2 = torch.dot(centered, centered).double() - s1 * s1 / nb
+            del centered
         delta = batch_mean - self.mean
         n_old = self.n
         self.n += nb
@@ -154,8 +189,12 @@ class SideStats:
         # Skip the candidate search when nothing in the chunk can enter a full buffer.
         if self.signed.floor is None or bool(hi > self.signed.floor):
             self.signed.update(x)
-        if self.absolute.floor is None or bool(abs_hi > self.absolute.floor):
+        floor = self.absolute.floor
+        if floor is None:
             self.absolute.update(x.abs())
+        elif bool(abs_hi > floor):
+            # |x| > f without materializing |x| for the whole chunk.
+            self.absolute.update(abs_above(x, floor))
 
     def is_finite(self) -> bool:
         return bool(self.finite.item())
