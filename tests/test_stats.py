@@ -120,3 +120,13 @@ def test_large_offset_keeps_std_accurate():
     ref = reference_statistics(torch.cat(chunks))
     assert res["std"] == pytest.approx(ref["std"], rel=1e-3)
     assert res["mean"] == pytest.approx(ref["mean"], rel=1e-9)
+
+
+def test_works_inside_and_outside_inference_mode():
+    # The reused mask buffers must not leak inference tensors into normal mode (or back).
+    g = torch.Generator().manual_seed(6)
+    chunks = [torch.randn(50_000, generator=g) for _ in range(4)]
+    with torch.inference_mode():
+        inside = _stream(chunks)
+    _check(_stream(chunks), reference_statistics(torch.cat(chunks)))
+    assert inside == _stream(chunks)

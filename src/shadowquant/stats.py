@@ -14,16 +14,18 @@ QUANTILE = 0.999
 CHUNK_ELEMENTS = 1 << 20
 
 
-_MASKS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_MASKS: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _masks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two reusable boolean buffers shaped like `x`: hooks run one at a time, and reusing them
     avoids a fresh allocation (and its page faults) for every chunk of every layer."""
-    bufs = _MASKS.get(x.device)
+    # Tensors made in inference mode cannot be written outside it (and vice versa): one pair each.
+    key = (x.device, torch.is_inference_mode_enabled())
+    bufs = _MASKS.get(key)
     if bufs is None or bufs[0].numel() < x.numel():
         size = max(x.numel(), CHUNK_ELEMENTS)
-        bufs = _MASKS[x.device] = (torch.empty(size, dtype=torch.bool, device=x.device),
+        bufs = _MASKS[key] = (torch.empty(size, dtype=torch.bool, device=x.device),
                                    torch.empty(size, dtype=torch.bool, device=x.device))
     n = x.numel()
     return bufs[0][:n], bufs[1][:n]
