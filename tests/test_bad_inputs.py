@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from shadowquant import stages
 from shadowquant.errors import PipelineError
-from workflow_helpers import snakemake, write_config
+from workflow_helpers import apply_overrides, snakemake, write_config
 
 NAME = "bad"
 
@@ -55,13 +55,7 @@ class Inputs:
                             "checkpoint_every": 0},
             "device": "cpu",
         }
-        for key, value in overrides.items():
-            section, _, leaf = key.partition(".")
-            if leaf:
-                cfg.setdefault(section, {})[leaf] = value
-            else:
-                cfg[section] = value
-        return cfg
+        return apply_overrides(cfg, overrides)
 
 
 @dataclass
@@ -199,12 +193,6 @@ def bert_model(inputs: Inputs) -> Path:
 
     return foreign_model(inputs, transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                         intermediate_size=64, vocab_size=320))
-
-
-def copy_model(inputs: Inputs, name: str) -> Path:
-    target = inputs.tmp / name
-    shutil.copytree(inputs.model_dir, target)
-    return target
 
 
 def without(inputs: Inputs, filename: str) -> Path:

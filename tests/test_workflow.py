@@ -10,7 +10,7 @@ from safetensors import safe_open
 from shadowquant.families import FAMILIES
 from shadowquant.inspector import main as inspect_main
 from shadowquant.mllm import DTYPE_INT8, read_mllm
-from workflow_helpers import planned_jobs, snakemake, write_config
+from workflow_helpers import apply_overrides, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +25,7 @@ def _config(model_dir, corpus, name, **overrides):
         "evaluation": {"num_samples": 8, "seq_len": 24, "max_new_tokens": 4, "prompts": ["The list"]},
         "device": "cpu",
     }
-    for key, value in overrides.items():
-        section, _, leaf = key.partition(".")
-        if leaf:
-            cfg.setdefault(section, {})[leaf] = value
-        else:
-            cfg[section] = value
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -14,6 +14,17 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 
+def apply_overrides(cfg: dict, overrides: dict) -> dict:
+    """Set `section.key=value` (or top-level `key=value`) overrides on a config dict."""
+    for key, value in overrides.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            cfg.setdefault(section, {})[leaf] = value
+        else:
+            cfg[section] = value
+    return cfg
+
+
 def write_config(workdir: Path, config: dict, name: str = "test-config.yaml") -> Path:
     path = workdir / name
     path.write_text(yaml.safe_dump(config))
