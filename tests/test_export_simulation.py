@@ -10,7 +10,8 @@ from shadowquant.export import int8_state_dict
 from shadowquant.fakequant import W8A8Linear, apply_w8a8, dequantized_linear_from_export
 from shadowquant.families import quantized_layer_names
 from shadowquant.models import load_model
-from shadowquant.profiling import linear_names, profile_model, tokenize_samples
+from shadowquant.families import linear_layer_names as linear_names
+from shadowquant.profiling import profile_model, tokenize_samples
 
 
 def _model_from_export(model, export: dict, names: list[str]):

@@ -7,7 +7,8 @@ import torch
 
 from shadowquant.errors import PipelineError
 from shadowquant.models import load_model
-from shadowquant.profiling import Checkpoint, linear_names, profile_model, tokenize_samples
+from shadowquant.families import linear_layer_names as linear_names
+from shadowquant.profiling import Checkpoint, profile_model, tokenize_samples
 from shadowquant.stats import reference_statistics
 
 

@@ -294,10 +294,7 @@ def plot_sweep_vs_threshold(sweep_csv: str | Path, selection_json: str | Path | 
             if "num_shadow_sides" in points.columns else []
         if len(sides) and (sides == 0).all():
             sentinel_label += "\n(no shadow)"
-    metrics = _panel_metrics(table, selection)
-    fig = _new_figure(6.2 * len(metrics), 4.8)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    selected = _selected_row(table, selection, sweep_csv, selection_json) if selection is not None else None
+    metrics, fig, axes, selected = _sweep_panels(table, selection, sweep_csv, selection_json)
     for ax, metric in zip(axes, metrics):
         for index, (statistic, group) in enumerate(points.groupby("statistic", sort=True)):
             group = group.sort_values("threshold")
@@ -314,6 +311,15 @@ def plot_sweep_vs_threshold(sweep_csv: str | Path, selection_json: str | Path | 
     fig.suptitle(_suptitle(table), fontsize=10)
     _shared_legend(fig, axes)
     _save(fig, out_png)
+
+
+def _sweep_panels(table, selection, sweep_csv, selection_json):
+    """One panel per metric in a row, and the selected sweep row (None without a selection)."""
+    metrics = _panel_metrics(table, selection)
+    fig = _new_figure(6.2 * len(metrics), 4.8)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    selected = _selected_row(table, selection, sweep_csv, selection_json) if selection is not None else None
+    return metrics, fig, axes, selected
 
 
 def _suptitle(table) -> str:
@@ -336,10 +342,7 @@ def plot_sweep_vs_shadow(sweep_csv: str | Path, selection_json: str | Path | Non
     points = table[(table["statistic"] != "float") & table["num_shadow_sides"].notna()]
     if points.empty:
         raise PipelineError(f"{sweep_csv}: no sweep point has num_shadow_sides")
-    metrics = _panel_metrics(table, selection)
-    fig = _new_figure(6.2 * len(metrics), 4.8)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    selected = _selected_row(table, selection, sweep_csv, selection_json) if selection is not None else None
+    metrics, fig, axes, selected = _sweep_panels(table, selection, sweep_csv, selection_json)
     for ax, metric in zip(axes, metrics):
         for index, (statistic, group) in enumerate(points.groupby("statistic", sort=True)):
             group = group.sort_values(["num_shadow_sides", "threshold"])

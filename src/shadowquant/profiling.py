@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.errors import PipelineError
+from shadowquant.families import linear_layer_names
 from shadowquant.stats import SideStats
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,6 @@ def collate(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids.to(device), mask.to(device)
-
-
-def linear_names(model) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
 class ActivationProfiler:
@@ -194,7 +191,7 @@ def profile_model(model, sequences: list[list[int]], pad_id: int, batch_size: in
     `after_batch(batches_done)` is called after each batch (used by tests to interrupt a run).
     """
     device = next(model.parameters()).device
-    names = layer_names or linear_names(model)
+    names = layer_names or linear_layer_names(model)
     total_tokens = sum(len(s) for s in sequences)
     batches = plan_batches([len(s) for s in sequences], batch_size)
     profiler = ActivationProfiler(model, names, total_tokens, device)

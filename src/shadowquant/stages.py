@@ -66,9 +66,8 @@ def select_samples(corpus_path: str | Path, out: str | Path, num_samples: int, o
     if shuffle:
         texts = corpus.prepare_samples(corpus_path, num_samples, seed=42, offset=offset, what=what)
     else:
+        # select_records names the first missing index when the file is too short.
         texts = corpus.select_records(corpus_path, list(range(offset, offset + num_samples)))
-        if len(texts) < num_samples:
-            raise PipelineError(f"{corpus_path}: has {len(texts)} records, fewer than {what}.num_samples = {num_samples}")
     corpus.write_jsonl(out, texts)
 
 
@@ -81,7 +80,8 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
     from shadowquant import corpus
     from shadowquant.download import sha256_file
     from shadowquant.models import load_model
-    from shadowquant.profiling import Checkpoint, act_scales_table, linear_names, profile_model, tokenize_samples
+    from shadowquant.families import linear_layer_names
+    from shadowquant.profiling import Checkpoint, act_scales_table, profile_model, tokenize_samples
 
     info = read_manifest(manifest)
     texts = corpus.read_jsonl_texts(samples)
@@ -101,7 +101,7 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
             "dtype": str(next(model.parameters()).dtype), "device": next(model.parameters()).device.type,
         }
         checkpoint = Checkpoint(checkpoint_dir, fingerprint)
-    names = linear_names(model)
+    names = linear_layer_names(model)
     log.info("profiling %d Linear layers on %d samples (%d tokens), batch size %d, %s on %s", len(names),
              len(sequences), sum(map(len, sequences)), batch_size, next(model.parameters()).dtype,
              next(model.parameters()).device)
@@ -145,14 +145,14 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, statis
     from shadowquant.decision import decide as decide_layers, load_act_scales, summarize
     from shadowquant.export import int8_state_dict, save_export
     from shadowquant.models import load_model
-    from shadowquant.profiling import linear_names
+    from shadowquant.families import linear_layer_names
     from shadowquant.sweep import resolve_export_pair
 
     statistic, threshold = resolve_export_pair(statistic, threshold, selection)
     info = read_manifest(manifest)
     model, _, family = load_model(info["path"], device="cpu", dtype=_checkpoint_dtype(info["path"]),
                                   trust_remote_code=info.get("trust_remote_code", False), family=info.get("family"))
-    names = linear_names(model)
+    names = linear_layer_names(model)
     decisions = decide_layers(load_act_scales(act_scales), threshold, statistic, layers=names, source=str(act_scales))
     tensors = int8_state_dict(model.state_dict(), decisions, names)
     meta = {"format": "shadowquant-int8", "family": family, "threshold": threshold_label(threshold),
