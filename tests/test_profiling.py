@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from shadowquant.errors import PipelineError
-from shadowquant.models import load_model
+from shadowquant.families import FAMILIES
 from shadowquant.families import linear_layer_names as linear_names
-from shadowquant.profiling import Checkpoint, profile_model, tokenize_samples
+from shadowquant.models import load_model
+from shadowquant.profiling import ActivationProfiler, Checkpoint, profile_model, tokenize_samples
 from shadowquant.stats import reference_statistics
 
 
@@ -50,12 +51,7 @@ def _reference_act_scales(model, sequences):
     return {n: {s: reference_statistics(torch.cat(v[s])) for s in v} for n, v in store.items()}
 
 
-def test_unbatched_profile_equals_reference_exactly(llama, sequences):
-    model, tok = llama
-    ours = profile_model(model, sequences, tok.pad_token_id, batch_size=1, progress=False)
-    ref = _reference_act_scales(model, sequences)
-    assert set(ours["ori"]) == set(ref) == set(linear_names(model))
-    assert "lm_head" in ours["ori"]
+def _assert_matches_reference(ours, ref):
     for name, sides in ref.items():
         for side, r in sides.items():
             assert ours["ori"][name][side] == r["ori"]
@@ -66,6 +62,28 @@ def test_unbatched_profile_equals_reference_exactly(llama, sequences):
             stat = ours["all_stat"][name][side]
             assert stat["mean"] == pytest.approx(r["mean"], abs=1e-6 * r["std"] + 1e-12)
             assert stat["std"] == pytest.approx(r["std"], rel=1e-5)
+
+
+def test_unbatched_profile_equals_reference_exactly(llama, sequences):
+    model, tok = llama
+    ours = profile_model(model, sequences, tok.pad_token_id, batch_size=1, progress=False)
+    ref = _reference_act_scales(model, sequences)
+    assert set(ours["ori"]) == set(ref) == set(linear_names(model))
+    assert "lm_head" in ours["ori"]
+    _assert_matches_reference(ours, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_matches_reference_with_shared_inputs(family, tiny_model_dir, tiny_text_corpus):
+    """Linears reading one tensor (q/k/v, gate/up, an expert's w1/w3) share their input statistics;
+    each must still equal the reference computed from its own hook."""
+    model, tok, _ = load_model(tiny_model_dir(family), device="cpu", dtype="float32")
+    texts = [json.loads(line)["text"][:200] for line in tiny_text_corpus.read_text().splitlines()[:4]]
+    seqs = tokenize_samples(tok, texts, seq_len=32)
+    ours = profile_model(model, seqs, tok.pad_token_id if tok.pad_token_id is not None else 0, batch_size=1,
+                         progress=False)
+    assert set(ours["ori"]) == set(linear_names(model))
+    _assert_matches_reference(ours, _reference_act_scales(model, seqs))
 
 
 def test_batched_with_padding_matches_unbatched(llama, sequences):
@@ -128,3 +146,17 @@ def test_non_finite_activation_names_layer_and_sample(llama, sequences):
             profile_model(model, sequences, tok.pad_token_id, batch_size=1, progress=False)
     finally:
         handle.remove()
+
+
+def test_projections_reading_one_tensor_share_input_statistics(llama, sequences):
+    model, tok = llama
+    profiler = ActivationProfiler(model, linear_names(model), sum(map(len, sequences)), "cpu")
+    with torch.inference_mode(), profiler:
+        model(input_ids=torch.tensor([sequences[0]]), use_cache=False)
+    shared = {name: owner for name, owner in profiler.input_owner.items() if owner != name}
+    assert shared == {
+        **{f"model.layers.{i}.self_attn.{p}_proj": f"model.layers.{i}.self_attn.q_proj" for i in (0, 1) for p in "kv"},
+        **{f"model.layers.{i}.mlp.up_proj": f"model.layers.{i}.mlp.gate_proj" for i in (0, 1)},
+    }
+    assert profiler.stats["model.layers.0.self_attn.k_proj"]["input"] is profiler.stats[
+        "model.layers.0.self_attn.q_proj"]["input"]

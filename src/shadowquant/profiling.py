@@ -49,8 +49,20 @@ def collate(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors have none (nothing in a forward pass
+    modifies an activation in place after a Linear has read it)."""
+    return 0 if t.is_inference() else t._version
+
+
 class ActivationProfiler:
-    """Forward hooks feeding every observed Linear's input and output into SideStats."""
+    """Forward hooks feeding every observed Linear's input and output into SideStats.
+
+    Linears that read the very same input tensor (q/k/v projections, gate/up projections,
+    an expert's w1/w3) share one input SideStats: the second and third pass over identical
+    data would add nothing but time. Sharing is decided on a layer's first call and checked
+    on every later one.
+    """
 
     def __init__(self, model, layer_names: list[str], total_tokens: int, device):
         self.model = model
@@ -67,6 +79,11 @@ class ActivationProfiler:
                 "output": SideStats(total_tokens * mod.out_features, device),
             }
         self.valid: torch.Tensor | None = None  # [batch, seq] bool mask of the current batch
+        self.input_owner: dict[str, str] = {}  # layer -> layer whose input SideStats it uses (itself if own)
+        self._input_calls: dict[str, int] = {}
+        self._last_input: torch.Tensor | None = None  # held, so no other tensor can take its identity
+        self._last_version = -1
+        self._last_owner = ""
         self._handles = []
 
     def _select(self, t: torch.Tensor) -> torch.Tensor:
@@ -75,14 +92,37 @@ class ActivationProfiler:
             return t[valid]
         return t
 
+    def _record_input(self, name: str, x: torch.Tensor) -> None:
+        same = x is self._last_input and _version(x) == self._last_version
+        calls = self._input_calls.get(name, 0)
+        owner = self.input_owner.get(name)
+        if owner is None:
+            # Share only from the owner's first call on, so both have seen exactly the same inputs.
+            share = same and self._input_calls[self._last_owner] == 1
+            owner = self.input_owner[name] = self._last_owner if share else name
+            if share:
+                self.stats[name]["input"] = self.stats[owner]["input"]
+        self._input_calls[name] = calls + 1
+        if owner != name:
+            if not (same and self._last_owner == owner and self._input_calls[owner] == calls + 1):
+                raise RuntimeError(f"layer '{name}' shared the input of '{owner}' on its first call but not on "
+                                   f"call {calls + 1}; profiling expects the same graph for every batch")
+            return
+        self.stats[name]["input"].update(self._select(x))
+        self._last_input, self._last_version, self._last_owner = x, _version(x), name
+
     def _hook(self, name: str):
-        stats = self.stats[name]
+        output_stats = self.stats[name]["output"]
 
         def hook(module, args, output):
-            stats["input"].update(self._select(args[0]))
-            stats["output"].update(self._select(output))
+            self._record_input(name, args[0])
+            output_stats.update(self._select(output))
 
         return hook
+
+    def end_batch(self) -> None:
+        """Let go of the last input tensor (the batch's activations can be freed)."""
+        self._last_input, self._last_version, self._last_owner = None, -1, ""
 
     def __enter__(self):
         for name, mod in self.layers.items():
@@ -102,20 +142,31 @@ class ActivationProfiler:
         return None
 
     # --- checkpoint state ---
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, scalars = {}, {}
+        shared = {name: owner for name, owner in self.input_owner.items() if owner != name}
         for name, sides in self.stats.items():
             for side in SIDES:
+                if side == "input" and name in shared:
+                    continue  # saved once, under its owner
                 t, s = sides[side].state(f"{name}.{side}")
                 tensors.update(t)
                 scalars[f"{name}.{side}"] = s["n"]
+        scalars["shared_inputs"] = shared
         return tensors, scalars
 
     def load_state(self, tensors, scalars) -> None:
+        shared = scalars.get("shared_inputs", {})
         for name, sides in self.stats.items():
             for side in SIDES:
+                if side == "input" and name in shared:
+                    continue
                 key = f"{name}.{side}"
                 sides[side].load_state(key, tensors, {"n": scalars[key]})
+        for name, owner in shared.items():
+            self.stats[name]["input"] = self.stats[owner]["input"]
+            self.input_owner[name] = owner
+            self.input_owner.setdefault(owner, owner)
 
 
 class Checkpoint:
@@ -211,6 +262,7 @@ def profile_model(model, sequences: list[list[int]], pad_id: int, batch_size: in
             ids, mask = collate([sequences[i] for i in batch], pad_id, device)
             profiler.valid = mask.bool() if not bool(mask.all()) else None
             model(input_ids=ids, attention_mask=mask, use_cache=False)
+            profiler.end_batch()
             bad = profiler.first_non_finite()
             if bad is not None:
                 profiler.valid = None

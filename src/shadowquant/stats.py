@@ -7,11 +7,24 @@ order statistic can need, on the device where the activations live.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 QUANTILE = 0.999
 # Large activations (e.g. lm_head logits) are processed in pieces to bound temporaries.
 CHUNK_ELEMENTS = 1 << 20
+# Candidate search granularity: few blocks of an activation hold elements above a top-0.1 % floor.
+BLOCK = 64
+# Past this share of blocks over the floor (early on, when the floor is still low), a full pass is cheaper.
+DENSE_BLOCK_FRACTION = 0.5
+# The first cut uses block maxima when there are this many blocks per kept value, else a sample.
+FIRST_CUT_BLOCKS = 8
+# A sampled cut aims at this many times the values needed (the slack absorbs sampling error) ...
+CUT_SLACK = 1.125
+# ... from a sample in which the cut has at least this rank.
+MIN_SAMPLE_RANK = 256
 
 
 _MASKS: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -31,20 +44,65 @@ def _masks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bufs[0][:n], bufs[1][:n]
 
 
-def above(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+def above(x: torch.Tensor, floor: float) -> torch.Tensor:
     """Elements of 1-D `x` greater than `floor`."""
     mask, _ = _masks(x)
     torch.gt(x, floor, out=mask)
     return x[mask]
 
 
-def abs_above(x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+def abs_above(x: torch.Tensor, floor: float) -> torch.Tensor:
     """|x| for the elements of 1-D `x` with |x| > floor, without materializing |x|."""
     mask, other = _masks(x)
     torch.gt(x, floor, out=mask)
     torch.lt(x, -floor, out=other)
     torch.logical_or(mask, other, out=mask)
     return x[mask].abs()
+
+
+class _Chunk:
+    """A 1-D chunk seen as [blocks, BLOCK] plus a short tail, with per-block extrema.
+
+    Computing the extrema is one cheap pass; afterwards a compare-and-gather against a floor
+    only reads the few blocks whose maximum exceeds it.
+    """
+
+    def __init__(self, x: torch.Tensor):
+        full = x.numel() - x.numel() % BLOCK
+        self.x, self.body, self.tail = x, x[:full].view(-1, BLOCK), x[full:]
+        self.block_max, self.block_min = self.body.amax(1), self.body.amin(1)
+        if self.tail.numel():  # the tail is one more (short) block
+            tail_min, tail_max = torch.aminmax(self.tail)
+            self.block_max = torch.cat((self.block_max, tail_max.view(1)))
+            self.block_min = torch.cat((self.block_min, tail_min.view(1)))
+        self._block_abs_max: torch.Tensor | None = None
+
+    def block_maxima(self, absolute: bool) -> torch.Tensor:
+        if not absolute:
+            return self.block_max
+        if self._block_abs_max is None:
+            self._block_abs_max = torch.maximum(self.block_max, self.block_min.neg())
+        return self._block_abs_max
+
+    def values(self, absolute: bool) -> torch.Tensor:
+        """All elements (|x| if `absolute`) as a new tensor: never a view of a whole activation."""
+        return self.x.abs() if absolute else self.x.clone()
+
+    def above(self, floor: float, absolute: bool) -> torch.Tensor:
+        """Elements (|x| if `absolute`) greater than `floor`."""
+        block_max = self.block_maxima(absolute)
+        rows = (block_max > floor).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return self.x[:0]
+        if rows.numel() > DENSE_BLOCK_FRACTION * block_max.numel():
+            return abs_above(self.x, floor) if absolute else above(self.x, floor)  # one full pass is cheaper
+        if self.tail.numel() and bool(rows[-1] == self.body.shape[0]):  # rows ascend: the tail comes last
+            picked = torch.cat((self.body.index_select(0, rows[:-1]).reshape(-1), self.tail))
+        else:
+            picked = self.body.index_select(0, rows).reshape(-1)
+        if absolute:
+            picked = picked.abs()
+        return picked[picked > floor]
 
 
 def order_index(n: int) -> int:
@@ -63,57 +121,92 @@ def buffer_capacity(max_elements: int) -> int:
     return top_count(max_elements) + 1
 
 
-class _TopBuffer:
-    """The `capacity` largest values seen so far (unordered).
+@functools.lru_cache(maxsize=None)
+def _prime_at_least(m: int) -> int:
+    n = max(2, m)
+    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
+        n += 1
+    return n
 
-    Candidates above the current floor are appended and only compacted (one topk) once
-    they reach twice the capacity, so the cost of a selection is amortized over many
-    chunks; memory stays within about twice the exact order statistic's need.
+
+def estimated_cut(values: torch.Tensor, k: int, absolute: bool) -> float | None:
+    """A value about CUT_SLACK * k of `values` (|values| if `absolute`) exceed, from an evenly
+    strided sample (a prime stride, so it does not follow a channel layout); None if `values`
+    hold no more than that many. Callers check the count: the estimate carries no guarantee."""
+    target = math.ceil(CUT_SLACK * k)
+    if values.numel() <= target:
+        return None
+    stride = _prime_at_least(target // MIN_SAMPLE_RANK) if target >= 2 * MIN_SAMPLE_RANK else 1
+    sample = values[::stride]
+    if absolute:
+        sample = sample.abs()
+    return float(torch.topk(sample, math.ceil(target / stride), sorted=False).values.min())
+
+
+class _TopBuffer:
+    """At least the `capacity` largest values (or absolute values) seen so far, unordered.
+
+    It holds every value seen above its floor. Offers are appended and compacted once they
+    reach twice the capacity, so the cost of a selection is amortized over many chunks; a
+    compaction cuts at a sampled estimate (one compare instead of a large topk) and keeps
+    about CUT_SLACK times the capacity. Memory stays within about twice the exact need.
     """
 
-    def __init__(self, capacity: int, device: torch.device):
+    def __init__(self, capacity: int, absolute: bool):
         self.capacity = capacity
+        self.absolute = absolute
         self.parts: list[torch.Tensor] = []
         self.size = 0
-        self.floor: torch.Tensor | None = None  # a value no smaller than the floor of the top `capacity`
+        # At most the capacity-th largest value seen: values at or below it cannot change the
+        # kept multiset (equal values are interchangeable). None until `capacity` values are held.
+        self.floor: float | None = None
 
-    def update(self, x: torch.Tensor) -> None:
-        if self.floor is not None:
-            x = above(x, self.floor)  # equal values cannot change the kept multiset
+    def offer(self, chunk: _Chunk) -> None:
+        if self.floor is None:
+            self._first_offer(chunk)
         else:
-            x = self._first_cut(x)
-        if x.numel() == 0:
+            self.add(chunk.above(self.floor, self.absolute))
+
+    def _first_offer(self, chunk: _Chunk) -> None:
+        """Before the buffer is full: a cut that at least `capacity` elements of the chunk exceed is a
+        valid floor. With many blocks per capacity the capacity-th largest block maximum is cheap and
+        close; otherwise a sampled estimate. If too few exceed the cut (ties), keep everything."""
+        block_max = chunk.block_maxima(self.absolute)
+        if self.capacity * FIRST_CUT_BLOCKS <= block_max.numel():
+            cut = float(torch.topk(block_max, self.capacity, sorted=False).values.min())
+        else:
+            cut = estimated_cut(chunk.x, self.capacity, self.absolute)
+        if cut is not None:
+            kept = chunk.above(cut, self.absolute)
+            if kept.numel() >= self.capacity:
+                self.floor = cut
+                self.add(kept)
+                return
+        self.add(chunk.values(self.absolute))
+
+    def add(self, values: torch.Tensor) -> None:
+        """Keep `values`, which hold every offered value above the floor."""
+        if values.numel() == 0:
             return
-        self.parts.append(x)
-        self.size += x.numel()
+        self.parts.append(values)
+        self.size += values.numel()
         if self.size > 2 * self.capacity:
             self.compact()
-
-    def _first_cut(self, x: torch.Tensor) -> torch.Tensor:
-        """Before any floor exists: cut a chunk much larger than the buffer without a full topk.
-
-        A value v taken from a strided subsample is a valid floor as soon as at least `capacity`
-        elements exceed it (none at or below v can then be among the largest `capacity`).
-        """
-        n, k = x.numel(), self.capacity
-        step = n // (32 * k)
-        if step >= 2:
-            sample = x[::step]
-            v = torch.topk(sample, min(sample.numel(), 2 * k // step + 1), sorted=False).values.min()
-            kept = x[x > v]
-            if kept.numel() >= k:
-                self.floor = v
-                return kept
-        return x.clone() if x._base is not None or n > k else x  # never keep a view of a whole activation
 
     def compact(self) -> torch.Tensor:
         if not self.parts:
             return torch.empty(0)
         merged = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
         if merged.numel() > self.capacity:
-            merged = torch.topk(merged, self.capacity, sorted=False).values
-        if merged.numel() >= self.capacity:
-            self.floor = merged.min()
+            cut = estimated_cut(merged, self.capacity, absolute=False)
+            kept = merged[merged > cut] if cut is not None else merged
+            if self.capacity <= kept.numel() <= 1.5 * self.capacity:
+                merged, self.floor = kept, cut
+            else:  # no estimate, or a poor one: exact selection
+                merged = torch.topk(merged, self.capacity, sorted=False).values
+                self.floor = float(merged.min())
+        elif merged.numel() == self.capacity:
+            self.floor = float(merged.min())
         self.parts = [merged]
         self.size = merged.numel()
         return merged
@@ -133,24 +226,28 @@ class _TopBuffer:
         values = values.to(device)
         self.parts = [values] if values.numel() else []
         self.size = values.numel()
-        self.floor = values.min() if values.numel() >= self.capacity else None
+        self.floor = float(values.min()) if values.numel() >= self.capacity else None
 
 
 class SideStats:
-    """Streaming statistics of one side (input or output) of one Linear."""
+    """Streaming statistics of one side (input or output) of one Linear.
+
+    Moments and extrema are kept as Python floats (IEEE double): merging them costs no tensor
+    operations, and one host transfer per chunk brings the chunk's four reductions over.
+    """
 
     def __init__(self, max_elements: int, device: torch.device | str = "cpu"):
-        device = torch.device(device)
+        self.device = torch.device(device)
         self.max_elements = max_elements
         self.n = 0
         capacity = buffer_capacity(max_elements)
-        self.signed = _TopBuffer(capacity, device)
-        self.absolute = _TopBuffer(capacity, device)
-        self.mean = torch.zeros((), dtype=torch.float64, device=device)
-        self.m2 = torch.zeros((), dtype=torch.float64, device=device)
-        self.maximum = torch.tensor(float("-inf"), dtype=torch.float32, device=device)
-        self.abs_maximum = torch.tensor(0.0, dtype=torch.float32, device=device)
-        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.signed = _TopBuffer(capacity, absolute=False)
+        self.absolute = _TopBuffer(capacity, absolute=True)
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.maximum = -math.inf
+        self.abs_maximum = 0.0
+        self.finite = True
 
     def update(self, x: torch.Tensor) -> None:
         """Add the elements of `x` (any shape, already restricted to valid positions)."""
@@ -166,40 +263,33 @@ class SideStats:
             return
         if self.n + nb > self.max_elements:
             raise RuntimeError(f"received {self.n + nb} elements, more than the {self.max_elements} planned")
+        chunk = _Chunk(x)
         # Moments with fast float32 kernels (pairwise sum, BLAS dot) and no temporaries; chunks are
-        # merged in float64 with Chan's formula. Where the mean dwarfs the spread the raw second
-        # moment would cancel, so such chunks (rare in activations) are centred first.
-        total = x.sum().double()
+        # merged in double precision with Chan's formula.
+        total, square, hi, lo = torch.stack((x.sum(), torch.dot(x, x), chunk.block_max.max(),
+                                             chunk.block_min.min())).tolist()
         batch_mean = total / nb
-        batch_m2 = torch.dot(x, x).double() - total * batch_mean
-        if x.device.type != "cpu" or bool(batch_m2 < 1e-3 * batch_mean * batch_mean * nb):
-            centered = x - batch_mean.float()
-            s1 = centered.sum().double()
-            batch_mean = batch_mean + s1 / nb
-            batch_m2 = torch.dot(centered, centered).double() - s1 * s1 / nb
+        batch_m2 = square - total * batch_mean
+        if batch_m2 < 1e-3 * batch_mean * batch_mean * nb:
+            # The mean dwarfs the spread and the raw second moment cancels (rare in activations): centre first.
+            centered = x - batch_mean
+            s1, s2 = torch.stack((centered.sum(), torch.dot(centered, centered))).tolist()
+            batch_mean += s1 / nb
+            batch_m2 = s2 - s1 * s1 / nb
             del centered
         delta = batch_mean - self.mean
         n_old = self.n
         self.n += nb
-        self.mean = self.mean + delta * (nb / self.n)
-        self.m2 = self.m2 + batch_m2 + delta * delta * (n_old * nb / self.n)
-        self.finite &= torch.isfinite(batch_m2)  # NaN or Inf anywhere poisons the sums
-        lo, hi = torch.aminmax(x)
-        self.maximum = torch.maximum(self.maximum, hi)
-        abs_hi = torch.maximum(hi, -lo)
-        self.abs_maximum = torch.maximum(self.abs_maximum, abs_hi)
-        # Skip the candidate search when nothing in the chunk can enter a full buffer.
-        if self.signed.floor is None or bool(hi > self.signed.floor):
-            self.signed.update(x)
-        floor = self.absolute.floor
-        if floor is None:
-            self.absolute.update(x.abs())
-        elif bool(abs_hi > floor):
-            # |x| > f without materializing |x| for the whole chunk.
-            self.absolute.update(abs_above(x, floor))
+        self.mean += delta * (nb / self.n)
+        self.m2 += batch_m2 + delta * delta * (n_old * nb / self.n)
+        self.finite = self.finite and math.isfinite(batch_m2)  # NaN or Inf anywhere poisons the sums
+        self.maximum = max(self.maximum, hi)
+        self.abs_maximum = max(self.abs_maximum, hi, -lo)
+        self.signed.offer(chunk)
+        self.absolute.offer(chunk)
 
     def is_finite(self) -> bool:
-        return bool(self.finite.item())
+        return self.finite
 
     def result(self) -> dict[str, float]:
         if self.n == 0:
@@ -207,12 +297,12 @@ class SideStats:
         k = top_count(self.n)
         return {
             "n": self.n,
-            "ori": float(self.maximum.item()),
+            "ori": self.maximum,
             "top_0_1": self.signed.kth_largest(k),
-            "absmax_ori": float(self.abs_maximum.item()),
+            "absmax_ori": self.abs_maximum,
             "absmax_top_0_1": self.absolute.kth_largest(k),
-            "mean": float(self.mean.item()),
-            "std": float(torch.sqrt(torch.clamp(self.m2 / self.n, min=0)).item()),
+            "mean": self.mean,
+            "std": math.sqrt(max(self.m2 / self.n, 0.0)),
         }
 
     # --- checkpointing: tensors and scalars that restore the exact running state ---
@@ -220,18 +310,17 @@ class SideStats:
         tensors = {
             f"{prefix}.signed": self.signed.state(),
             f"{prefix}.absolute": self.absolute.state(),
-            f"{prefix}.moments": torch.stack((self.mean, self.m2)).cpu(),
-            f"{prefix}.maxima": torch.stack((self.maximum, self.abs_maximum)).cpu(),
+            f"{prefix}.moments": torch.tensor((self.mean, self.m2), dtype=torch.float64),
+            f"{prefix}.maxima": torch.tensor((self.maximum, self.abs_maximum), dtype=torch.float64),
         }
         return tensors, {"n": self.n}
 
     def load_state(self, prefix: str, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> None:
-        device = self.mean.device
         self.n = int(scalars["n"])
         for buf, key in ((self.signed, "signed"), (self.absolute, "absolute")):
-            buf.load(tensors[f"{prefix}.{key}"], device)
-        self.mean, self.m2 = (t.to(device) for t in tensors[f"{prefix}.moments"])
-        self.maximum, self.abs_maximum = (t.to(device) for t in tensors[f"{prefix}.maxima"])
+            buf.load(tensors[f"{prefix}.{key}"], self.device)
+        self.mean, self.m2 = tensors[f"{prefix}.moments"].tolist()
+        self.maximum, self.abs_maximum = tensors[f"{prefix}.maxima"].tolist()
 
 
 def reference_statistics(values) -> dict[str, float]:
