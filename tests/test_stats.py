@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shadowquant.stats import SideStats, order_index, reference_statistics, top_count
+from shadowquant.stats import SideStats, estimated_cut, order_index, reference_statistics, top_count
 
 
 def _stream(chunks, capacity_elements=None):
@@ -130,3 +130,75 @@ def test_works_inside_and_outside_inference_mode():
         inside = _stream(chunks)
     _check(_stream(chunks), reference_statistics(torch.cat(chunks)))
     assert inside == _stream(chunks)
+
+
+def _activations(rows, features, seed, outlier_features=(), scale=40.0):
+    """Activation-like data: Gaussian, a few features carrying large values in most rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=g)
+    for f in outlier_features:
+        x[:, f] *= scale * torch.rand(rows, generator=g)
+    return x
+
+
+@pytest.mark.parametrize("rows,features,batches,outliers", [
+    (256, 96, 12, (3, 50)),     # capacity small against the block count: first cut from block maxima
+    (100, 40, 6, (7,)),         # rows not a multiple of the block height: short last blocks
+    (64, 3000, 5, (0, 2999)),   # wide rows: a chunk holds whole blocks of rows
+    (333, 17, 9, ()),           # no outlier features: candidates scattered over many blocks
+])
+def test_blocked_activations_match_reference(rows, features, batches, outliers, monkeypatch):
+    monkeypatch.setattr("shadowquant.stats.CHUNK_ELEMENTS", 1 << 14)  # many chunks per activation
+    data = [_activations(rows, features, seed=b, outlier_features=outliers) for b in range(batches)]
+    total = sum(d.numel() for d in data)
+    s = SideStats(total)
+    for d in data:
+        s.update(d)
+    _check(s.result(), reference_statistics(torch.cat([d.reshape(-1) for d in data])))
+
+
+def test_every_candidate_path_is_exact(monkeypatch):
+    """Force each path of the candidate search in turn: block gathers, full passes, negative-side
+    searches, sampled and exact compactions; each must give the reference's order statistics."""
+    import shadowquant.stats as st
+
+    data = [_activations(128, 64, seed=10 + b, outlier_features=(5,)) * (1 + b % 3) - (b % 2) * 3 for b in range(8)]
+    ref = reference_statistics(torch.cat([d.reshape(-1) for d in data]))
+    calls = {"gather": 0, "estimated": 0}
+    gather, estimated = st._Chunk._gather, st.estimated_cut
+
+    def counting_gather(self, blocks):
+        calls["gather"] += 1
+        return gather(self, blocks)
+
+    def counting_estimate(*args, **kwargs):
+        calls["estimated"] += 1
+        return estimated(*args, **kwargs)
+
+    monkeypatch.setattr(st._Chunk, "_gather", counting_gather)
+    monkeypatch.setattr(st, "estimated_cut", counting_estimate)
+    for dense_fraction, slack in ((2.0, 1.125), (0.0, 1.125), (0.5, 3.0), (0.5, 1.0)):
+        monkeypatch.setattr(st, "DENSE_BLOCK_FRACTION", dense_fraction)  # 2.0: never a full pass; 0.0: always
+        monkeypatch.setattr(st, "CUT_SLACK", slack)  # 3.0: estimates keep too much, exact topk takes over
+        s = SideStats(sum(d.numel() for d in data))
+        for d in data:
+            s.update(d)
+        _check(s.result(), ref)
+    assert calls["gather"] > 0 and calls["estimated"] > 0
+
+
+def test_estimated_cut_keeps_about_the_slack():
+    g = torch.Generator().manual_seed(11)
+    values = torch.randn(200_000, generator=g)
+    cut = estimated_cut(values, 5000, absolute=False)
+    kept = int((values > cut).sum())
+    assert 5000 <= kept <= 1.5 * 5000
+    assert estimated_cut(values[:100], 5000, absolute=False) is None  # fewer values than wanted
+
+
+def test_half_precision_input_is_counted_in_float32():
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(96, 40, generator=g) * 3).to(torch.bfloat16)
+    s = SideStats(x.numel())
+    s.update(x)
+    _check(s.result(), reference_statistics(x.float()))

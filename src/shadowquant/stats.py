@@ -2,7 +2,9 @@
 
 The reference keeps every activation and sorts them at the end. Here each
 layer side keeps only running moments and the largest elements the exact
-order statistic can need, on the device where the activations live.
+order statistic can need, on the device where the activations live. Per
+chunk, one pass of block extrema finds the few blocks that can hold such
+elements, so the candidate search reads little beyond them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import math
 import torch
 
 QUANTILE = 0.999
-# Large activations (e.g. lm_head logits) are processed in pieces to bound temporaries.
+# Large activations (e.g. lm_head logits) are processed in pieces of about this many elements
+# (at least BLOCK_ROWS rows) to bound temporaries.
 CHUNK_ELEMENTS = 1 << 20
-# Candidate search granularity: few blocks of an activation hold elements above a top-0.1 % floor.
-BLOCK = 64
+# Candidate search blocks: this many consecutive rows (tokens) of one feature.
+BLOCK_ROWS = 32
 # Past this share of blocks over the floor (early on, when the floor is still low), a full pass is cheaper.
 DENSE_BLOCK_FRACTION = 0.5
 # The first cut uses block maxima when there are this many blocks per kept value, else a sample.
@@ -61,20 +64,21 @@ def abs_above(x: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 class _Chunk:
-    """A 1-D chunk seen as [blocks, BLOCK] plus a short tail, with per-block extrema.
+    """Consecutive rows of one activation, [rows, features], in blocks of `block_rows` rows times
+    one feature, with each block's maximum and minimum.
 
-    Computing the extrema is one cheap pass; afterwards a compare-and-gather against a floor
-    only reads the few blocks whose maximum exceeds it.
+    Outliers of LLM activations sit in a few features, so the values above a top-0.1 % floor
+    fall into few such blocks (a small fraction of blocks along rows would each catch one).
+    The extrema are one cheap pass; a compare-and-gather then reads only those blocks.
     """
 
-    def __init__(self, x: torch.Tensor):
-        full = x.numel() - x.numel() % BLOCK
-        self.x, self.body, self.tail = x, x[:full].view(-1, BLOCK), x[full:]
-        self.block_max, self.block_min = self.body.amax(1), self.body.amin(1)
-        if self.tail.numel():  # the tail is one more (short) block
-            tail_min, tail_max = torch.aminmax(self.tail)
-            self.block_max = torch.cat((self.block_max, tail_max.view(1)))
-            self.block_min = torch.cat((self.block_min, tail_min.view(1)))
+    def __init__(self, rows: torch.Tensor, block_rows: int):
+        count, features = rows.shape
+        self.x = rows.reshape(-1)
+        self.features = features
+        self.body = rows.view(count // block_rows, block_rows, features)
+        self.block_max = self.body.amax(1).reshape(-1)  # block (group g, feature f) at g * features + f
+        self.block_min = self.body.amin(1).reshape(-1)
         self._block_abs_max: torch.Tensor | None = None
 
     def block_maxima(self, absolute: bool) -> torch.Tensor:
@@ -91,18 +95,30 @@ class _Chunk:
     def above(self, floor: float, absolute: bool) -> torch.Tensor:
         """Elements (|x| if `absolute`) greater than `floor`."""
         block_max = self.block_maxima(absolute)
-        rows = (block_max > floor).nonzero().squeeze(1)
-        if rows.numel() == 0:
+        blocks = (block_max > floor).nonzero().squeeze(1)
+        if blocks.numel() == 0:
             return self.x[:0]
-        if rows.numel() > DENSE_BLOCK_FRACTION * block_max.numel():
+        if blocks.numel() > DENSE_BLOCK_FRACTION * block_max.numel():
             return abs_above(self.x, floor) if absolute else above(self.x, floor)  # one full pass is cheaper
-        if self.tail.numel() and bool(rows[-1] == self.body.shape[0]):  # rows ascend: the tail comes last
-            picked = torch.cat((self.body.index_select(0, rows[:-1]).reshape(-1), self.tail))
-        else:
-            picked = self.body.index_select(0, rows).reshape(-1)
+        picked = self._gather(blocks)
         if absolute:
             picked = picked.abs()
         return picked[picked > floor]
+
+    def negated_below(self, floor: float) -> torch.Tensor:
+        """-x for the elements with x < -floor: the negative half of |x| > floor."""
+        blocks = (self.block_min < -floor).nonzero().squeeze(1)
+        if blocks.numel() == 0:
+            return self.x[:0]
+        if blocks.numel() > DENSE_BLOCK_FRACTION * self.block_min.numel():
+            return above(self.x.neg(), floor)
+        picked = self._gather(blocks)
+        return picked[picked < -floor].neg()
+
+    def _gather(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The elements of the given blocks (flat block indices), as one 1-D tensor."""
+        group = blocks // self.features
+        return self.body[group, :, blocks - group * self.features].reshape(-1)
 
 
 def order_index(n: int) -> int:
@@ -161,13 +177,7 @@ class _TopBuffer:
         # kept multiset (equal values are interchangeable). None until `capacity` values are held.
         self.floor: float | None = None
 
-    def offer(self, chunk: _Chunk) -> None:
-        if self.floor is None:
-            self._first_offer(chunk)
-        else:
-            self.add(chunk.above(self.floor, self.absolute))
-
-    def _first_offer(self, chunk: _Chunk) -> None:
+    def first_offer(self, chunk: _Chunk) -> None:
         """Before the buffer is full: a cut that at least `capacity` elements of the chunk exceed is a
         valid floor. With many blocks per capacity the capacity-th largest block maximum is cheap and
         close; otherwise a sampled estimate. If too few exceed the cut (ties), keep everything."""
@@ -199,9 +209,9 @@ class _TopBuffer:
         merged = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
         if merged.numel() > self.capacity:
             cut = estimated_cut(merged, self.capacity, absolute=False)
-            kept = merged[merged > cut] if cut is not None else merged
-            if self.capacity <= kept.numel() <= 1.5 * self.capacity:
-                merged, self.floor = kept, cut
+            kept = merged[merged > cut] if cut is not None else None
+            if kept is not None and self.capacity <= kept.numel() <= 1.5 * self.capacity:
+                merged, self.floor = kept, cut if self.floor is None else max(cut, self.floor)
             else:  # no estimate, or a poor one: exact selection
                 merged = torch.topk(merged, self.capacity, sorted=False).values
                 self.floor = float(merged.min())
@@ -250,20 +260,30 @@ class SideStats:
         self.finite = True
 
     def update(self, x: torch.Tensor) -> None:
-        """Add the elements of `x` (any shape, already restricted to valid positions)."""
-        x = x.detach().reshape(-1)
-        for start in range(0, x.numel(), CHUNK_ELEMENTS):
-            self._update_chunk(x[start : start + CHUNK_ELEMENTS])
+        """Add the elements of `x`, [..., features] (already restricted to valid positions)."""
+        x = x.detach()
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1, 1)
+        count, features = rows.shape
+        # Whole blocks of BLOCK_ROWS rows per chunk; what is left at the end is one block of its own.
+        step = max(1, CHUNK_ELEMENTS // (features * BLOCK_ROWS)) * BLOCK_ROWS
+        for start in range(0, count, step):
+            part = rows[start : start + step]
+            whole = part.shape[0] - part.shape[0] % BLOCK_ROWS
+            if whole:
+                self._update_chunk(part[:whole], BLOCK_ROWS)
+            if whole < part.shape[0]:
+                self._update_chunk(part[whole:], part.shape[0] - whole)
 
-    def _update_chunk(self, x: torch.Tensor) -> None:
-        if x.dtype != torch.float32:
-            x = x.float()  # statistics are exact in float32/float64 whatever the model dtype
-        nb = x.numel()
+    def _update_chunk(self, rows: torch.Tensor, block_rows: int) -> None:
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()  # statistics are exact in float32/float64 whatever the model dtype
+        nb = rows.numel()
         if nb == 0:
             return
         if self.n + nb > self.max_elements:
             raise RuntimeError(f"received {self.n + nb} elements, more than the {self.max_elements} planned")
-        chunk = _Chunk(x)
+        chunk = _Chunk(rows, block_rows)
+        x = chunk.x
         # Moments with fast float32 kernels (pairwise sum, BLAS dot) and no temporaries; chunks are
         # merged in double precision with Chan's formula.
         total, square, hi, lo = torch.stack((x.sum(), torch.dot(x, x), chunk.block_max.max(),
@@ -285,8 +305,26 @@ class SideStats:
         self.finite = self.finite and math.isfinite(batch_m2)  # NaN or Inf anywhere poisons the sums
         self.maximum = max(self.maximum, hi)
         self.abs_maximum = max(self.abs_maximum, hi, -lo)
-        self.signed.offer(chunk)
-        self.absolute.offer(chunk)
+        self._offer(chunk)
+
+    def _offer(self, chunk: _Chunk) -> None:
+        """Hand each buffer the chunk's elements above its floor."""
+        signed_floor, abs_floor = self.signed.floor, self.absolute.floor
+        candidates = None
+        if signed_floor is None:
+            self.signed.first_offer(chunk)
+        else:
+            candidates = chunk.above(signed_floor, absolute=False)
+            self.signed.add(candidates)
+        if abs_floor is None:
+            self.absolute.first_offer(chunk)
+        elif candidates is not None and abs_floor >= signed_floor:
+            # |x| > abs_floor: the positive ones are among the signed candidates; only the negative
+            # ones need a search of their own.
+            positive = candidates[candidates > abs_floor]
+            self.absolute.add(torch.cat((positive, chunk.negated_below(abs_floor))))
+        else:
+            self.absolute.add(chunk.above(abs_floor, absolute=True))
 
     def is_finite(self) -> bool:
         return self.finite
