@@ -98,6 +98,23 @@ def test_batched_with_padding_matches_unbatched(llama, sequences):
                 assert four[key][name][side] == pytest.approx(one[key][name][side], rel=1e-4, abs=1e-6)
 
 
+def test_large_padded_activations_are_read_per_sample_without_copies(llama, sequences, monkeypatch):
+    """Activations above CHUNK_ELEMENTS (lm_head logits in real models) go in as per-sample views of
+    the valid prefix; the statistics must equal those of the small-copy path exactly."""
+    model, tok = llama
+    copied = profile_model(model, sequences, tok.pad_token_id, batch_size=4, progress=False)
+    monkeypatch.setattr("shadowquant.profiling.CHUNK_ELEMENTS", 0)
+    viewed = profile_model(model, sequences, tok.pad_token_id, batch_size=4, progress=False)
+    assert viewed["count"] == copied["count"]
+    for key in ("ori", "top_0_1", "absmax_ori", "absmax_top_0_1"):
+        assert viewed[key] == copied[key]
+    for name, sides in copied["all_stat"].items():
+        for side, stat in sides.items():
+            # Other chunks, other float32 partial sums: equal to float32 precision.
+            assert viewed["all_stat"][name][side]["mean"] == pytest.approx(stat["mean"], abs=1e-6 * stat["std"])
+            assert viewed["all_stat"][name][side]["std"] == pytest.approx(stat["std"], rel=1e-5)
+
+
 def test_resume_after_interruption_is_byte_identical(llama, sequences, tmp_path):
     model, tok = llama
     ckpt = lambda: Checkpoint(tmp_path / "ckpt", {"test": 1})  # noqa: E731

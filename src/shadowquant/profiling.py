@@ -15,7 +15,7 @@ from tqdm import tqdm
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.errors import PipelineError
 from shadowquant.families import linear_layer_names
-from shadowquant.stats import SideStats
+from shadowquant.stats import CHUNK_ELEMENTS, SideStats
 
 log = logging.getLogger(__name__)
 SIDES = ("input", "output")
@@ -78,7 +78,8 @@ class ActivationProfiler:
                 "input": SideStats(total_tokens * mod.in_features, device),
                 "output": SideStats(total_tokens * mod.out_features, device),
             }
-        self.valid: torch.Tensor | None = None  # [batch, seq] bool mask of the current batch
+        self.valid: torch.Tensor | None = None  # [batch, seq] bool mask of the current batch (None: no padding)
+        self.lengths: list[int] = []  # valid positions per sample of the current batch
         self.input_owner: dict[str, str] = {}  # layer -> layer whose input SideStats it uses (itself if own)
         self._input_calls: dict[str, int] = {}
         self._last_input: torch.Tensor | None = None  # held, so no other tensor can take its identity
@@ -86,11 +87,25 @@ class ActivationProfiler:
         self._last_owner = ""
         self._handles = []
 
-    def _select(self, t: torch.Tensor) -> torch.Tensor:
+    def set_batch(self, mask: torch.Tensor | None) -> None:
+        """The attention mask of the next batch (right padded), or None for no padding."""
+        if mask is None or bool(mask.all()):
+            self.valid, self.lengths = None, []
+        else:
+            self.valid, self.lengths = mask.bool(), mask.sum(1).tolist()
+
+    def _update(self, stats: SideStats, t: torch.Tensor) -> None:
+        """Feed the valid positions of `t` into `stats`."""
         valid = self.valid
-        if valid is not None and t.dim() >= 3 and t.shape[:2] == valid.shape:
-            return t[valid]
-        return t
+        if valid is None or t.dim() < 3 or t.shape[:2] != valid.shape:
+            stats.update(t)
+        elif t.numel() <= CHUNK_ELEMENTS:
+            stats.update(t[valid])  # a small copy keeps the chunks few
+        else:
+            # Large activations (lm_head logits) as per-sample views: right padding makes the valid
+            # positions of each sample a prefix, so nothing is copied.
+            for row, length in enumerate(self.lengths):
+                stats.update(t[row, :length])
 
     def _record_input(self, name: str, x: torch.Tensor) -> None:
         same = x is self._last_input and _version(x) == self._last_version
@@ -108,7 +123,7 @@ class ActivationProfiler:
                 raise RuntimeError(f"layer '{name}' shared the input of '{owner}' on its first call but not on "
                                    f"call {calls + 1}; profiling expects the same graph for every batch")
             return
-        self.stats[name]["input"].update(self._select(x))
+        self._update(self.stats[name]["input"], x)
         self._last_input, self._last_version, self._last_owner = x, _version(x), name
 
     def _hook(self, name: str):
@@ -116,7 +131,7 @@ class ActivationProfiler:
 
         def hook(module, args, output):
             self._record_input(name, args[0])
-            output_stats.update(self._select(output))
+            self._update(output_stats, output)
 
         return hook
 
@@ -260,12 +275,12 @@ def profile_model(model, sequences: list[list[int]], pad_id: int, batch_size: in
         for b in range(start, len(batches)):
             batch = batches[b]
             ids, mask = collate([sequences[i] for i in batch], pad_id, device)
-            profiler.valid = mask.bool() if not bool(mask.all()) else None
+            profiler.set_batch(mask)
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             profiler.end_batch()
             bad = profiler.first_non_finite()
             if bad is not None:
-                profiler.valid = None
+                profiler.set_batch(None)
                 profiler.__exit__()  # the diagnostic re-run must not feed the statistics
                 sample = _locate_non_finite(model, profiler, *bad, batch, sequences, pad_id, device)
                 raise PipelineError(f"non-finite activation (NaN or Inf) in layer '{bad[0]}' {bad[1]} for calibration "
