@@ -191,6 +191,8 @@ class _TopBuffer:
             if kept.numel() >= self.capacity:
                 self.floor = cut
                 self.add(kept)
+                if self.size > 1.5 * self.capacity:
+                    self.compact()  # a block-maximum cut is loose: tighten it before the next chunk
                 return
         self.add(chunk.values(self.absolute))
 
