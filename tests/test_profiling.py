@@ -99,11 +99,11 @@ def test_batched_with_padding_matches_unbatched(llama, sequences):
 
 
 def test_large_padded_activations_are_read_per_sample_without_copies(llama, sequences, monkeypatch):
-    """Activations above CHUNK_ELEMENTS (lm_head logits in real models) go in as per-sample views of
+    """Activations above PADDED_COPY_ELEMENTS (lm_head logits in real models) go in as per-sample views of
     the valid prefix; the statistics must equal those of the small-copy path exactly."""
     model, tok = llama
     copied = profile_model(model, sequences, tok.pad_token_id, batch_size=4, progress=False)
-    monkeypatch.setattr("shadowquant.profiling.CHUNK_ELEMENTS", 0)
+    monkeypatch.setattr("shadowquant.profiling.PADDED_COPY_ELEMENTS", 0)
     viewed = profile_model(model, sequences, tok.pad_token_id, batch_size=4, progress=False)
     assert viewed["count"] == copied["count"]
     for key in ("ori", "top_0_1", "absmax_ori", "absmax_top_0_1"):

@@ -15,10 +15,13 @@ from tqdm import tqdm
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.errors import PipelineError
 from shadowquant.families import linear_layer_names
-from shadowquant.stats import CHUNK_ELEMENTS, SideStats
+from shadowquant.stats import SideStats
 
 log = logging.getLogger(__name__)
 SIDES = ("input", "output")
+# Padded activations up to this size (64 MB in float32) are copied without their padding; larger
+# ones (lm_head logits) are read per sample, in place.
+PADDED_COPY_ELEMENTS = 1 << 24
 
 
 def tokenize_samples(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
@@ -99,8 +102,8 @@ class ActivationProfiler:
         valid = self.valid
         if valid is None or t.dim() < 3 or t.shape[:2] != valid.shape:
             stats.update(t)
-        elif t.numel() <= CHUNK_ELEMENTS:
-            stats.update(t[valid])  # a small copy keeps the chunks few
+        elif t.numel() <= PADDED_COPY_ELEMENTS:
+            stats.update(t[valid])  # a bounded copy keeps the chunks few and large
         else:
             # Large activations (lm_head logits) as per-sample views: right padding makes the valid
             # positions of each sample a prefix, so nothing is copied.
