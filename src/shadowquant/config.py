@@ -90,22 +90,17 @@ def _describe(error: jsonschema.ValidationError, sch: dict) -> str:
             + (f" ({hint})" if hint else ""))
 
 
-def _non_finite_number(value, path=()) -> tuple | None:
-    """The path of the first NaN or infinite number (YAML .nan / .inf), which JSON schema lets through."""
+def _non_finite_number(value, path=()) -> tuple[tuple, float] | None:
+    """The path and value of the first NaN or infinite number (YAML .nan / .inf), which JSON schema
+    lets through."""
     if isinstance(value, float) and not math.isfinite(value):
-        return path
+        return path, value
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         found = _non_finite_number(item, (*path, key))
         if found is not None:
             return found
     return None
-
-
-def _value_at(cfg, path):
-    for part in path:
-        cfg = cfg[part]
-    return cfg
 
 
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
@@ -121,7 +116,7 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
         raise PipelineError(f"{source}: {_describe(errors[0], sch)}")
     bad = _non_finite_number(cfg)
     if bad is not None:
-        raise PipelineError(f"{source}: config key '{_key_name(bad)}' = {_value_at(cfg, bad)!r} is not valid: "
+        raise PipelineError(f"{source}: config key '{_key_name(bad[0])}' = {bad[1]!r} is not valid: "
                             "expected a finite number")
     return cfg
 

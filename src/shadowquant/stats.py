@@ -94,26 +94,29 @@ class _Chunk:
 
     def above(self, floor: float, absolute: bool) -> torch.Tensor:
         """Elements (|x| if `absolute`) greater than `floor`."""
-        block_max = self.block_maxima(absolute)
-        blocks = (block_max > floor).nonzero().squeeze(1)
-        if blocks.numel() == 0:
-            return self.x[:0]
-        if blocks.numel() > DENSE_BLOCK_FRACTION * block_max.numel():
-            return abs_above(self.x, floor) if absolute else above(self.x, floor)  # one full pass is cheaper
-        picked = self._gather(blocks)
+        picked = self._flagged(self.block_maxima(absolute) > floor)
+        if picked is None:  # one full pass is cheaper
+            return abs_above(self.x, floor) if absolute else above(self.x, floor)
         if absolute:
             picked = picked.abs()
         return picked[picked > floor]
 
     def negated_below(self, floor: float) -> torch.Tensor:
         """-x for the elements with x < -floor: the negative half of |x| > floor."""
-        blocks = (self.block_min < -floor).nonzero().squeeze(1)
+        picked = self._flagged(self.block_min < -floor)
+        if picked is None:
+            picked = self.x
+        return picked[picked < -floor].neg()
+
+    def _flagged(self, flags: torch.Tensor) -> torch.Tensor | None:
+        """The elements of the flagged blocks, or None when so many are flagged that one full pass
+        over the chunk is cheaper than gathering them."""
+        blocks = flags.nonzero().squeeze(1)
         if blocks.numel() == 0:
             return self.x[:0]
-        if blocks.numel() > DENSE_BLOCK_FRACTION * self.block_min.numel():
-            return above(self.x.neg(), floor)
-        picked = self._gather(blocks)
-        return picked[picked < -floor].neg()
+        if blocks.numel() > DENSE_BLOCK_FRACTION * flags.numel():
+            return None
+        return self._gather(blocks)
 
     def _gather(self, blocks: torch.Tensor) -> torch.Tensor:
         """The elements of the given blocks (flat block indices), as one 1-D tensor."""
@@ -280,8 +283,6 @@ class SideStats:
         if rows.dtype != torch.float32 or not rows.is_contiguous():
             rows = rows.float().contiguous()  # statistics are exact in float32/float64 whatever the model dtype
         nb = rows.numel()
-        if nb == 0:
-            return
         if self.n + nb > self.max_elements:
             raise RuntimeError(f"received {self.n + nb} elements, more than the {self.max_elements} planned")
         chunk = _Chunk(rows, block_rows)
