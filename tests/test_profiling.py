@@ -80,8 +80,7 @@ def test_every_family_matches_reference_with_shared_inputs(family, tiny_model_di
     model, tok, _ = load_model(tiny_model_dir(family), device="cpu", dtype="float32")
     texts = [json.loads(line)["text"][:200] for line in tiny_text_corpus.read_text().splitlines()[:4]]
     seqs = tokenize_samples(tok, texts, seq_len=32)
-    ours = profile_model(model, seqs, tok.pad_token_id if tok.pad_token_id is not None else 0, batch_size=1,
-                         progress=False)
+    ours = profile_model(model, seqs, tok.pad_token_id, batch_size=1, progress=False)
     assert set(ours["ori"]) == set(linear_names(model))
     _assert_matches_reference(ours, _reference_act_scales(model, seqs))
 

@@ -128,8 +128,9 @@ def test_works_inside_and_outside_inference_mode():
     chunks = [torch.randn(50_000, generator=g) for _ in range(4)]
     with torch.inference_mode():
         inside = _stream(chunks)
-    _check(_stream(chunks), reference_statistics(torch.cat(chunks)))
-    assert inside == _stream(chunks)
+    outside = _stream(chunks)
+    _check(outside, reference_statistics(torch.cat(chunks)))
+    assert inside == outside
 
 
 def _activations(rows, features, seed, outlier_features=(), scale=40.0):
@@ -150,11 +151,7 @@ def _activations(rows, features, seed, outlier_features=(), scale=40.0):
 def test_blocked_activations_match_reference(rows, features, batches, outliers, monkeypatch):
     monkeypatch.setattr("shadowquant.stats.CHUNK_ELEMENTS", 1 << 14)  # many chunks per activation
     data = [_activations(rows, features, seed=b, outlier_features=outliers) for b in range(batches)]
-    total = sum(d.numel() for d in data)
-    s = SideStats(total)
-    for d in data:
-        s.update(d)
-    _check(s.result(), reference_statistics(torch.cat([d.reshape(-1) for d in data])))
+    _check(_stream(data), reference_statistics(torch.cat([d.reshape(-1) for d in data])))
 
 
 def test_every_candidate_path_is_exact(monkeypatch):
@@ -180,10 +177,7 @@ def test_every_candidate_path_is_exact(monkeypatch):
     for dense_fraction, slack in ((2.0, 1.125), (0.0, 1.125), (0.5, 3.0), (0.5, 1.0)):
         monkeypatch.setattr(st, "DENSE_BLOCK_FRACTION", dense_fraction)  # 2.0: never a full pass; 0.0: always
         monkeypatch.setattr(st, "CUT_SLACK", slack)  # 3.0: estimates keep too much, exact topk takes over
-        s = SideStats(sum(d.numel() for d in data))
-        for d in data:
-            s.update(d)
-        _check(s.result(), ref)
+        _check(_stream(data), ref)
     assert calls["gather"] > 0 and calls["estimated"] > 0
 
 
@@ -199,6 +193,4 @@ def test_estimated_cut_keeps_about_the_slack():
 def test_half_precision_input_is_counted_in_float32():
     g = torch.Generator().manual_seed(12)
     x = (torch.randn(96, 40, generator=g) * 3).to(torch.bfloat16)
-    s = SideStats(x.numel())
-    s.update(x)
-    _check(s.result(), reference_statistics(x.float()))
+    _check(_stream([x]), reference_statistics(x.float()))
