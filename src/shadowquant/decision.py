@@ -29,6 +29,12 @@ class LayerQuant:
     clip_output: bool
 
 
+def threshold_label(threshold: float) -> str:
+    """Filename-safe, stable rendering of a threshold: 152, 10000000, 1.5."""
+    t = float(threshold)
+    return str(int(t)) if t.is_integer() else repr(t)
+
+
 def decide_side(ori: float, top: float, threshold: float) -> tuple[float, bool]:
     """Return (scale, clip) for one side: clip when top * t > ori (METHOD.md section 2)."""
     if top * threshold > ori:
@@ -92,7 +98,7 @@ def decide(act_scales: dict, threshold: float, statistic: str = "signed", layers
     return result
 
 
-def summarize(decisions: dict[str, LayerQuant], threshold: float, statistic: str) -> dict:
+def shadow_summary(decisions: dict[str, LayerQuant], threshold: float, statistic: str) -> dict:
     """The JSON summary of a decision: shadow (no-clip) sides and counts."""
     shadow_inputs = [n for n, q in decisions.items() if not q.clip_input]
     shadow_outputs = [n for n, q in decisions.items() if not q.clip_output]
@@ -107,9 +113,3 @@ def summarize(decisions: dict[str, LayerQuant], threshold: float, statistic: str
         "shadow_outputs": shadow_outputs,
         "layers": {n: asdict(q) for n, q in decisions.items()},
     }
-
-
-def load_decisions(path: str | Path) -> dict[str, LayerQuant]:
-    """Read back the `layers` table of a summary written by `summarize`."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return {n: LayerQuant(**q) for n, q in data["layers"].items()}

@@ -206,3 +206,26 @@ def apply_w8a8(model: nn.Module, decisions: dict[str, LayerQuant], layer_names: 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, W8A8Linear.from_linear(module, decisions[name]))
     return model
+
+
+def apply_w8a8_from_export(model: nn.Module, export: dict[str, torch.Tensor], layer_names: list[str]) -> nn.Module:
+    """Replace each named nn.Linear by a W8A8Linear whose weights, scales and clip flags are read from the
+    int8 export (METHOD.md section 4), so what runs is exactly what was shipped. Returns `model`."""
+    for name in layer_names:
+        needed = [f"{name}.{key}" for key in ("weight", "weight.scale", "input_scale", "output_scale",
+                                              "clip_input", "clip_output")]
+        missing = [key for key in needed if key not in export]
+        if missing:
+            raise PipelineError(f"the int8 export has no {', '.join(missing[:3])}; it does not belong to this model "
+                                "or is incomplete: re-run the export")
+        weight, bias = dequantized_linear_from_export(export[f"{name}.weight"], export[f"{name}.weight.scale"],
+                                                      export.get(f"{name}.bias"), export.get(f"{name}.bias.scale"))
+        quant = LayerQuant(float(export[f"{name}.input_scale"]), float(export[f"{name}.output_scale"]),
+                           bool(export[f"{name}.clip_input"]), bool(export[f"{name}.clip_output"]))
+        module = model.get_submodule(name)
+        dtype = module.weight.dtype if isinstance(module, nn.Linear) else torch.float32
+        layer = W8A8Linear(weight.to(dtype), None if bias is None else bias.to(dtype), export[f"{name}.weight.scale"],
+                           export.get(f"{name}.bias.scale"), quant)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, layer)
+    return model

@@ -7,7 +7,6 @@ the data is then written one tensor at a time: peak memory is about one tensor.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from shadowquant.atomic import atomic_path
 from shadowquant.errors import PipelineError
+from shadowquant.safetensors_header import read_tensor_table
 
 # ---- dtype codes ---------------------------------------------------------------------------
 
@@ -560,41 +560,12 @@ def read_mllm(path: str | os.PathLike) -> MllmFile:
 def read_safetensors_specs(path: str | os.PathLike) -> list[TensorSpec]:
     """Name, dtype and shape of every tensor of a safetensors file, in data order (header only)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            file_size = os.fstat(handle.fileno()).st_size
-            head = handle.read(8)
-            if len(head) < 8:
-                raise _fail(path, f"not a safetensors file: only {file_size} bytes")
-            (header_size,) = struct.unpack("<Q", head)
-            if header_size > file_size - 8:
-                raise _fail(path, f"not a safetensors file (or truncated): header of {header_size} bytes claimed")
-            raw_header = handle.read(header_size)
-    except OSError as exc:
-        raise _fail(path, f"cannot open: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw_header)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _fail(path, "not a safetensors file: the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise _fail(path, "not a safetensors file: the header is not a JSON object")
     records = []
-    data_end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype_str, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            begin, end = int(begin), int(end)
-        except (TypeError, KeyError, ValueError):
-            raise _fail(path, f"tensor {name!r} has a malformed header entry") from None
-        if dtype_str not in _TORCH_OF_SAFETENSORS:
-            raise _fail(path, f"tensor {name!r} has dtype {dtype_str}, which cannot go into an mllm file")
-        records.append((begin, TensorSpec(name, _TORCH_OF_SAFETENSORS[dtype_str], tuple(int(d) for d in shape))))
-        data_end = max(data_end, end)
-    if 8 + header_size + data_end != file_size:
-        raise _fail(path, f"safetensors file is truncated or corrupt ({file_size} bytes, its header describes "
-                          f"{8 + header_size + data_end}); write the export again")
+    for name, info in read_tensor_table(path, "write the export again").items():
+        if info["dtype"] not in _TORCH_OF_SAFETENSORS:
+            raise _fail(path, f"tensor {name!r} has dtype {info['dtype']}, which cannot go into an mllm file")
+        records.append((info["data_offsets"][0], TensorSpec(name, _TORCH_OF_SAFETENSORS[info["dtype"]],
+                                                            tuple(info["shape"]))))
     records.sort(key=lambda record: record[0])
     return [spec for _, spec in records]
 

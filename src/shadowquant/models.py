@@ -21,11 +21,14 @@ from torch import nn
 from shadowquant.atomic import atomic_directory
 from shadowquant.errors import PipelineError
 from shadowquant.families import detect_family
+from shadowquant.manifest import read_manifest
 from shadowquant.moe import unfuse_mixtral_experts
+from shadowquant.safetensors_header import read_tensor_table
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+MODEL_REMEDY = "download or convert the model again"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 # Repos that ship the weights twice (consolidated checkpoints for other runtimes).
 HUB_IGNORE_PATTERNS = ["consolidated*", "original/*"]
@@ -52,33 +55,6 @@ def quiet_transformers() -> None:
 
 
 # ---------------------------------------------------------------- checking a model directory
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The tensor table of a .safetensors file, after checking that the file is complete."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if header_len < 2 or header_len > size - 8:
-            raise PipelineError(f"{path}: not a valid safetensors file (truncated or corrupt header); "
-                                "download or convert the model again")
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise PipelineError(f"{path}: not a valid safetensors file (unreadable header); "
-                                "download or convert the model again") from None
-    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-    try:
-        data_end = max((info["data_offsets"][1] for info in tensors.values()), default=0)
-    except (TypeError, KeyError, IndexError):
-        raise PipelineError(f"{path}: not a valid safetensors file (malformed tensor table)") from None
-    if 8 + header_len + data_end != size:
-        raise PipelineError(
-            f"{path}: safetensors file is truncated or corrupt ({size} bytes, its header describes "
-            f"{8 + header_len + data_end}); download or convert the model again"
-        )
-    return tensors
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -131,7 +107,7 @@ def inspect_model_dir(model_dir: str | os.PathLike, declared_family: str | None 
         raise PipelineError(f"{config_path}: {exc}") from None
     numel_by_dtype: Counter[str] = Counter()
     for weight_file in _weight_files(model_dir):
-        for info in read_safetensors_header(weight_file).values():
+        for info in read_tensor_table(weight_file, MODEL_REMEDY).values():
             numel = 1
             for dim in info.get("shape", []):
                 numel *= int(dim)
@@ -377,3 +353,20 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "auto", dty
     model.to(torch_device).eval()
     prepare_for_quantization(model, family)
     return model, load_tokenizer(path, trust_remote_code), family
+
+
+def checkpoint_dtype(model_dir: str | os.PathLike) -> str:
+    """The dtype a model directory's config declares (float32 when it names none we load)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+
+
+def load_model_from_manifest(manifest: str | os.PathLike, device: str | torch.device = "auto",
+                             dtype: str | torch.dtype = "auto") -> tuple[nn.Module, Any, str]:
+    """The fetched model of a manifest: (model, tokenizer, family); dtype "checkpoint" keeps the stored one."""
+    info = read_manifest(manifest)
+    if dtype == "checkpoint":
+        dtype = checkpoint_dtype(info["path"])
+    return load_model(info["path"], device=device, dtype=dtype, trust_remote_code=info.get("trust_remote_code", False),
+                      family=info.get("family"))

@@ -13,11 +13,9 @@ from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_text
 from shadowquant.errors import PipelineError
-from shadowquant.sweep import HIGHER_IS_BETTER, budget_bound
+from shadowquant.decision import SIDES, STAT_KEYS
+from shadowquant.selection import HIGHER_IS_BETTER, budget_bound
 
-SIDES = ("input", "output")
-# act_scales.json keys of each statistic: (maximum, 99.9 % order statistic).
-RATIO_KEYS = {"signed": ("ori", "top_0_1"), "absmax": ("absmax_ori", "absmax_top_0_1")}
 METRIC_LABELS = {
     "accuracy": "last-token accuracy",
     "perplexity": "perplexity",
@@ -386,12 +384,12 @@ def _ratio(maximum, top) -> float | None:
 
 
 def _check_act_scales(data: dict, path) -> list[str]:
-    for key in RATIO_KEYS["signed"]:
+    for key in STAT_KEYS["signed"]:
         if not isinstance(data.get(key), dict) or not data[key]:
             raise PipelineError(f"{path}: missing or empty key '{key}' (expected the act_scales format "
                                 "of METHOD.md section 1)")
     layers = list(data["ori"])
-    for key in (k for keys in RATIO_KEYS.values() for k in keys if k in data):
+    for key in (k for keys in STAT_KEYS.values() for k in keys if k in data):
         for name in layers:
             entry = data[key].get(name)
             if not isinstance(entry, dict) or any(side not in entry for side in SIDES):
@@ -407,7 +405,7 @@ def plot_outlier_ratios(act_scales_json: str | Path, out_png: str | Path, thresh
     path = Path(act_scales_json)
     data = _read_json(path, "activation scales")
     layers = _check_act_scales(data, path)
-    statistics = [s for s, (a, b) in RATIO_KEYS.items() if a in data and b in data]
+    statistics = [s for s, (a, b) in STAT_KEYS.items() if a in data and b in data]
     depths = {name: layer_depth(name) for name in layers}
     known = [d for d in depths.values() if d is not None]
     # lm_head (and anything outside the blocks) goes one step after the last block.
@@ -421,7 +419,7 @@ def plot_outlier_ratios(act_scales_json: str | Path, out_png: str | Path, thresh
     fig = _new_figure(13.0, 3.9 * len(statistics) + 1.2)
     axes = fig.subplots(len(statistics), 2, squeeze=False, sharex=True)
     for row, statistic in enumerate(statistics):
-        max_key, top_key = RATIO_KEYS[statistic]
+        max_key, top_key = STAT_KEYS[statistic]
         for col, side in enumerate(SIDES):
             ax = axes[row][col]
             skipped = 0

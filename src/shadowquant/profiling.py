@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from shadowquant.atomic import atomic_path, write_json
+from shadowquant.decision import SIDES
 from shadowquant.errors import PipelineError
 from shadowquant.families import linear_layer_names
 from shadowquant.stats import SideStats
 
 log = logging.getLogger(__name__)
-SIDES = ("input", "output")
 # Padded activations up to this size (64 MB in float32) are copied without their padding; larger
 # ones (lm_head logits) are read per sample, in place.
 PADDED_COPY_ELEMENTS = 1 << 24

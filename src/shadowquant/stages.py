@@ -6,38 +6,33 @@ output atomically.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
+from safetensors.torch import load_file
+
+from shadowquant import corpus, download
 from shadowquant.atomic import atomic_path, write_json, write_text
+from shadowquant.decision import decide as decide_layers, load_act_scales, shadow_summary, threshold_label
 from shadowquant.errors import PipelineError
+from shadowquant.export import int8_state_dict, save_export, save_export_pth
+from shadowquant.families import linear_layer_names
+from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
+from shadowquant.manifest import read_manifest
+from shadowquant.mllm import convert_safetensors_to_mllm
+from shadowquant.models import fetch_model as fetch, load_model_from_manifest
+from shadowquant.profiling import Checkpoint, act_scales_table, profile_model, tokenize_samples
+from shadowquant.selection import resolve_export_pair
 
 log = logging.getLogger(__name__)
-
-
-def threshold_label(threshold: float) -> str:
-    """Filename-safe, stable rendering of a threshold: 152, 10000000, 1.5."""
-    t = float(threshold)
-    return str(int(t)) if t.is_integer() else repr(t)
-
-
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: model manifest not found; run the fetch_model rule first") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: model manifest is not valid JSON ({exc.msg}); delete it to refetch") from None
 
 
 # --- stage 1: inputs -------------------------------------------------------
 
 def fetch_model(source: str, manifest: str | Path, model_type: str | None = None, revision: str | None = None,
                 trust_remote_code: bool = False) -> dict:
-    from shadowquant.models import fetch_model as fetch
-
     manifest = Path(manifest)
     # A declared model.type that contradicts the model's config fails here, before any work.
     info = fetch(source, manifest.parent, revision=revision, trust_remote_code=trust_remote_code, family=model_type)
@@ -48,8 +43,6 @@ def fetch_model(source: str, manifest: str | Path, model_type: str | None = None
 
 def build_corpus(source: str, out: str | Path, sha256: str | None = None) -> None:
     """builtin:pydoc → a .jsonl; https:// → a verified download. Local files need no stage."""
-    from shadowquant import corpus, download
-
     if source == "builtin:pydoc":
         corpus.build_pydoc_corpus(out)
     elif source.startswith("https://"):
@@ -61,8 +54,6 @@ def build_corpus(source: str, out: str | Path, sha256: str | None = None) -> Non
 def select_samples(corpus_path: str | Path, out: str | Path, num_samples: int, offset: int = 0,
                    what: str = "calibration", shuffle: bool = True) -> None:
     """Records `offset .. offset+num_samples` of the seed-42 permutation (or of the file order)."""
-    from shadowquant import corpus
-
     if shuffle:
         texts = corpus.prepare_samples(corpus_path, num_samples, seed=42, offset=offset, what=what)
     else:
@@ -77,17 +68,9 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
             seq_len: int, batch_size: int = 1, device: str = "auto", dtype: str = "auto",
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, progress: bool = True,
             after_batch=None) -> dict:
-    from shadowquant import corpus
-    from shadowquant.download import sha256_file
-    from shadowquant.models import load_model
-    from shadowquant.families import linear_layer_names
-    from shadowquant.profiling import Checkpoint, act_scales_table, profile_model, tokenize_samples
-
     info = read_manifest(manifest)
     texts = corpus.read_jsonl_texts(samples)
-    model, tokenizer, family = load_model(info["path"], device=device, dtype=dtype,
-                                          trust_remote_code=info.get("trust_remote_code", False),
-                                          family=info.get("family"))
+    model, tokenizer, family = load_model_from_manifest(manifest, device=device, dtype=dtype)
     if family == "mixtral" and batch_size > 1:
         # Routed experts see flattened tokens, where padding cannot be told apart: profile unbatched.
         log.warning("mixtral: profiling with batch_size 1 so padded tokens never reach the experts")
@@ -97,7 +80,7 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
     checkpoint = None
     if checkpoint_dir is not None and checkpoint_every:
         fingerprint = {
-            "manifest": info, "samples": sha256_file(samples), "seq_len": seq_len, "batch_size": batch_size,
+            "manifest": info, "samples": download.sha256_file(samples), "seq_len": seq_len, "batch_size": batch_size,
             "dtype": str(next(model.parameters()).dtype), "device": next(model.parameters()).device.type,
         }
         checkpoint = Checkpoint(checkpoint_dir, fingerprint)
@@ -121,11 +104,9 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
 # --- stage 3: decision and export ------------------------------------------
 
 def decide(act_scales: str | Path, out: str | Path, threshold: float, statistic: str) -> dict:
-    from shadowquant.decision import decide as decide_layers, load_act_scales, summarize
-
     data = load_act_scales(act_scales)
     decisions = decide_layers(data, float(threshold), statistic, source=str(act_scales))
-    summary = summarize(decisions, float(threshold), statistic)
+    summary = shadow_summary(decisions, float(threshold), statistic)
     write_json(out, summary)
     log.info("statistic %s, threshold %s: %d shadow inputs, %d shadow outputs of %d layers", statistic,
              threshold_label(threshold), summary["num_shadow_inputs"], summary["num_shadow_outputs"],
@@ -133,25 +114,11 @@ def decide(act_scales: str | Path, out: str | Path, threshold: float, statistic:
     return summary
 
 
-def _checkpoint_dtype(model_dir: str | Path) -> str:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
-
-
 def export(manifest: str | Path, act_scales: str | Path, out: str | Path, statistic: str = "signed",
            threshold="auto", selection: str | Path | None = None, shadow_summary: str | Path | None = None) -> None:
     """Int8 export for the explicit (statistic, threshold), or the pair the sweep selected."""
-    from shadowquant.decision import decide as decide_layers, load_act_scales, summarize
-    from shadowquant.export import int8_state_dict, save_export
-    from shadowquant.models import load_model
-    from shadowquant.families import linear_layer_names
-    from shadowquant.sweep import resolve_export_pair
-
     statistic, threshold = resolve_export_pair(statistic, threshold, selection)
-    info = read_manifest(manifest)
-    model, _, family = load_model(info["path"], device="cpu", dtype=_checkpoint_dtype(info["path"]),
-                                  trust_remote_code=info.get("trust_remote_code", False), family=info.get("family"))
+    model, _, family = load_model_from_manifest(manifest, device="cpu", dtype="checkpoint")
     names = linear_layer_names(model)
     decisions = decide_layers(load_act_scales(act_scales), threshold, statistic, layers=names, source=str(act_scales))
     tensors = int8_state_dict(model.state_dict(), decisions, names)
@@ -159,7 +126,7 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, statis
             "statistic": statistic}
     save_export(tensors, out, metadata=meta)
     if shadow_summary is not None:
-        summary = summarize(decisions, threshold, statistic)
+        summary = shadow_summary(decisions, threshold, statistic)
         write_json(shadow_summary, {k: v for k, v in summary.items() if k != "layers"})
     log.info("exported %d tensors (%s, threshold %s) to %s", len(tensors), statistic, threshold_label(threshold), out)
 
@@ -168,9 +135,6 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, statis
 
 def convert(export_path: str | Path, out: str | Path, report: str | Path | None = None, version: int = 1) -> None:
     """Int8 safetensors export -> mllm file, published only once the inspector accepts it."""
-    from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
-    from shadowquant.mllm import convert_safetensors_to_mllm
-
     shapes, codes = expectations_from_safetensors(export_path, version)
     with atomic_path(out, suffix=".mllm") as tmp:
         convert_safetensors_to_mllm(export_path, tmp, version=version)
@@ -190,18 +154,11 @@ def convert(export_path: str | Path, out: str | Path, report: str | Path | None 
 
 def export_pth(export_path: str | Path, out: str | Path) -> None:
     """The reference-compatible .pth, made from our safetensors export (which is read safely)."""
-    from safetensors.torch import load_file
-
-    from shadowquant.export import save_export_pth
-
     save_export_pth(load_file(str(export_path)), out)
 
 
 def link_primary(src: str | Path, dst: str | Path) -> None:
     """The root model.mllm: a hard link where the filesystem allows, else a copy; atomic either way."""
-    import os
-    import shutil
-
     with atomic_path(dst, suffix=".mllm") as tmp:
         tmp.unlink()
         try:
@@ -216,11 +173,9 @@ def fetch_lambada(out: str | Path, num_samples: int) -> None:
         import datasets
     except ImportError:
         raise PipelineError("evaluation.dataset 'hf:lambada' needs the 'datasets' package: pip install datasets") from None
-    from shadowquant.corpus import write_jsonl
-
     try:
         data = datasets.load_dataset("lambada", split=f"validation[:{num_samples}]")
     except Exception as exc:  # the hub raises many kinds of connection errors
         raise PipelineError(f"could not load LAMBADA from the Hugging Face hub ({type(exc).__name__}); the network "
                             "may be unreachable: set evaluation.dataset to 'heldout' or a local .jsonl file") from None
-    write_jsonl(out, [r["text"] for r in data])
+    corpus.write_jsonl(out, [r["text"] for r in data])

@@ -1,5 +1,5 @@
-"""The threshold sweep: float baseline, one simulated W8A8 evaluation per (statistic, threshold),
-the sweep table, and the automatic selection of the exported pair."""
+"""The threshold sweep, by simulated W8A8 inference: the float baseline, one evaluation per
+(statistic, threshold), and the sweep table. Choosing a point from the table is selection.py's job."""
 
 from __future__ import annotations
 
@@ -9,28 +9,18 @@ import math
 from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_json
-from shadowquant.decision import decide, load_act_scales, summarize as summarize_decisions
+from shadowquant.decision import decide, load_act_scales, shadow_summary
 from shadowquant.errors import PipelineError
+from shadowquant.models import load_model_from_manifest
 
 log = logging.getLogger(__name__)
 
-# Metric -> True when larger is better.
-HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "perplexity": False, "kl": False}
 SWEEP_COLUMNS = ["statistic", "threshold", "accuracy", "perplexity", "agreement", "kl", "num_shadow_inputs",
                  "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction", "num_samples", "num_tokens"]
 
 
 def _finite_or_none(value):
     return value if value is None or math.isfinite(value) else None
-
-
-def load_evaluation_model(manifest: str | Path, device: str, dtype: str):
-    from shadowquant.models import load_model
-    from shadowquant.stages import read_manifest
-
-    info = read_manifest(manifest)
-    return load_model(info["path"], device=device, dtype=dtype, trust_remote_code=info.get("trust_remote_code", False),
-                      family=info.get("family"))
 
 
 def evaluation_sequences(tokenizer, samples: str | Path, seq_len: int) -> list[list[int]]:
@@ -73,7 +63,7 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
 
     import torch
 
-    model, tokenizer, _ = load_evaluation_model(manifest, device, dtype)
+    model, tokenizer, _ = load_model_from_manifest(manifest, device, dtype)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     with torch.inference_mode():
         result = evaluate(model, sequences, batch_size=batch_size, collect_top_k=top_k, desc="float")
@@ -92,7 +82,7 @@ def evaluate_threshold(manifest, samples, act_scales, baseline, out_json, statis
 
     from shadowquant.metrics import evaluate, summarize
 
-    model, tokenizer, family = load_evaluation_model(manifest, device, dtype)
+    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
     decisions = decide(load_act_scales(act_scales), float(threshold), statistic, source=str(act_scales))
     names = quantize_model(model, family, decisions)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
@@ -100,7 +90,7 @@ def evaluate_threshold(manifest, samples, act_scales, baseline, out_json, statis
         result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline,
                           desc=f"{statistic} t={threshold:g}")
     quantized = {n: decisions[n] for n in names}
-    counts = summarize_decisions(quantized, float(threshold), statistic)
+    counts = shadow_summary(quantized, float(threshold), statistic)
     metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in summarize(result).items()}
     metrics.update(
         statistic=statistic, threshold=float(threshold),
@@ -128,84 +118,3 @@ def aggregate(float_json, point_jsons: list, out_csv) -> None:
         table[column] = table[column].astype("Int64")
     with atomic_path(out_csv, suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
-
-
-def budget_bound(metric: str, float_value: float, max_drop: float) -> float:
-    """The worst metric value the selection still accepts."""
-    if metric == "kl":
-        return max_drop  # the float model's own KL is 0
-    return float_value - max_drop if HIGHER_IS_BETTER[metric] else float_value + max_drop
-
-
-def within_budget(value, float_value, metric: str, max_drop: float) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    bound = budget_bound(metric, float_value, max_drop)
-    return value >= bound - 1e-12 if HIGHER_IS_BETTER[metric] else value <= bound + 1e-12
-
-
-def choose(table, metric: str, max_drop: float, statistic: str | None = None,
-           threshold: float | None = None) -> dict:
-    """Fewest shadow sides among the points within budget of float (ties: the better metric).
-
-    `statistic` / `threshold` restrict the candidates (explicit config values override "auto").
-    """
-    import pandas as pd
-
-    floats = table[table["statistic"] == "float"]
-    if floats.empty:
-        raise PipelineError("sweep table has no float row; re-run the float evaluation")
-    # The float model agrees with itself completely and has no divergence from itself.
-    float_value = {"kl": 0.0, "agreement": 1.0}.get(metric, None)
-    if float_value is None:
-        float_value = float(floats.iloc[0][metric])
-    points = table[table["statistic"] != "float"]
-    if statistic is not None:
-        points = points[points["statistic"] == statistic]
-    if threshold is not None:
-        points = points[points["threshold"] == float(threshold)]
-    if points.empty:
-        raise PipelineError(f"the sweep has no point for statistic {statistic or 'any'} and threshold "
-                            f"{threshold if threshold is not None else 'any'}; add it to sweep.thresholds/statistics")
-    sign = -1 if HIGHER_IS_BETTER[metric] else 1
-    ok = points[[within_budget(v, float_value, metric, max_drop) for v in points[metric]]]
-    if ok.empty:
-        ranked = points.assign(_key=[sign * v if not pd.isna(v) else math.inf for v in points[metric]])
-        best = ranked.sort_values("_key").iloc[0]
-        raise PipelineError(
-            f"no swept point keeps {metric} within {max_drop} of float ({float_value:.4f}); the closest is "
-            f"statistic {best['statistic']} threshold {best['threshold']:g} with {metric} {best[metric]:.4f}; "
-            f"raise sweep.max_accuracy_drop or add smaller thresholds")
-    ranked = ok.assign(_key=[sign * v for v in ok[metric]]).sort_values(["num_shadow_sides", "_key", "threshold"],
-                                                                         ascending=[True, True, False])
-    best = ranked.iloc[0]
-    reason = (f"fewest shadow sides ({int(best['num_shadow_sides'])}) among {len(ok)} of {len(points)} swept points "
-              f"whose {metric} is within {max_drop} of float ({float_value:.4f}); ties broken by the better {metric}")
-    return {
-        "statistic": str(best["statistic"]), "threshold": float(best["threshold"]), "metric": metric,
-        "max_drop": max_drop, "float_value": float_value, "selected_value": float(best[metric]),
-        "num_shadow_sides": int(best["num_shadow_sides"]), "reason": reason,
-        "candidates": int(len(points)), "within_budget": int(len(ok)),
-    }
-
-
-def select_stage(sweep_csv, out, metric: str, max_drop: float, statistic: str = "auto",
-                 threshold="auto") -> dict:
-    import pandas as pd
-
-    table = pd.read_csv(sweep_csv)
-    choice = choose(table, metric, max_drop, None if statistic == "auto" else statistic,
-                    None if threshold == "auto" else float(threshold))
-    write_json(out, choice)
-    log.info("selected %s threshold %g: %s", choice["statistic"], choice["threshold"], choice["reason"])
-    return choice
-
-
-def resolve_export_pair(statistic: str, threshold, selection: str | Path | None) -> tuple[str, float]:
-    """The (statistic, threshold) the export uses: explicit config values, else the selection's."""
-    if statistic != "auto" and threshold != "auto":
-        return statistic, float(threshold)
-    if selection is None:
-        raise PipelineError("export.threshold or statistic is 'auto' but no selection.json was given")
-    choice = json.loads(Path(selection).read_text())
-    return choice["statistic"], float(choice["threshold"])

@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from shadowquant.config import validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
-from shadowquant.sources import source_fingerprint
-from shadowquant.stages import threshold_label
+from shadowquant.decision import threshold_label
+from shadowquant.manifest import local_source_files
 
 try:
     # Errors name the config files the keys came from (the default one and any --configfile).

@@ -2,6 +2,9 @@
 
 
 rule fetch_model:
+    input:
+        # A local model's files: editing them in place reruns the fetch and everything after it.
+        local_source_files(config["model"]["source"]),
     output:
         manifest=MODEL_MANIFEST,
     log:

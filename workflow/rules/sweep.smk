@@ -141,7 +141,7 @@ rule select_threshold:
 rule evaluate_export:
     input:
         manifest=MODEL_MANIFEST,
-        scales=f"{RESULTS}/act_scales.json",
+        export=f"{RESULTS}/model-int8.safetensors",
         float=f"{RESULTS}/sweep/float.json",
         sweep=f"{RESULTS}/sweep.csv",
         selection=selection_input,

@@ -1,9 +1,9 @@
-# Thin adapter: rule evaluate_export -> shadowquant.summary.final_evaluation
+# Thin adapter: rule evaluate_export -> shadowquant.final_evaluation.evaluate_export
 from shadowquant.adapter import run_stage
-from shadowquant.summary import final_evaluation
+from shadowquant.final_evaluation import evaluate_export
 
 p = snakemake.params
-run_stage(snakemake, final_evaluation, manifest=snakemake.input.manifest, act_scales=snakemake.input.scales,
+run_stage(snakemake, evaluate_export, manifest=snakemake.input.manifest, export=snakemake.input.export,
           float_json=snakemake.input.float, sweep_csv=snakemake.input.sweep, out_json=snakemake.output.metrics,
           out_md=snakemake.output.summary, out_html=snakemake.output.page, statistic=p.statistic, threshold=p.threshold,
           selection=snakemake.input.selection[0] if snakemake.input.selection else None, prompts=list(p.prompts),

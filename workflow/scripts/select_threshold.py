@@ -1,6 +1,6 @@
-# Thin adapter: rule select_threshold -> shadowquant.sweep.select_stage
+# Thin adapter: rule select_threshold -> shadowquant.selection.select_stage
 from shadowquant.adapter import run_stage
-from shadowquant.sweep import select_stage
+from shadowquant.selection import select_stage
 
 p = snakemake.params
 run_stage(snakemake, select_stage, sweep_csv=snakemake.input[0], out=snakemake.output[0], metric=p.metric,

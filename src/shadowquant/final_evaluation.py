@@ -1,4 +1,5 @@
-"""Simulated evaluation of the exported model: metrics next to float, and greedy generations side by side."""
+"""The exported model next to float: its sweep metrics, and greedy generations side by side from a model
+rebuilt out of the int8 export file itself (the tensors that ship, not a fresh simulation)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ from pathlib import Path
 
 import torch
 
+from safetensors.torch import load_file
+
 from shadowquant.atomic import write_json, write_text
-from shadowquant.decision import decide, load_act_scales
-from shadowquant.stages import threshold_label
-from shadowquant.sweep import load_evaluation_model, quantize_model, resolve_export_pair
+from shadowquant.decision import threshold_label
+from shadowquant.errors import PipelineError
+from shadowquant.fakequant import apply_w8a8_from_export
+from shadowquant.families import quantized_layer_names
+from shadowquant.models import load_model_from_manifest
+from shadowquant.selection import resolve_export_pair
 
 log = logging.getLogger(__name__)
 
@@ -79,25 +85,24 @@ def html_summary(result: dict) -> str:
     )
 
 
-def final_evaluation(manifest, act_scales, float_json, sweep_csv, out_json, out_md, statistic: str,
-                     threshold, selection=None, prompts: list[str] = (), max_new_tokens: int = 24,
-                     device: str = "auto", dtype: str = "auto", out_html=None) -> dict:
-    """Metrics of the exported pair (from the sweep) next to float, plus float vs W8A8 generations."""
+def evaluate_export(manifest, export, float_json, sweep_csv, out_json, out_md, statistic: str,
+                    threshold, selection=None, prompts: list[str] = (), max_new_tokens: int = 24,
+                    device: str = "auto", dtype: str = "auto", out_html=None) -> dict:
+    """Metrics of the exported pair (from the sweep) next to float, plus float vs exported W8A8 generations."""
     import pandas as pd
 
     statistic, threshold = resolve_export_pair(statistic, threshold, selection)
     table = pd.read_csv(sweep_csv)
     row = table[(table["statistic"] == statistic) & (table["threshold"] == threshold)]
     if row.empty:
-        from shadowquant.errors import PipelineError
-
         raise PipelineError(f"{sweep_csv}: no sweep point for statistic {statistic} threshold {threshold:g}")
     w8a8 = {k: (None if pd.isna(v) else v.item() if hasattr(v, "item") else v)
             for k, v in row.iloc[0].to_dict().items()}
     float_metrics = json.loads(Path(float_json).read_text())
-    model, tokenizer, family = load_evaluation_model(manifest, device, dtype)
+    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
     float_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
-    quantize_model(model, family, decide(load_act_scales(act_scales), threshold, statistic))
+    apply_w8a8_from_export(model, load_file(str(export), device=str(next(model.parameters()).device)),
+                           quantized_layer_names(model, family))
     w8a8_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
     result = {
         "model": Path(manifest).parent.name, "statistic": statistic, "threshold": threshold,
