@@ -23,7 +23,7 @@ import pytest
 
 from shadowquant import stages
 from shadowquant.inspector import inspect_mllm
-from workflow_helpers import REPO, SNAKEMAKE, write_config
+from workflow_helpers import snakemake_command, snakemake_env, write_config
 
 # Runs one stage with shadowquant.atomic's rename replaced by "say where, then hang".
 HANG_BEFORE_RENAME = textwrap.dedent(
@@ -166,10 +166,10 @@ def test_snakemake_killed_mid_write_then_rerun_produces_the_output(llama_run, ti
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SLOW_WRITES)
     # Only the conversion may run: the existing export is taken as given.
-    command = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
-               str(config), "--cores", "1", "results/tiny/model.mllm", "--allowed-rules", "convert_mllm"]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    slow_env = dict(env, SQ_TEST_SLOW_WRITE="0.2", PYTHONPATH=os.pathsep.join(
+    command = snakemake_command(tmp_path, config, "results/tiny/model.mllm", "--allowed-rules", "convert_mllm",
+                                cores=1)
+    env = snakemake_env()
+    slow_env = snakemake_env(SQ_TEST_SLOW_WRITE="0.2", PYTHONPATH=os.pathsep.join(
         [str(hooks), *filter(None, [os.environ.get("PYTHONPATH")])]))
     before = {p.name for p in results.iterdir()}
     proc = subprocess.Popen(command, cwd=tmp_path, env=slow_env, start_new_session=True, stdout=subprocess.PIPE,

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from shadowquant import stages
 from shadowquant.errors import PipelineError
-from workflow_helpers import apply_overrides, snakemake, write_config
+from workflow_helpers import snakemake, tiny_config, write_config
 
 NAME = "bad"
 
@@ -49,13 +49,9 @@ class Inputs:
 
     def config(self, **overrides) -> dict:
         """A valid small config with `section.key=value` overrides."""
-        cfg = {
-            "model": {"source": str(self.model_dir), "name": NAME},
-            "calibration": {"dataset": str(self.corpus), "num_samples": 4, "seq_len": 16, "batch_size": 2,
-                            "checkpoint_every": 0},
-            "device": "cpu",
-        }
-        return apply_overrides(cfg, overrides)
+        return tiny_config(self.model_dir, self.corpus, NAME, **{"calibration.num_samples": 4,
+                                                                   "calibration.seq_len": 16,
+                                                                   "calibration.batch_size": 2, **overrides})
 
 
 @dataclass

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from shadowquant.decision import LayerQuant, decide, decide_side, summarize
+from shadowquant.decision import LayerQuant, decide, decide_side, shadow_summary
 from shadowquant.errors import PipelineError
 from shadowquant.export import int8_state_dict, quantize_per_tensor
 
@@ -32,7 +32,7 @@ def test_clip_rule(ori, top, t, expected):
 
 def test_decide_counts_shadow_sides_and_larger_t_means_fewer():
     data = _scales({"a": (10.0, 3.0, 1.0, 2.0), "b": (100.0, 4.0, 1.0, 2.0)})
-    counts = [summarize(decide(data, t), t, "signed")["num_shadow_sides"] for t in (1, 2, 4, 16, 152)]
+    counts = [shadow_summary(decide(data, t), t, "signed")["num_shadow_sides"] for t in (1, 2, 4, 16, 152)]
     assert counts == sorted(counts, reverse=True)
     d = decide(data, 4)
     assert d["a"] == LayerQuant(1.0, 3.0, False, True)

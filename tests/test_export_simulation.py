@@ -5,26 +5,13 @@ import json
 import pytest
 import torch
 
-from shadowquant.decision import LayerQuant, decide
+from shadowquant.decision import decide
 from shadowquant.export import int8_state_dict
-from shadowquant.fakequant import W8A8Linear, apply_w8a8, dequantized_linear_from_export
+from shadowquant.fakequant import apply_w8a8, apply_w8a8_from_export
 from shadowquant.families import quantized_layer_names
 from shadowquant.models import load_model
 from shadowquant.families import linear_layer_names as linear_names
 from shadowquant.profiling import profile_model, tokenize_samples
-
-
-def _model_from_export(model, export: dict, names: list[str]):
-    """Replace each quantized Linear by one whose weights and scales are read back from the export."""
-    for name in names:
-        w, b = dequantized_linear_from_export(export[f"{name}.weight"], export[f"{name}.weight.scale"],
-                                              export.get(f"{name}.bias"), export.get(f"{name}.bias.scale"))
-        quant = LayerQuant(float(export[f"{name}.input_scale"]), float(export[f"{name}.output_scale"]),
-                           bool(export[f"{name}.clip_input"]), bool(export[f"{name}.clip_output"]))
-        layer = W8A8Linear(w, b, export[f"{name}.weight.scale"], export.get(f"{name}.bias.scale"), quant)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    return model
 
 
 @pytest.mark.parametrize("family,threshold", [("llama", 4.0), ("llama", 152.0), ("opt", 4.0), ("falcon", 4.0),
@@ -38,7 +25,7 @@ def test_exported_tensors_reproduce_the_simulated_logits(family, threshold, tiny
     export = int8_state_dict(simulated.state_dict(), decisions, linear_names(simulated))
     names = quantized_layer_names(simulated, fam)
     rebuilt, _, _ = load_model(tiny_model_dir(family), device="cpu", dtype="float32")
-    _model_from_export(rebuilt, export, names)
+    apply_w8a8_from_export(rebuilt, export, names)
     apply_w8a8(simulated, decisions, names)
     ids = torch.tensor([sequences[0]])
     with torch.inference_mode():

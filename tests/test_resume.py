@@ -16,14 +16,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from shadowquant.corpus import pydoc_records, write_jsonl
-from workflow_helpers import REPO, SNAKEMAKE, snakemake, write_config
+from workflow_helpers import snakemake, snakemake_command, snakemake_env, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +64,8 @@ def uninterrupted_run(tmp_path_factory, resume_config) -> Path:
 
 def start_snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.Popen:
     """snakemake (as workflow_helpers.snakemake) in its own process group, output to KILLED_OUTPUT."""
-    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), "--cores", "2", *args]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    cmd = snakemake_command(workdir, configfile, *args)
+    env = snakemake_env()
     # A file, not a pipe: nobody reads while we wait, and a full pipe would stall snakemake.
     with open(workdir / KILLED_OUTPUT, "wb") as out:
         return subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env,

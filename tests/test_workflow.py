@@ -10,28 +10,15 @@ from safetensors import safe_open
 from shadowquant.families import FAMILIES
 from shadowquant.inspector import main as inspect_main
 from shadowquant.mllm import DTYPE_INT8, read_mllm
-from workflow_helpers import apply_overrides, planned_jobs, snakemake, write_config
+from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def _config(model_dir, corpus, name, **overrides):
-    cfg = {
-        "model": {"source": str(model_dir), "name": name},
-        "calibration": {"dataset": str(corpus), "num_samples": 6, "seq_len": 32, "batch_size": 3,
-                        "checkpoint_every": 0},
-        # A small sweep keeps eight families fast: two thresholds, both statistics, auto selection.
-        "sweep": {"thresholds": [4, 10000000]},
-        "evaluation": {"num_samples": 8, "seq_len": 24, "max_new_tokens": 4, "prompts": ["The list"]},
-        "device": "cpu",
-    }
-    return apply_overrides(cfg, overrides)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path):
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
-    cfg = write_config(tmp_path, _config(model_dir, tiny_text_corpus, f"tiny-{family}", **{"model.type": family}))
+    cfg = write_config(tmp_path, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}", **{"model.type": family}))
     snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
     results = tmp_path / f"results/tiny-{family}"
     sweep = pd.read_csv(results / "sweep.csv")
@@ -58,11 +45,11 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):
     # Explicit statistic and threshold: model.mllm needs no sweep.
-    base = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", statistic="signed",
+    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", statistic="signed",
                    **{"export.threshold": 152})
     cfg = write_config(tmp_path, base)
     snakemake(tmp_path, cfg, "model.mllm")
-    assert (tmp_path / "model.mllm").stat().st_size == (tmp_path / "results/tiny-llama/model.mllm").stat().st_size
+    assert (tmp_path / "model.mllm").read_bytes() == (tmp_path / "results/tiny-llama/model.mllm").read_bytes()
     assert planned_jobs(snakemake(tmp_path, cfg, "-n", "model.mllm")) == {}
     base["export"] = {"threshold": 8}
     cfg = write_config(tmp_path, base)
@@ -93,7 +80,7 @@ def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, 
     from shadowquant.fakequant import dequantized_linear_from_export, fake_quant_weight
     from shadowquant.models import load_model
 
-    cfg = write_config(tmp_path, _config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt", statistic="absmax",
+    cfg = write_config(tmp_path, tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt", statistic="absmax",
                                          **{"export.threshold": 4}))
     snakemake(tmp_path, cfg, "results/tiny-opt/model-int8.safetensors")
     model, _, _ = load_model(tiny_model_dir("opt"), device="cpu", dtype="float32")
@@ -107,7 +94,7 @@ def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, 
 
 
 def test_budget_change_reruns_selection_only(tiny_model_dir, tiny_text_corpus, tmp_path):
-    base = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-budget")
+    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-budget")
     cfg = write_config(tmp_path, base)
     snakemake(tmp_path, cfg)
     calibration = set((tmp_path / "results/tiny-budget/calibration.jsonl").read_text().splitlines())
@@ -127,7 +114,7 @@ def test_cache_reuses_the_profile_across_working_directories(tiny_model_dir, tin
                                                                      monkeypatch):
     monkeypatch.setenv("SNAKEMAKE_OUTPUT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    cfg = _config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-cache")
+    cfg = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-cache")
     first, second = tmp_path / "first", tmp_path / "second"
     for workdir in (first, second):
         workdir.mkdir()
@@ -138,3 +125,19 @@ def test_cache_reuses_the_profile_across_working_directories(tiny_model_dir, tin
     assert (second / "results/tiny-cache/act_scales.json").is_symlink()
     assert (second / "results/tiny-cache/act_scales.json").read_bytes() == \
         (first / "results/tiny-cache/act_scales.json").read_bytes()
+
+
+def test_editing_a_local_model_reruns_fetch_and_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):
+    """A local model directory is an input of fetch_model: an edit in place makes everything after it stale."""
+    import shutil
+
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    cfg = write_config(tmp_path, tiny_config(model, tiny_text_corpus, "tiny-local"))
+    target = "results/tiny-local/act_scales.json"
+    snakemake(tmp_path, cfg, target)
+    assert planned_jobs(snakemake(tmp_path, cfg, "-n", target)) == {}
+    config_json = model / "config.json"
+    config_json.write_text(config_json.read_text())  # same content, newer file: Snakemake's mtime rule
+    jobs = planned_jobs(snakemake(tmp_path, cfg, "-n", target))
+    assert {"fetch_model", "profile"} <= set(jobs), jobs

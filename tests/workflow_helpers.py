@@ -25,29 +25,61 @@ def apply_overrides(cfg: dict, overrides: dict) -> dict:
     return cfg
 
 
+def tiny_config(model_dir, corpus, name: str, **overrides) -> dict:
+    """A small valid config for a tiny test model: a few short samples, a two-point sweep, CPU.
+
+    `section.key=value` overrides (e.g. `**{"calibration.num_samples": 4}`) adjust it per test.
+    """
+    cfg = {
+        "model": {"source": str(model_dir), "name": name},
+        "calibration": {"dataset": str(corpus), "num_samples": 6, "seq_len": 32, "batch_size": 3,
+                        "checkpoint_every": 0},
+        # A small sweep keeps the workflow fast: two thresholds, both statistics, auto selection.
+        "sweep": {"thresholds": [4, 10000000]},
+        "evaluation": {"num_samples": 8, "seq_len": 24, "max_new_tokens": 4, "prompts": ["The list"]},
+        "device": "cpu",
+    }
+    return apply_overrides(cfg, overrides)
+
+
 def write_config(workdir: Path, config: dict, name: str = "test-config.yaml") -> Path:
     path = workdir / name
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+def snakemake_command(workdir: Path, configfile: Path, *args: str, cores: int = 2) -> list[str]:
+    """The snakemake command line that runs the repository's workflow in `workdir`."""
+    return [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(configfile), "--cores", str(cores), *args]
+
+
+def snakemake_env(**extra: str) -> dict[str, str]:
+    """The environment of a snakemake run: this interpreter's bin/ first on PATH, plus `extra`."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+
+
 def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True, timeout: int = 600):
     """Run snakemake on the repository's workflow in `workdir`; returns the CompletedProcess."""
-    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(configfile), "--cores", "2", *args]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(snakemake_command(workdir, configfile, *args), cwd=workdir, capture_output=True, text=True,
+                          timeout=timeout, env=snakemake_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
 def planned_jobs(proc) -> dict[str, int]:
-    """Rule -> job count from a dry run's 'Job stats' table."""
+    """Rule -> job count from a dry run's 'Job stats' table; {} only when snakemake says nothing is to be done.
+
+    Raises when the output has neither, so a change of snakemake's output format fails loudly instead of
+    looking like "no jobs planned".
+    """
     text = proc.stdout + proc.stderr
-    jobs = {}
     if "Job stats:" not in text:
-        return jobs
+        if "Nothing to be done" in text:
+            return {}
+        raise AssertionError(f"dry-run output has no 'Job stats' table and no 'Nothing to be done':\n{text[-3000:]}")
+    jobs = {}
     table = text.split("Job stats:", 1)[1]
     for line in table.splitlines()[3:]:
         m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
@@ -55,4 +87,6 @@ def planned_jobs(proc) -> dict[str, int]:
             break
         if m.group(1) != "total":
             jobs[m.group(1)] = int(m.group(2))
+    if not jobs:
+        raise AssertionError(f"could not parse the 'Job stats' table:\n{table[:2000]}")
     return jobs
