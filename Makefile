@@ -6,7 +6,7 @@ CORES ?= 2
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lint report clean
+.PHONY: setup run test lint report docs clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,10 @@ test: lint
 
 report: setup
 	snakemake --cores $(CORES) --report report.html
+
+# The configuration reference is generated from the schema (tests/test_docs.py keeps it in step).
+docs: setup
+	python -m shadowquant.config_reference > docs/configuration.md
 
 clean:
 	rm -rf results logs benchmarks model.mllm report.html .snakemake
