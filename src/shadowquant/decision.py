@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,28 @@ def threshold_label(threshold: float) -> str:
     """Filename-safe, stable rendering of a threshold: 152, 10000000, 1.5."""
     t = float(threshold)
     return str(int(t)) if t.is_integer() else repr(t)
+
+
+# A sweep point: the ratio rule at threshold t ("absmax-t16"), or the k most valuable shadow sides of the
+# measured sensitivity ranking ("absmax-k15").
+RULES = {"t": "ratio", "k": "sensitivity"}
+POINT_PATTERN = re.compile(r"^(signed|absmax)-(t|k)([0-9]+(?:\.[0-9]+)?)$")
+
+
+def point_label(statistic: str, rule: str, value: float) -> str:
+    """'absmax-t16' for the ratio rule at t = 16, 'absmax-k15' for 15 sensitivity-chosen shadow sides."""
+    letter = {"ratio": "t", "sensitivity": "k"}[rule]
+    return f"{statistic}-{letter}{threshold_label(value) if rule == 'ratio' else int(value)}"
+
+
+def parse_point(label: str) -> tuple[str, str, float]:
+    """(statistic, rule, value) of a point label; a one-line error names the valid forms."""
+    match = POINT_PATTERN.match(str(label))
+    if not match or (match[2] == "k" and "." in match[3]):
+        raise PipelineError(f"point '{label}' is not valid: expected '<statistic>-t<threshold>' (e.g. absmax-t152, "
+                            "the ratio rule) or '<statistic>-k<shadow sides>' (e.g. absmax-k15, sensitivity-chosen), "
+                            "statistic signed or absmax")
+    return match[1], RULES[match[2]], float(match[3])
 
 
 def decide_side(ori: float, top: float, threshold: float) -> tuple[float, bool]:

@@ -1,5 +1,17 @@
-"""Choosing the exported point from the sweep table (pandas only, no torch): budget against float,
-then the cheapest point on device."""
+"""Choosing the exported point from the sweep table (pandas only, no torch).
+
+Every metric is turned into a *loss* against float, so one budget key fits them all:
+
+- perplexity: the relative increase `ppl / ppl_float - 1` (0.03 = 3 % worse than float);
+- kl: the mean KL(float || W8A8) per predicted token, in nats (float's own is 0);
+- agreement: `1 - agreement`, the share of positions whose top-1 token differs from float's;
+- accuracy: `accuracy_float - accuracy`, the absolute drop of last-token accuracy.
+
+A point is within budget when its loss is at most `sweep.budget`. Among those the cheapest on the
+device wins: fewest shadow sides, then the smaller shadow FLOP share, then the smaller loss. When no
+point meets the budget, the point with the smallest loss is taken and the selection says so
+(`budget_met: false`), so a run still produces a model, and the report shows the miss plainly.
+"""
 
 from __future__ import annotations
 
@@ -13,86 +25,146 @@ from shadowquant.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-# Metric -> True when larger is better.
+METRICS = ("perplexity", "kl", "agreement", "accuracy")
+# Metric -> True when larger is better (for plots and tables).
 HIGHER_IS_BETTER = {"accuracy": True, "agreement": True, "perplexity": False, "kl": False}
+LOSS_DESCRIPTION = {
+    "perplexity": "relative perplexity increase over float",
+    "kl": "mean KL(float || W8A8) per token (nats)",
+    "agreement": "share of tokens whose top-1 differs from float",
+    "accuracy": "drop of last-token accuracy below float",
+}
 
 
-def budget_bound(metric: str, float_value: float, max_drop: float) -> float:
-    """The worst metric value the selection still accepts."""
+def _number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def loss(row, float_row, metric: str) -> float | None:
+    """The loss of a sweep row against the float row (see the module docstring); None when unknown."""
+    if metric == "perplexity":
+        increase = _number(row.get("perplexity_increase"))
+        if increase is not None:
+            return increase
+        value, reference = _number(row.get("perplexity")), _number(float_row.get("perplexity"))
+        return None if value is None or not reference else value / reference - 1.0
     if metric == "kl":
-        return max_drop  # the float model's own KL is 0
-    return float_value - max_drop if HIGHER_IS_BETTER[metric] else float_value + max_drop
+        return _number(row.get("kl"))
+    if metric == "agreement":
+        value = _number(row.get("agreement"))
+        return None if value is None else 1.0 - value
+    if metric == "accuracy":
+        value, reference = _number(row.get("accuracy")), _number(float_row.get("accuracy"))
+        return None if value is None or reference is None else reference - value
+    raise PipelineError(f"unknown selection metric '{metric}'; valid: {', '.join(METRICS)}")
 
 
-def within_budget(value, float_value, metric: str, max_drop: float) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return False
-    bound = budget_bound(metric, float_value, max_drop)
-    return value >= bound - 1e-12 if HIGHER_IS_BETTER[metric] else value <= bound + 1e-12
+def loss_interval(row, float_row, metric: str) -> tuple[float | None, float | None]:
+    """The bootstrap interval of the loss where the sweep table has one (perplexity increase, kl, agreement)."""
+    if metric == "perplexity":
+        return _number(row.get("perplexity_increase_ci_low")), _number(row.get("perplexity_increase_ci_high"))
+    if metric == "kl":
+        return _number(row.get("kl_ci_low")), _number(row.get("kl_ci_high"))
+    if metric == "agreement":
+        high, low = _number(row.get("agreement_ci_low")), _number(row.get("agreement_ci_high"))
+        return (None if low is None else 1.0 - low), (None if high is None else 1.0 - high)
+    reference = _number(float_row.get("accuracy"))
+    high, low = _number(row.get("accuracy_ci_low")), _number(row.get("accuracy_ci_high"))
+    if reference is None:
+        return None, None
+    return (None if low is None else reference - low), (None if high is None else reference - high)
 
 
-def choose(table, metric: str, max_drop: float, statistic: str | None = None,
-           threshold: float | None = None) -> dict:
-    """Fewest shadow sides among the points within budget of float (ties: the better metric).
-
-    `statistic` / `threshold` restrict the candidates (explicit config values override "auto").
-    """
-    import pandas as pd
-
-    floats = table[table["statistic"] == "float"]
+def choose(table, metric: str, budget: float, point: str | None = None) -> dict:
+    """The selection of the module docstring; `point` (a label such as 'absmax-t152') forces that point."""
+    if metric not in METRICS:
+        raise PipelineError(f"unknown selection metric '{metric}'; valid: {', '.join(METRICS)}")
+    floats = table[table["point"] == "float"]
     if floats.empty:
         raise PipelineError("sweep table has no float row; re-run the float evaluation")
-    # The float model agrees with itself completely and has no divergence from itself.
-    float_value = {"kl": 0.0, "agreement": 1.0}.get(metric, None)
-    if float_value is None:
-        float_value = float(floats.iloc[0][metric])
-    points = table[table["statistic"] != "float"]
-    if statistic is not None:
-        points = points[points["statistic"] == statistic]
-    if threshold is not None:
-        points = points[points["threshold"] == float(threshold)]
+    float_row = floats.iloc[0].to_dict()
+    points = table[table["point"] != "float"]
+    if point is not None:
+        points = points[points["point"] == point]
+        if points.empty:
+            valid = ", ".join(table.loc[table["point"] != "float", "point"])
+            raise PipelineError(f"export.point '{point}' is not a point of the sweep; swept points: {valid}")
     if points.empty:
-        raise PipelineError(f"the sweep has no point for statistic {statistic or 'any'} and threshold "
-                            f"{threshold if threshold is not None else 'any'}; add it to sweep.thresholds/statistics")
-    sign = -1 if HIGHER_IS_BETTER[metric] else 1
-    ok = points[[within_budget(v, float_value, metric, max_drop) for v in points[metric]]]
-    if ok.empty:
-        ranked = points.assign(_key=[sign * v if not pd.isna(v) else math.inf for v in points[metric]])
-        best = ranked.sort_values("_key").iloc[0]
-        raise PipelineError(
-            f"no swept point keeps {metric} within {max_drop} of float ({float_value:.4f}); the closest is "
-            f"statistic {best['statistic']} threshold {best['threshold']:g} with {metric} {best[metric]:.4f}; "
-            f"raise sweep.max_accuracy_drop or add smaller thresholds")
-    ranked = ok.assign(_key=[sign * v for v in ok[metric]]).sort_values(["num_shadow_sides", "_key", "threshold"],
-                                                                         ascending=[True, True, False])
-    best = ranked.iloc[0]
-    reason = (f"fewest shadow sides ({int(best['num_shadow_sides'])}) among {len(ok)} of {len(points)} swept points "
-              f"whose {metric} is within {max_drop} of float ({float_value:.4f}); ties broken by the better {metric}")
+        raise PipelineError("the sweep table has no W8A8 point; add sweep.thresholds or sweep.shadow_sides")
+    rows = []
+    for row in points.to_dict("records"):
+        value = loss(row, float_row, metric)
+        rows.append((row, value))
+    known = [(row, value) for row, value in rows if value is not None]
+    if not known:
+        raise PipelineError(f"no sweep point has a {metric} value; re-run the sweep")
+    within = [(row, value) for row, value in known if value <= budget + 1e-12]
+
+    def cost_key(item):
+        row, value = item
+        return (int(row["num_shadow_sides"]), float(row.get("shadow_flop_fraction") or 0.0), value, row["point"])
+
+    if point is not None:
+        best, best_loss = known[0]
+        reason = f"forced by export.point = {point}"
+    elif within:
+        best, best_loss = min(within, key=cost_key)
+        reason = (f"fewest shadow sides ({int(best['num_shadow_sides'])}) among {len(within)} of {len(rows)} points "
+                  f"whose {LOSS_DESCRIPTION[metric]} is at most {budget:g}; ties broken by shadow FLOPs, then loss")
+    else:
+        best, best_loss = min(known, key=lambda item: (item[1], *cost_key(item)))
+        reason = (f"BUDGET MISSED: no point keeps the {LOSS_DESCRIPTION[metric]} within {budget:g}; taking the most "
+                  f"accurate point ({best_loss:.4g}); raise sweep.budget or add shadow sides / smaller thresholds")
+    low, high = loss_interval(best, float_row, metric)
+    threshold = _number(best.get("threshold"))
+    shadow_budget = _number(best.get("shadow_budget"))
     return {
-        "statistic": str(best["statistic"]), "threshold": float(best["threshold"]), "metric": metric,
-        "max_drop": max_drop, "float_value": float_value, "selected_value": float(best[metric]),
-        "num_shadow_sides": int(best["num_shadow_sides"]), "reason": reason,
-        "candidates": int(len(points)), "within_budget": int(len(ok)),
+        "point": str(best["point"]), "rule": str(best["rule"]), "statistic": str(best["statistic"]),
+        "threshold": threshold, "shadow_budget": None if shadow_budget is None else int(shadow_budget),
+        "metric": metric, "budget": float(budget), "loss": float(best_loss), "loss_ci_low": low, "loss_ci_high": high,
+        "budget_met": bool(best_loss <= budget + 1e-12), "float_value": _number(float_row.get(metric)),
+        "selected_value": _number(best.get(metric)), "num_shadow_sides": int(best["num_shadow_sides"]),
+        "shadow_flop_fraction": _number(best.get("shadow_flop_fraction")), "reason": reason,
+        "candidates": len(rows), "within_budget": len(within),
     }
 
 
-def select_stage(sweep_csv, out, metric: str, max_drop: float, statistic: str = "auto",
-                 threshold="auto") -> dict:
+def select_stage(sweep_csv, out, metric: str, budget: float, point: str = "auto") -> dict:
     import pandas as pd
 
     table = pd.read_csv(sweep_csv)
-    choice = choose(table, metric, max_drop, None if statistic == "auto" else statistic,
-                    None if threshold == "auto" else float(threshold))
+    choice = choose(table, metric, budget, None if point == "auto" else point)
     write_json(out, choice)
-    log.info("selected %s threshold %g: %s", choice["statistic"], choice["threshold"], choice["reason"])
+    log.info("selected %s: %s", choice["point"], choice["reason"])
+    if not choice["budget_met"]:
+        log.warning("the selected point misses the budget: %s %.4g > %g", metric, choice["loss"], budget)
     return choice
 
 
-def resolve_export_pair(statistic: str, threshold, selection: str | Path | None) -> tuple[str, float]:
-    """The (statistic, threshold) the export uses: explicit config values, else the selection's."""
-    if statistic != "auto" and threshold != "auto":
-        return statistic, float(threshold)
+def read_selection(path: str | Path) -> dict:
+    """selection.json as written by select_stage, with a clear error for anything else."""
+    path = Path(path)
+    try:
+        choice = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: selection not found; run the select_point rule first") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg}); delete it and run the selection again") from None
+    missing = [key for key in ("point", "rule", "statistic", "metric", "budget", "loss", "budget_met")
+               if not isinstance(choice, dict) or key not in choice]
+    if missing:
+        raise PipelineError(f"{path}: selection lacks {', '.join(missing)}; delete it and run the selection again")
+    return choice
+
+
+def resolve_export_point(point: str, selection: str | Path | None) -> str:
+    """The point label the export uses: the explicit `export.point`, else the selection's."""
+    if point != "auto":
+        return point
     if selection is None:
-        raise PipelineError("export.threshold or statistic is 'auto' but no selection.json was given")
-    choice = json.loads(Path(selection).read_text())
-    return choice["statistic"], float(choice["threshold"])
+        raise PipelineError("export.point is 'auto' but no selection.json was given")
+    return read_selection(selection)["point"]
