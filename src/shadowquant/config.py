@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,61 @@ def _non_finite_number(value, path=()) -> tuple[tuple, float] | None:
     return None
 
 
+def _threshold_text(value) -> str:
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def migrate_deprecated(cfg: dict[str, Any], source: str = "config") -> list[str]:
+    """Rewrite keys of earlier versions in place into today's; returns one deprecation message per key.
+
+    - top-level `statistic` and `export.threshold` -> `export.point` ('<statistic>-t<threshold>');
+      a statistic alone restricts `sweep.statistics` to it (the sweep then chooses the point).
+    - `sweep.max_accuracy_drop` -> `sweep.budget` (same number; for `metric: perplexity` the budget is
+      now a relative increase).
+    """
+    messages = []
+    export = cfg.get("export") if isinstance(cfg.get("export"), dict) else None
+    statistic = cfg.pop("statistic", "auto")
+    threshold = export.pop("threshold", "auto") if export is not None else "auto"
+    if statistic != "auto" or threshold != "auto":
+        if threshold != "auto" and statistic == "auto":
+            raise PipelineError(f"{source}: config key 'export.threshold' is deprecated and needs its statistic; "
+                                f"set export.point to 'absmax-t{_threshold_text(threshold)}' or "
+                                f"'signed-t{_threshold_text(threshold)}' instead")
+        if statistic not in ("signed", "absmax"):
+            raise PipelineError(f"{source}: config key 'statistic' = {statistic!r} is not valid: expected one of "
+                                "signed, absmax, auto (deprecated: use export.point or sweep.statistics)")
+        if threshold != "auto":
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+                raise PipelineError(f"{source}: config key 'export.threshold' = {threshold!r} is not valid: "
+                                    "expected a number > 0 (deprecated: use export.point)")
+            point = f"{statistic}-t{_threshold_text(threshold)}"
+            cfg.setdefault("export", {})["point"] = point
+            messages.append(f"config keys 'statistic' and 'export.threshold' are deprecated; "
+                            f"use export.point: {point}")
+        else:
+            cfg.setdefault("sweep", {})["statistics"] = [statistic]
+            messages.append(f"config key 'statistic' is deprecated; use sweep.statistics: [{statistic}] "
+                            "(or export.point for one point)")
+    sweep = cfg.get("sweep") if isinstance(cfg.get("sweep"), dict) else None
+    if sweep is not None and "max_accuracy_drop" in sweep:
+        drop = sweep.pop("max_accuracy_drop")
+        sweep.setdefault("budget", drop)
+        messages.append("config key 'sweep.max_accuracy_drop' is deprecated; use sweep.budget (for metric "
+                        "perplexity it is a relative increase: 0.05 = 5 % over float)")
+    return messages
+
+
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Return a validated copy of `config` with every default filled in."""
+    """Return a validated copy of `config` with every default filled in (deprecated keys migrated, with a
+    warning on stderr)."""
     sch = schema()
     cfg = copy.deepcopy(config or {})
     if not isinstance(cfg, dict):
         raise PipelineError(f"{source}: the config must be a mapping of keys, got {type(cfg).__name__}")
+    for message in migrate_deprecated(cfg, source):
+        print(f"warning: {source}: {message}", file=sys.stderr)
     _fill_defaults(cfg, sch)
     validator = jsonschema.Draft202012Validator(sch)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
