@@ -88,7 +88,7 @@ def llama_run(tmp_path_factory, tiny_model_dir, tiny_text_corpus) -> Path:
     stages.select_samples(tiny_text_corpus, run / "samples.jsonl", 4)
     stages.profile(run / "manifest.json", run / "samples.jsonl", run / "act_scales.json", run / "act_scales.csv",
                    seq_len=16, batch_size=2, device="cpu", progress=False)
-    stages.export(run / "manifest.json", run / "act_scales.json", run / "model-int8.safetensors", "signed", 152)
+    stages.export(run / "manifest.json", run / "act_scales.json", run / "model-int8.safetensors", "signed-t152")
     return run
 
 
@@ -105,8 +105,8 @@ def _stage_call(stage: str, run: Path, out: Path, corpus: Path) -> tuple[dict, l
     if stage == "export":
         outputs = [out / "model-int8.safetensors", out / "shadow_layers.json"]
         return {"manifest": str(run / "manifest.json"), "act_scales": str(run / "act_scales.json"),
-                "out": str(outputs[0]), "statistic": "signed", "threshold": 152,
-                "shadow_summary": str(outputs[1])}, outputs
+                "out": str(outputs[0]), "point": "signed-t152",
+                "shadow_json": str(outputs[1])}, outputs
     outputs = [out / "model.mllm", out / "inspect.txt"]
     return {"export_path": str(run / "model-int8.safetensors"), "out": str(outputs[0]),
             "report": str(outputs[1])}, outputs

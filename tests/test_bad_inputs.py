@@ -242,7 +242,7 @@ def export_with_scales(inputs: Inputs, edit: Callable[[dict], None] = lambda sca
     scales_path = inputs.tmp / "act_scales.json"
     scales_path.write_text(json.dumps(scales))
     export, summary = EXPORTED(inputs)
-    stages.export(manifest, scales_path, export, "signed", 152, shadow_summary=summary)
+    stages.export(manifest, scales_path, export, "signed-t152", shadow_json=summary)
     return export
 
 
@@ -343,20 +343,25 @@ CASES = [
          r"config key 'calibration\.num_samples' = 0 is not valid: expected an integer >= 1"),
     Case("config-negative-seq-len", config_check(**{"calibration.seq_len": -8}),
          r"config key 'calibration\.seq_len' = -8 is not valid: expected an integer >= 1"),
-    Case("config-empty-thresholds", config_check(**{"sweep.thresholds": []}),
-         r"config key 'sweep\.thresholds' = \[\] is not valid: expected a non-empty list of numbers > 0"),
+    Case("config-negative-budget", config_check(**{"sweep.budget": -0.1}),
+         r"config key 'sweep\.budget' = -0\.1 is not valid: expected a number >= 0"),
     Case("config-non-numeric-threshold", config_check(**{"sweep.thresholds": [8, "high"]}),
          r"config key 'sweep\.thresholds\[1\]' = 'high' is not valid: expected a number > 0"),
     Case("config-negative-threshold", config_check(**{"sweep.thresholds": [-4]}),
          r"config key 'sweep\.thresholds\[0\]' = -4 is not valid: expected a number > 0"),
-    Case("config-infinite-threshold", config_check(**{"export.threshold": float("inf")}),
-         r"config key 'export\.threshold' = inf is not valid: expected a finite number"),
+    Case("config-infinite-threshold", config_check(**{"sweep.thresholds": [4, float("inf")]}),
+         r"config key 'sweep\.thresholds\[1\]' = inf is not valid: expected a finite number"),
+    Case("config-bad-export-point", config_check(**{"export.point": "absmax-q4"}),
+         r"config key 'export\.point' = 'absmax-q4' is not valid: expected a string matching"),
+    Case("config-deprecated-threshold-without-statistic", config_check(**{"export.threshold": 152}),
+         r"config key 'export\.threshold' is deprecated and needs its statistic; set export\.point to "
+         r"'absmax-t152' or 'signed-t152' instead"),
     Case("config-unknown-model-type", config_check(**{"model.type": "gpt2"}),
          r"config key 'model\.type' = 'gpt2' is not valid: expected one of null, llama, .*falcon"),
     Case("config-unknown-statistic", config_check(statistic="median"),
          r"config key 'statistic' = 'median' is not valid: expected one of signed, absmax, auto"),
-    Case("config-max-accuracy-drop-above-1", config_check(**{"sweep.max_accuracy_drop": 1.5}),
-         r"config key 'sweep\.max_accuracy_drop' = 1\.5 is not valid: expected a number >= 0 and <= 1"),
+    Case("config-negative-shadow-sides", config_check(**{"sweep.shadow_sides": [5, -1]}),
+         r"config key 'sweep\.shadow_sides\[1\]' = -1 is not valid: expected an integer >= 0"),
     # -- model
     Case("model-missing-directory", stage(lambda i: fetch(i, i.tmp / "no-such-model"), FETCHED),
          r"model\.source = '.*no-such-model': no such file or directory; valid sources: 'hf:<org>/<repo>'"),

@@ -104,3 +104,38 @@ def test_export_names_dtypes_transposition_and_values():
 def test_export_requires_a_decision_for_every_layer():
     with pytest.raises(PipelineError, match="no scales"):
         int8_state_dict({"a.weight": torch.ones(2, 2)}, {}, ["a"])
+
+
+def test_point_labels_round_trip_and_bad_labels_are_named():
+    from shadowquant.decision import parse_point, point_label
+
+    assert point_label("absmax", "ratio", 1e7) == "absmax-t10000000"
+    assert point_label("signed", "ratio", 1.5) == "signed-t1.5"
+    assert point_label("absmax", "sensitivity", 15) == "absmax-k15"
+    for label in ("absmax-t152", "signed-t1.5", "absmax-k0", "signed-k30"):
+        assert point_label(*parse_point(label)) == label
+    for bad in ("absmax-k1.5", "other-t4", "absmax-x4", "absmax-t", "absmax"):
+        with pytest.raises(PipelineError, match=rf"point '{bad}' is not valid: expected"):
+            parse_point(bad)
+
+
+def test_a_shadow_set_shadows_exactly_its_sides_and_clips_the_rest():
+    from shadowquant.decision import decide_shadow_set, point_decisions
+
+    data = _scales({"a": (10.0, 8.0, 1.0, 2.0), "b": (5.0, 4.0, 1.0, 1.0)})
+    decisions = decide_shadow_set(data, "absmax", [("a", "output")])
+    assert decisions["a"] == LayerQuant(20.0, 2.0, True, False)  # absmax: max |x| = 2 * ori in _scales
+    assert decisions["b"] == LayerQuant(10.0, 8.0, True, True)
+    # The empty set clips everything; every side shadowed is the ratio rule at t = 1.
+    assert all(q.clip_input and q.clip_output for q in decide_shadow_set(data, "absmax", []).values())
+    every = [(n, s) for n in data["ori"] for s in ("input", "output")]
+    assert decide_shadow_set(data, "absmax", every) == decide(data, 1.0, "absmax")
+    ranking = [("b", "input"), ("a", "output")]
+    assert point_decisions(data, "absmax-k1", ranking=ranking) == decide_shadow_set(data, "absmax", ranking[:1])
+    assert point_decisions(data, "absmax-t4") == decide(data, 4.0, "absmax")
+    with pytest.raises(PipelineError, match="not Linear sides of this model"):
+        decide_shadow_set(data, "absmax", [("c", "input")])
+    with pytest.raises(PipelineError, match="asks for 3 shadow sides but the ranking has only 2"):
+        point_decisions(data, "absmax-k3", ranking=ranking)
+    with pytest.raises(PipelineError, match="needs the sensitivity ranking"):
+        point_decisions(data, "absmax-k1")

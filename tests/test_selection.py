@@ -1,63 +1,96 @@
 """The automatic choice of the exported point on hand-built sweep tables."""
 
+import json
 import math
 
 import pandas as pd
 import pytest
 
 from shadowquant.errors import PipelineError
-from shadowquant.selection import choose
+from shadowquant.selection import choose, loss, read_selection, resolve_export_point, select_stage
+
+COLUMNS = ["point", "rule", "statistic", "accuracy", "perplexity", "perplexity_increase", "kl", "agreement",
+           "num_shadow_sides", "shadow_flop_fraction"]
+FLOAT = ("float", "float", "float", 0.50, 20.0, None, None, None, None, None)
 
 
-def table(*points, float_row=None):
-    """Rows (statistic, threshold, accuracy, perplexity, agreement, kl, shadow sides) after a float row."""
-    float_row = float_row or ("float", math.nan, 0.50, 20.0, None, None, None)
-    columns = ["statistic", "threshold", "accuracy", "perplexity", "agreement", "kl", "num_shadow_sides"]
-    return pd.DataFrame([float_row, *points], columns=columns)
+def table(*points):
+    """Rows: point, accuracy, perplexity, increase, kl, agreement, shadow sides, shadow FLOP share."""
+    rows = [FLOAT]
+    for point, *values in points:
+        statistic, _, rest = point.partition("-")
+        rows.append((point, "ratio" if rest.startswith("t") else "sensitivity", statistic, *values))
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 SWEEP = table(
-    ("absmax", 1.0, 0.50, 20.5, 0.95, 0.05, 40),
-    ("absmax", 16.0, 0.49, 22.0, 0.90, 0.10, 10),
-    ("absmax", 1e7, 0.30, 90.0, 0.40, 2.00, 0),
-    ("signed", 16.0, 0.495, 21.0, 0.92, 0.08, 10),
+    ("absmax-t1", 0.50, 20.5, 0.025, 0.05, 0.95, 40, 0.30),
+    ("absmax-t16", 0.47, 22.0, 0.100, 0.10, 0.90, 10, 0.05),
+    ("absmax-k10", 0.49, 21.0, 0.050, 0.08, 0.92, 10, 0.04),
+    ("absmax-k5", 0.45, 24.0, 0.200, 0.20, 0.85, 5, 0.01),
+    ("absmax-t10000000", 0.30, 90.0, 3.500, 2.00, 0.40, 0, 0.0),
 )
 
 
-@pytest.mark.parametrize("metric,max_drop,expected", [
-    ("accuracy", 0.011, ("signed", 16.0)),  # both 10-side points qualify; the better accuracy wins the tie
-    ("accuracy", 0.001, ("absmax", 1.0)),
-    ("accuracy", 0.5, ("absmax", 1e7)),
-    ("perplexity", 1.0, ("signed", 16.0)),  # lower is better: 21.0 within 20 + 1, 22.0 not
-    ("perplexity", 0.6, ("absmax", 1.0)),
-    ("agreement", 0.09, ("signed", 16.0)),  # the float model agrees with itself: bound 1 - 0.09
-    ("kl", 0.09, ("signed", 16.0)),  # the float model's KL to itself is 0: bound 0.09
-    ("kl", 0.06, ("absmax", 1.0)),
+@pytest.mark.parametrize("metric,budget,expected", [
+    ("perplexity", 0.05, "absmax-k10"),  # relative increase 0.05 qualifies (bound inclusive)
+    ("perplexity", 0.03, "absmax-t1"),
+    ("perplexity", 0.20, "absmax-k5"),
+    ("perplexity", 10.0, "absmax-t10000000"),
+    ("kl", 0.10, "absmax-k10"),  # 10 sides both; the smaller shadow FLOP share breaks the tie
+    ("kl", 0.06, "absmax-t1"),
+    ("agreement", 0.08, "absmax-k10"),  # loss = 1 - agreement
+    ("agreement", 0.15, "absmax-k5"),
+    ("accuracy", 0.01, "absmax-k10"),  # loss = float accuracy - accuracy, larger is better
+    ("accuracy", 0.0, "absmax-t1"),
 ])
-def test_fewest_shadow_sides_within_budget_in_each_metric_direction(metric, max_drop, expected):
-    choice = choose(SWEEP, metric, max_drop)
-    assert (choice["statistic"], choice["threshold"]) == expected
-    assert choice["num_shadow_sides"] == int(SWEEP[(SWEEP.statistic == expected[0])
-                                                   & (SWEEP.threshold == expected[1])].num_shadow_sides.iloc[0])
+def test_fewest_shadow_sides_within_budget_in_each_metric_direction(metric, budget, expected):
+    choice = choose(SWEEP, metric, budget)
+    assert choice["point"] == expected and choice["budget_met"]
+    assert choice["loss"] <= budget + 1e-12
 
 
-def test_a_tie_in_shadow_sides_and_metric_prefers_the_larger_threshold():
-    tied = table(("absmax", 8.0, 0.50, 21.0, 0.9, 0.1, 5), ("absmax", 16.0, 0.50, 21.0, 0.9, 0.1, 5))
-    assert choose(tied, "accuracy", 0.01)["threshold"] == 16.0
+def test_ties_in_sides_and_flops_go_to_the_smaller_loss():
+    tied = table(("absmax-t8", 0.5, 21.0, 0.05, 0.1, 0.9, 5, 0.1), ("absmax-k5", 0.5, 20.5, 0.025, 0.1, 0.9, 5, 0.1))
+    assert choose(tied, "perplexity", 0.1)["point"] == "absmax-k5"
 
 
-def test_a_missed_budget_names_the_closest_point():
-    with pytest.raises(PipelineError, match=r"no swept point keeps perplexity within 0\.1 .* absmax threshold 1 with perplexity 20\.5"):
-        choose(SWEEP, "perplexity", 0.1)
+def test_a_missed_budget_takes_the_most_accurate_point_and_says_so():
+    choice = choose(SWEEP, "perplexity", 0.01)
+    assert choice["point"] == "absmax-t1" and choice["budget_met"] is False
+    assert choice["within_budget"] == 0 and "BUDGET MISSED" in choice["reason"]
 
 
-def test_explicit_statistic_and_threshold_restrict_the_candidates():
-    assert choose(SWEEP, "accuracy", 0.5, statistic="signed")["statistic"] == "signed"
-    assert choose(SWEEP, "accuracy", 0.5, threshold=16.0)["threshold"] == 16.0
-    with pytest.raises(PipelineError, match="no point for statistic signed and threshold 1"):
-        choose(SWEEP, "accuracy", 0.5, statistic="signed", threshold=1.0)
+def test_perplexity_loss_falls_back_to_the_ratio_when_the_table_has_no_increase_column():
+    row = {"perplexity": 22.0}
+    assert loss(row, {"perplexity": 20.0}, "perplexity") == pytest.approx(0.1)
+    assert loss({"kl": float("nan")}, {}, "kl") is None
 
 
-def test_a_table_without_float_row_is_an_error():
+def test_an_explicit_point_is_taken_as_is_and_an_unknown_one_is_named():
+    assert choose(SWEEP, "perplexity", 0.0, point="absmax-t16")["point"] == "absmax-t16"
+    with pytest.raises(PipelineError, match="export.point 'absmax-t4' is not a point of the sweep; swept points: "):
+        choose(SWEEP, "perplexity", 0.05, point="absmax-t4")
+
+
+def test_bad_tables_and_metrics_are_errors():
     with pytest.raises(PipelineError, match="no float row"):
-        choose(SWEEP.iloc[1:], "accuracy", 0.01)
+        choose(SWEEP.iloc[1:], "perplexity", 0.05)
+    with pytest.raises(PipelineError, match="unknown selection metric 'bleu'"):
+        choose(SWEEP, "bleu", 0.05)
+    with pytest.raises(PipelineError, match="no W8A8 point"):
+        choose(SWEEP.iloc[:1], "perplexity", 0.05)
+
+
+def test_select_stage_writes_a_selection_the_export_resolves(tmp_path):
+    sweep = tmp_path / "sweep.csv"
+    SWEEP.to_csv(sweep, index=False)
+    out = tmp_path / "selection.json"
+    select_stage(sweep, out, "perplexity", 0.05)
+    assert json.loads(out.read_text())["point"] == "absmax-k10"
+    assert resolve_export_point("auto", out) == "absmax-k10"
+    assert resolve_export_point("signed-t152", None) == "signed-t152"
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(PipelineError, match="bad.json: selection lacks point"):
+        read_selection(tmp_path / "bad.json")
+    assert math.isclose(read_selection(out)["budget"], 0.05)

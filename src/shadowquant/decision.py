@@ -136,3 +136,62 @@ def shadow_summary(decisions: dict[str, LayerQuant], threshold: float, statistic
         "shadow_outputs": shadow_outputs,
         "layers": {n: asdict(q) for n, q in decisions.items()},
     }
+
+
+def decide_shadow_set(act_scales: dict, statistic: str, shadow_sides, layers: list[str] | None = None,
+                      source: str = "act_scales.json") -> dict[str, LayerQuant]:
+    """Per-side decisions from a chosen set of shadow sides: each `(layer, side)` in `shadow_sides` is a
+    shadow side (scale = 99.9 % quantile, no clamp); every other side is clipped at its maximum."""
+    shadowed = decide(act_scales, 1.0, statistic, layers=layers, source=source)  # validates the layers
+    ori_key, top_key = STAT_KEYS[statistic]
+    shadow = {(str(layer), str(side)) for layer, side in shadow_sides}
+    unknown = sorted(f"{layer} {side}" for layer, side in shadow if layer not in shadowed or side not in SIDES)
+    if unknown:
+        raise PipelineError(f"{source}: shadow sides {', '.join(unknown[:3])} are not Linear sides of this model "
+                            "(expected a layer of its act_scales.json and side 'input' or 'output')")
+    result = {}
+    for name in shadowed:
+        sides = {}
+        for side in SIDES:
+            if (name, side) in shadow:
+                sides[side] = (float(act_scales[top_key][name][side]), False)
+                continue
+            ori = float(act_scales[ori_key][name][side])
+            if not (math.isfinite(ori) and ori > 0):
+                raise PipelineError(f"{source}: layer '{name}' {side} maximum {ori!r} under statistic '{statistic}' "
+                                    "is not a positive finite number; int8 scales must be > 0")
+            sides[side] = (ori, True)
+        result[name] = LayerQuant(sides["input"][0], sides["output"][0], sides["input"][1], sides["output"][1])
+    return result
+
+
+def read_ranking(path: str | Path, statistic: str) -> list[tuple[str, str]]:
+    """The (layer, side) pairs of sensitivity.csv for `statistic`, in rank order (most valuable shadow first)."""
+    import csv
+
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.DictReader(handle) if row.get("statistic") == statistic]
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: sensitivity table not found; run the sensitivity rule first") from None
+    try:
+        rows.sort(key=lambda row: int(row["rank"]))
+        return [(row["layer"], row["side"]) for row in rows]
+    except (KeyError, ValueError):
+        raise PipelineError(f"{path}: expected columns layer, side, statistic and an integer rank") from None
+
+
+def point_decisions(act_scales: dict, point: str, layers: list[str] | None = None, ranking=None,
+                    source: str = "act_scales.json") -> dict[str, LayerQuant]:
+    """Decisions of a sweep point: the ratio rule at t, or the first k sides of `ranking` shadowed."""
+    statistic, rule, value = parse_point(point)
+    if rule == "ratio":
+        return decide(act_scales, value, statistic, layers=layers, source=source)
+    if ranking is None:
+        raise PipelineError(f"point '{point}' needs the sensitivity ranking (sensitivity.csv); none was given")
+    k = int(value)
+    if k > len(ranking):
+        raise PipelineError(f"point '{point}' asks for {k} shadow sides but the ranking has only {len(ranking)}; "
+                            "lower sweep.shadow_sides")
+    return decide_shadow_set(act_scales, statistic, ranking[:k], layers=layers, source=source)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from shadowquant import corpus, download
 from shadowquant.atomic import atomic_path, write_json, write_text
-from shadowquant.decision import decide as decide_layers, load_act_scales, shadow_summary, threshold_label
+from shadowquant.decision import (load_act_scales, parse_point, point_decisions, read_ranking, shadow_summary,
+                                  threshold_label)
 from shadowquant.errors import PipelineError
 from shadowquant.export import int8_state_dict, save_export, save_export_pth
 from shadowquant.families import linear_layer_names
@@ -24,7 +25,7 @@ from shadowquant.manifest import read_manifest
 from shadowquant.mllm import convert_safetensors_to_mllm
 from shadowquant.models import fetch_model as fetch, load_model_from_manifest
 from shadowquant.profiling import Checkpoint, act_scales_table, profile_model, tokenize_samples
-from shadowquant.selection import resolve_export_pair
+from shadowquant.selection import resolve_export_point
 
 log = logging.getLogger(__name__)
 
@@ -103,32 +104,40 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
 
 # --- stage 3: decision and export ------------------------------------------
 
-def decide(act_scales: str | Path, out: str | Path, threshold: float, statistic: str) -> dict:
-    data = load_act_scales(act_scales)
-    decisions = decide_layers(data, float(threshold), statistic, source=str(act_scales))
-    summary = shadow_summary(decisions, float(threshold), statistic)
+def decide(act_scales: str | Path, out: str | Path, point: str, sensitivity: str | Path | None = None) -> dict:
+    """The clip / shadow decision of one sweep point, as a JSON summary of its shadow sides."""
+    statistic, rule, value = parse_point(point)
+    ranking = read_ranking(sensitivity, statistic) if sensitivity is not None else None
+    decisions = point_decisions(load_act_scales(act_scales), point, ranking=ranking, source=str(act_scales))
+    summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
+    summary["point"] = point
     write_json(out, summary)
-    log.info("statistic %s, threshold %s: %d shadow inputs, %d shadow outputs of %d layers", statistic,
-             threshold_label(threshold), summary["num_shadow_inputs"], summary["num_shadow_outputs"],
-             summary["num_layers"])
+    log.info("%s: %d shadow inputs, %d shadow outputs of %d layers", point, summary["num_shadow_inputs"],
+             summary["num_shadow_outputs"], summary["num_layers"])
     return summary
 
 
-def export(manifest: str | Path, act_scales: str | Path, out: str | Path, statistic: str = "signed",
-           threshold="auto", selection: str | Path | None = None, shadow_summary: str | Path | None = None) -> None:
-    """Int8 export for the explicit (statistic, threshold), or the pair the sweep selected."""
-    statistic, threshold = resolve_export_pair(statistic, threshold, selection)
+def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point: str = "auto",
+           selection: str | Path | None = None, sensitivity: str | Path | None = None,
+           shadow_json: str | Path | None = None) -> None:
+    """Int8 export of an explicit sweep point, or of the point the selection chose."""
+    point = resolve_export_point(point, selection)
+    statistic, rule, value = parse_point(point)
+    ranking = read_ranking(sensitivity, statistic) if rule == "sensitivity" and sensitivity is not None else None
     model, _, family = load_model_from_manifest(manifest, device="cpu", dtype="checkpoint")
     names = linear_layer_names(model)
-    decisions = decide_layers(load_act_scales(act_scales), threshold, statistic, layers=names, source=str(act_scales))
+    decisions = point_decisions(load_act_scales(act_scales), point, layers=names, ranking=ranking,
+                                source=str(act_scales))
     tensors = int8_state_dict(model.state_dict(), decisions, names)
-    meta = {"format": "shadowquant-int8", "family": family, "threshold": threshold_label(threshold),
-            "statistic": statistic}
+    meta = {"format": "shadowquant-int8", "family": family, "point": point, "statistic": statistic,
+            "rule": rule, "threshold": threshold_label(value) if rule == "ratio" else "",
+            "shadow_budget": str(int(value)) if rule == "sensitivity" else ""}
     save_export(tensors, out, metadata=meta)
-    if shadow_summary is not None:
-        summary = shadow_summary(decisions, threshold, statistic)
-        write_json(shadow_summary, {k: v for k, v in summary.items() if k != "layers"})
-    log.info("exported %d tensors (%s, threshold %s) to %s", len(tensors), statistic, threshold_label(threshold), out)
+    if shadow_json is not None:
+        summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
+        summary["point"] = point
+        write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
+    log.info("exported %d tensors (point %s) to %s", len(tensors), point, out)
 
 
 # --- stage 4: conversion ----------------------------------------------------

@@ -1,5 +1,6 @@
-"""The threshold sweep, by simulated W8A8 inference: the float baseline, one evaluation per
-(statistic, threshold), and the sweep table. Choosing a point from the table is selection.py's job."""
+"""The sweep, by simulated W8A8 inference on held-out text: the float baseline, one evaluation per point
+(the ratio rule at a threshold, or the k sensitivity-chosen shadow sides), the parts of the error
+breakdown, and the sweep table. Choosing a point from the table is selection.py's job."""
 
 from __future__ import annotations
 
@@ -9,25 +10,40 @@ import math
 from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_json
-from shadowquant.decision import decide, load_act_scales, shadow_summary
+from shadowquant.corpus import read_jsonl_texts
+from shadowquant.decision import load_act_scales, parse_point, point_decisions, read_ranking, shadow_summary
 from shadowquant.errors import PipelineError
+from shadowquant.fakequant import apply_w8a8
+from shadowquant.families import quantized_layer_names
+from shadowquant.metrics import evaluate, per_record, result_from_per_record, save_baseline, summarize
 from shadowquant.models import load_model_from_manifest
+from shadowquant.profiling import tokenize_samples
 
 log = logging.getLogger(__name__)
 
-SWEEP_COLUMNS = ["statistic", "threshold", "accuracy", "perplexity", "agreement", "kl", "num_shadow_inputs",
-                 "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction", "num_samples", "num_tokens"]
+METRIC_KEYS = ("accuracy", "perplexity", "perplexity_increase", "kl", "agreement")
+SWEEP_COLUMNS = ["point", "rule", "statistic", "threshold", "shadow_budget",
+                 *[f"{m}{suffix}" for m in METRIC_KEYS for suffix in ("", "_ci_low", "_ci_high")],
+                 "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction",
+                 "num_samples", "num_tokens"]
+# Which parts of every quantized Linear are quantized, for the error breakdown.
+PARTS = {
+    "all": dict(quantize_weights=True, quantize_inputs=True, quantize_outputs=True),
+    "weights": dict(quantize_weights=True, quantize_inputs=False, quantize_outputs=False),
+    "inputs": dict(quantize_weights=False, quantize_inputs=True, quantize_outputs=False),
+    "outputs": dict(quantize_weights=False, quantize_inputs=False, quantize_outputs=True),
+}
 
 
-def _finite_or_none(value):
-    return value if value is None or math.isfinite(value) else None
+def _clean(value):
+    """JSON-friendly numbers: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def evaluation_sequences(tokenizer, samples: str | Path, seq_len: int) -> list[list[int]]:
     """Tokenized evaluation texts; texts shorter than two tokens cannot be scored and are dropped."""
-    from shadowquant.corpus import read_jsonl_texts
-    from shadowquant.profiling import tokenize_samples
-
     sequences = [s for s in tokenize_samples(tokenizer, read_jsonl_texts(samples), seq_len) if len(s) >= 2]
     if not sequences:
         raise PipelineError(f"{samples}: no evaluation record has two or more tokens; use longer texts")
@@ -36,85 +52,114 @@ def evaluation_sequences(tokenizer, samples: str | Path, seq_len: int) -> list[l
 
 def shadow_flop_fraction(model, layer_names: list[str], decisions) -> float:
     """Device-cost proxy: the share of quantized Linear FLOPs (in x out per token) whose input is shadowed."""
-    modules = dict(model.named_modules())
     total = shadow = 0
     for name in layer_names:
-        flops = modules[name].in_features * modules[name].out_features
+        module = model.get_submodule(name)
+        flops = module.in_features * module.out_features
         total += flops
         if not decisions[name].clip_input:
             shadow += flops
     return shadow / total if total else 0.0
 
 
-def quantize_model(model, family: str, decisions) -> list[str]:
+def quantize_model(model, family: str, decisions, part: str = "all") -> list[str]:
     """Replace the family's quantized Linears by simulated W8A8 ones (lm_head stays float)."""
-    from shadowquant.fakequant import apply_w8a8
-    from shadowquant.families import quantized_layer_names
-
+    if part not in PARTS:
+        raise PipelineError(f"unknown breakdown part '{part}'; valid: {', '.join(PARTS)}")
     names = quantized_layer_names(model, family)
-    apply_w8a8(model, decisions, names)
+    apply_w8a8(model, decisions, names, **PARTS[part])
     return names
 
 
+def read_point_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: sweep result not found; run its evaluation first") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}: not valid JSON ({exc.msg}); delete it and re-run its evaluation") from None
+    if not isinstance(data, dict) or "per_record" not in data:
+        raise PipelineError(f"{path}: has no per-record results (written by an older version); delete it and "
+                            "re-run its evaluation")
+    return data
+
+
 def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batch_size: int = 4,
-                   device: str = "auto", dtype: str = "auto", top_k: int = 32) -> dict:
-    """The float model once: its metrics, and the compact baseline every threshold job compares with."""
-    from shadowquant.metrics import evaluate, save_baseline, summarize
-
-    import torch
-
+                   device: str = "auto", dtype: str = "auto", num_resamples: int = 1000) -> dict:
+    """The float model once: its metrics, and the baseline (lm_head inputs) every point compares with."""
     model, tokenizer, _ = load_model_from_manifest(manifest, device, dtype)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
-    with torch.inference_mode():
-        result = evaluate(model, sequences, batch_size=batch_size, collect_top_k=top_k, desc="float")
+    result = evaluate(model, sequences, batch_size=batch_size, collect_baseline=True, desc="float")
     save_baseline(out_baseline, result.baseline)
-    metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in summarize(result).items()}
-    metrics.update(statistic="float", threshold=None)
+    metrics = {k: _clean(v) for k, v in summarize(result, num_resamples=num_resamples).items()}
+    metrics.update(point="float", rule="float", statistic="float", threshold=None, shadow_budget=None,
+                   per_record=per_record(result))
     write_json(out_json, metrics)
-    log.info("float: %s", metrics)
+    log.info("float: perplexity %.4f over %d tokens", metrics["perplexity"], metrics["num_tokens"])
     return metrics
 
 
-def evaluate_threshold(manifest, samples, act_scales, baseline, out_json, statistic: str, threshold: float,
-                       seq_len: int, batch_size: int = 4, device: str = "auto", dtype: str = "auto") -> dict:
-    """One sweep point: load the model once, apply the decision, evaluate against the float baseline."""
-    import torch
-
-    from shadowquant.metrics import evaluate, summarize
-
+def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json, point: str, seq_len: int,
+                   batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
+                   sensitivity=None, part: str = "all") -> dict:
+    """One sweep point (or one part of the error breakdown): quantize, evaluate against the float baseline,
+    and summarize with bootstrap intervals paired with the float run on the same records."""
+    statistic, rule, value = parse_point(point)
     model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
-    decisions = decide(load_act_scales(act_scales), float(threshold), statistic, source=str(act_scales))
-    names = quantize_model(model, family, decisions)
+    names = quantized_layer_names(model, family)
+    ranking = read_ranking(sensitivity, statistic) if sensitivity is not None else None
+    decisions = point_decisions(load_act_scales(act_scales), point, ranking=ranking, source=str(act_scales))
+    quantize_model(model, family, decisions, part)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
-    with torch.inference_mode():
-        result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline,
-                          desc=f"{statistic} t={threshold:g}")
-    quantized = {n: decisions[n] for n in names}
-    counts = shadow_summary(quantized, float(threshold), statistic)
-    metrics = {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in summarize(result).items()}
+    label = point if part == "all" else f"{point} {part} only"
+    result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, desc=label)
+    float_result = result_from_per_record(read_point_json(float_json)["per_record"], source=str(float_json))
+    metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
+    counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
     metrics.update(
-        statistic=statistic, threshold=float(threshold),
+        point=point, rule=rule, statistic=statistic, part=part,
+        threshold=value if rule == "ratio" else None, shadow_budget=int(value) if rule == "sensitivity" else None,
         num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
         num_shadow_sides=counts["num_shadow_sides"],
         shadow_flop_fraction=shadow_flop_fraction(model, names, decisions),
         shadow_inputs=counts["shadow_inputs"], shadow_outputs=counts["shadow_outputs"],
+        per_record=per_record(result),
     )
     write_json(out_json, metrics)
-    log.info("%s t=%g: accuracy %.4f perplexity %s shadow sides %d", statistic, threshold, metrics["accuracy"],
-             metrics["perplexity"], metrics["num_shadow_sides"])
+    log.info("%s: perplexity %.4f (%+.2f %%), KL %.4f, agreement %.4f, %d shadow sides", label,
+             metrics["perplexity"], 100 * (metrics["perplexity_increase"] or 0.0), metrics["kl"] or 0.0,
+             metrics["agreement"] or 0.0, metrics["num_shadow_sides"])
     return metrics
 
 
 def aggregate(float_json, point_jsons: list, out_csv) -> None:
-    """The sweep table: the float row first, then each (statistic, threshold) point."""
+    """The sweep table: the float row first, then the ratio points by threshold, then the front by k."""
     import pandas as pd
 
-    rows = [json.loads(Path(float_json).read_text())]
-    rows += [json.loads(Path(p).read_text()) for p in point_jsons]
-    table = pd.DataFrame(rows).reindex(columns=SWEEP_COLUMNS)
-    table = pd.concat([table.iloc[:1], table.iloc[1:].sort_values(["statistic", "threshold"])])
+    rows = [read_point_json(float_json)] + [read_point_json(p) for p in point_jsons]
+    table = pd.DataFrame([{k: v for k, v in row.items() if k != "per_record"} for row in rows])
+    table = table.reindex(columns=SWEEP_COLUMNS)
+    points = table.iloc[1:].sort_values(["statistic", "rule", "threshold", "shadow_budget"])
+    table = pd.concat([table.iloc[:1], points])
     # Counts stay integers although the float row has none.
-    for column in ("num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "num_samples", "num_tokens"):
+    for column in ("shadow_budget", "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "num_samples",
+                   "num_tokens"):
         table[column] = table[column].astype("Int64")
     with atomic_path(out_csv, suffix=".csv") as tmp:
         table.to_csv(tmp, index=False)
+
+
+def breakdown(float_json, part_jsons: dict, out_json) -> dict:
+    """Where the loss comes from: float, weights only, inputs only, outputs only and all, at all-shadow scales."""
+    keys = [f"{m}{s}" for m in METRIC_KEYS for s in ("", "_ci_low", "_ci_high")] + ["num_tokens"]
+    parts = {"float": read_point_json(float_json)}
+    parts.update({part: read_point_json(path) for part, path in part_jsons.items()})
+    statistic = next((p["statistic"] for name, p in parts.items() if name != "float"), None)
+    result = {
+        "statistic": statistic, "num_tokens": parts["float"]["num_tokens"],
+        "parts": {name: {k: data.get(k) for k in keys} for name, data in parts.items()},
+    }
+    result["parts"]["float"].update(perplexity_increase=0.0, kl=0.0, agreement=1.0)
+    write_json(out_json, result)
+    return result

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from shadowquant.config import validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
-from shadowquant.decision import threshold_label
+from shadowquant.decision import parse_point, point_label
 from shadowquant.manifest import local_source_files
 
 try:
@@ -46,24 +46,38 @@ def drop_benchmarks_of_cached_rules():
 
 USES_GPU = 1 if config["device"].startswith("cuda") else 0
 
-# The threshold and statistic the export uses: explicit values, or "auto" (the sweep's selection).
-EXPORT_THRESHOLD = config["export"]["threshold"]
-EXPORT_STATISTIC = config["statistic"]
-EXPORT_IS_AUTO = "auto" in (EXPORT_THRESHOLD, EXPORT_STATISTIC)
-# Explicit export values are always swept too, so the evaluation can report them.
-SWEEP_THRESHOLDS = sorted(
-    {float(t) for t in config["sweep"]["thresholds"]}
-    | ({float(EXPORT_THRESHOLD)} if EXPORT_THRESHOLD != "auto" else set())
+# The exported point: an explicit label, or "auto" (the selection's choice). An explicit point is
+# always evaluated too, so the final evaluation can report it.
+EXPORT_POINT = config["export"]["point"]
+EXPORT_IS_AUTO = EXPORT_POINT == "auto"
+# The outlier plot marks an explicit ratio point's threshold.
+EXPORT_THRESHOLD = (
+    parse_point(EXPORT_POINT)[2]
+    if not EXPORT_IS_AUTO and parse_point(EXPORT_POINT)[1] == "ratio"
+    else None
 )
-SWEEP_STATISTICS = sorted(
-    set(config["sweep"]["statistics"])
-    | ({EXPORT_STATISTIC} if EXPORT_STATISTIC != "auto" else set())
+SWEEP_STATISTICS = sorted(config["sweep"]["statistics"])
+# The all-shadow ratio point (t = 1) is the "all" bar of the error breakdown: always evaluated.
+SWEEP_THRESHOLDS = sorted({float(t) for t in config["sweep"]["thresholds"]} | {1.0})
+SHADOW_SIDES = sorted(set(config["sweep"]["shadow_sides"]))
+SWEEP_LABELS = sorted(
+    {point_label(s, "ratio", t) for s in SWEEP_STATISTICS for t in SWEEP_THRESHOLDS}
+    | {point_label(s, "sensitivity", k) for s in SWEEP_STATISTICS for k in SHADOW_SIDES}
+    | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
 )
-SWEEP_POINTS = [
-    f"{RESULTS}/sweep/{s}-t{threshold_label(t)}.json"
-    for s in SWEEP_STATISTICS
-    for t in SWEEP_THRESHOLDS
-]
+SWEEP_POINTS = [f"{RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
+# Sensitivity is measured when some point needs its ranking.
+SENSITIVITY_STATISTICS = sorted(
+    {
+        parse_point(label)[0]
+        for label in SWEEP_LABELS
+        if parse_point(label)[1] == "sensitivity"
+    }
+)
+USES_SENSITIVITY = bool(SENSITIVITY_STATISTICS)
+SENSITIVITY = f"{RESULTS}/sensitivity.csv"
+BREAKDOWN_STATISTIC = "absmax" if "absmax" in SWEEP_STATISTICS else SWEEP_STATISTICS[0]
+NUM_RESAMPLES = config["sweep"]["bootstrap"]
 
 
 def corpus_file(source, key):
@@ -120,8 +134,18 @@ def model_mem_mb(wildcards, input, attempt):
 
 
 def selection_input(wildcards=None):
-    """The selection is an input of the export only when something is left to "auto"."""
+    """The selection is an input of the export only when the point is left to "auto"."""
     return [f"{RESULTS}/selection.json"] if EXPORT_IS_AUTO else []
+
+
+def sensitivity_input(wildcards=None):
+    """The sensitivity ranking, for rules that may decide a sensitivity point."""
+    return [SENSITIVITY] if USES_SENSITIVITY else []
+
+
+def point_sensitivity_input(wildcards):
+    """The ranking only for a sensitivity point ("absmax-k15"): ratio points never wait for it."""
+    return [SENSITIVITY] if parse_point(wildcards.point)[1] == "sensitivity" else []
 
 
 def default_targets():
@@ -134,6 +158,7 @@ def default_targets():
         f"{RESULTS}/selection.json",
         f"{RESULTS}/evaluation.json",
         f"{RESULTS}/evaluation.md",
+        f"{RESULTS}/breakdown.json",
         f"{RESULTS}/plots/sweep_threshold.png",
         f"{RESULTS}/plots/sweep_shadow.png",
         f"{RESULTS}/plots/outlier_ratios.png",

@@ -6,6 +6,7 @@ rule export_int8:
         manifest=MODEL_MANIFEST,
         scales=f"{RESULTS}/act_scales.json",
         selection=selection_input,
+        sensitivity=sensitivity_input,
     output:
         export=f"{RESULTS}/model-int8.safetensors",
         shadow=f"{RESULTS}/shadow_layers.json",
@@ -20,8 +21,7 @@ rule export_int8:
         mem_mb=model_mem_mb,
         runtime=60,
     params:
-        statistic=EXPORT_STATISTIC,
-        threshold=EXPORT_THRESHOLD,
+        point=EXPORT_POINT,
     script:
         "../scripts/export_int8.py"
 

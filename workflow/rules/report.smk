@@ -57,6 +57,6 @@ rule plot_outliers:
         mem_mb=1000,
         runtime=5,
     params:
-        threshold=None if EXPORT_THRESHOLD == "auto" else float(EXPORT_THRESHOLD),
+        threshold=EXPORT_THRESHOLD,
     script:
         "../scripts/plot_outliers.py"

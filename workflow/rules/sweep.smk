@@ -63,25 +63,55 @@ rule evaluate_float:
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],
         dtype=config["dtype"],
+        num_resamples=NUM_RESAMPLES,
     script:
         "../scripts/evaluate_float.py"
 
 
-rule evaluate_threshold:
+rule sensitivity:
+    input:
+        manifest=MODEL_MANIFEST,
+        samples=f"{RESULTS}/calibration.jsonl",
+        scales=f"{RESULTS}/act_scales.json",
+    output:
+        SENSITIVITY,
+    log:
+        f"{LOGS}/sensitivity.log",
+    benchmark:
+        f"{BENCH}/sensitivity.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=240,
+        gpu=USES_GPU,
+    params:
+        statistics=SENSITIVITY_STATISTICS,
+        num_samples=config["sensitivity"]["num_samples"],
+        seq_len=config["sensitivity"]["seq_len"],
+        device=config["device"],
+        dtype=config["dtype"],
+    script:
+        "../scripts/sensitivity.py"
+
+
+rule evaluate_point:
     input:
         manifest=MODEL_MANIFEST,
         samples=f"{RESULTS}/evaluation.jsonl",
         scales=f"{RESULTS}/act_scales.json",
         baseline=f"{RESULTS}/sweep/float-baseline.safetensors",
+        float=f"{RESULTS}/sweep/float.json",
+        sensitivity=point_sensitivity_input,
     output:
-        f"{RESULTS}/sweep/{{statistic}}-t{{threshold}}.json",
+        f"{RESULTS}/sweep/{{point}}.json",
     log:
-        f"{LOGS}/sweep/{{statistic}}-t{{threshold}}.log",
+        f"{LOGS}/sweep/{{point}}.log",
     benchmark:
-        f"{BENCH}/sweep/{{statistic}}-t{{threshold}}.tsv"
+        f"{BENCH}/sweep/{{point}}.tsv"
     wildcard_constraints:
-        statistic="signed|absmax",
-        threshold=r"[0-9]+(\.[0-9]+)?",
+        point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)",
     conda:
         CONDA_ENV
     threads: 1
@@ -94,8 +124,63 @@ rule evaluate_threshold:
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],
         dtype=config["dtype"],
+        num_resamples=NUM_RESAMPLES,
     script:
-        "../scripts/evaluate_threshold.py"
+        "../scripts/evaluate_point.py"
+
+
+rule evaluate_part:
+    input:
+        manifest=MODEL_MANIFEST,
+        samples=f"{RESULTS}/evaluation.jsonl",
+        scales=f"{RESULTS}/act_scales.json",
+        baseline=f"{RESULTS}/sweep/float-baseline.safetensors",
+        float=f"{RESULTS}/sweep/float.json",
+    output:
+        f"{RESULTS}/sweep/parts/{{statistic}}-{{part}}.json",
+    log:
+        f"{LOGS}/sweep/parts/{{statistic}}-{{part}}.log",
+    benchmark:
+        f"{BENCH}/sweep/parts/{{statistic}}-{{part}}.tsv"
+    wildcard_constraints:
+        statistic="signed|absmax",
+        part="weights|inputs|outputs",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=120,
+        gpu=USES_GPU,
+    params:
+        seq_len=config["evaluation"]["seq_len"],
+        batch_size=config["evaluation"]["batch_size"],
+        device=config["device"],
+        dtype=config["dtype"],
+        num_resamples=NUM_RESAMPLES,
+    script:
+        "../scripts/evaluate_point.py"
+
+
+rule breakdown:
+    input:
+        float=f"{RESULTS}/sweep/float.json",
+        weights=f"{RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-weights.json",
+        inputs=f"{RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-inputs.json",
+        outputs=f"{RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-outputs.json",
+        all=f"{RESULTS}/sweep/{BREAKDOWN_STATISTIC}-t1.json",
+    output:
+        f"{RESULTS}/breakdown.json",
+    log:
+        f"{LOGS}/breakdown.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    script:
+        "../scripts/breakdown.py"
 
 
 rule aggregate_sweep:
@@ -116,13 +201,13 @@ rule aggregate_sweep:
         "../scripts/aggregate_sweep.py"
 
 
-rule select_threshold:
+rule select_point:
     input:
         f"{RESULTS}/sweep.csv",
     output:
         f"{RESULTS}/selection.json",
     log:
-        f"{LOGS}/select_threshold.log",
+        f"{LOGS}/select_point.log",
     conda:
         CONDA_ENV
     threads: 1
@@ -131,11 +216,10 @@ rule select_threshold:
         runtime=5,
     params:
         metric=config["sweep"]["metric"],
-        max_drop=config["sweep"]["max_accuracy_drop"],
-        statistic=EXPORT_STATISTIC,
-        threshold=EXPORT_THRESHOLD,
+        budget=config["sweep"]["budget"],
+        point=EXPORT_POINT,
     script:
-        "../scripts/select_threshold.py"
+        "../scripts/select_point.py"
 
 
 rule evaluate_export:
@@ -165,8 +249,7 @@ rule evaluate_export:
         runtime=60,
         gpu=USES_GPU,
     params:
-        statistic=EXPORT_STATISTIC,
-        threshold=EXPORT_THRESHOLD,
+        point=EXPORT_POINT,
         prompts=config["evaluation"]["prompts"],
         max_new_tokens=config["evaluation"]["max_new_tokens"],
         device=config["device"],

@@ -3,6 +3,7 @@ from shadowquant.adapter import run_stage
 from shadowquant.stages import export
 
 run_stage(snakemake, export, manifest=snakemake.input.manifest, act_scales=snakemake.input.scales,
-          out=snakemake.output.export, statistic=snakemake.params.statistic, threshold=snakemake.params.threshold,
+          out=snakemake.output.export, point=snakemake.params.point,
           selection=snakemake.input.selection[0] if snakemake.input.selection else None,
-          shadow_summary=snakemake.output.shadow)
+          sensitivity=snakemake.input.sensitivity[0] if snakemake.input.sensitivity else None,
+          shadow_json=snakemake.output.shadow)
