@@ -285,3 +285,20 @@ def test_part_switches():
     full.set_quant(LayerQuant(100.0, 100.0, False, False))
     assert not torch.equal(full(x), W8A8Linear.from_linear(linear, quant)(x))
     assert math.isclose(float(full.input_quant_step), 100.0 / 127, rel_tol=1e-2)
+
+
+def test_sensitivity_table_measures_the_proxy_top(llama_setup):
+    model, sequences, scales, layers, _ = llama_setup
+    rows, info = S.sensitivity_table(model, layers, sequences[:3], scales, measure_top=3, measure_sequences=2,
+                                     proxy_samples=1, progress=False)
+    assert len(rows) == 2 * len(layers) and all(r.proxy_kl is not None for r in rows)
+    measured = [r for r in rows if r.delta_kl is not None]
+    top = sorted(rows, key=lambda r: -r.proxy_kl)[:3]
+    assert {(r.layer, r.side) for r in measured} == {(r.layer, r.side) for r in top}
+    assert all(r.benefit == (r.delta_kl if r.delta_kl is not None else r.proxy_kl) for r in rows)
+    assert info["measured_sides"] == 3 and info["measure_sequences"] == 2 and info["rank_correlation"] is not None
+    front = S.greedy_front(rows, benefit_key="benefit")
+    decisions = S.decisions_for_shadow_set(scales, "absmax", front[2].shadow_sides, layers)
+    assert sum((not q.clip_input) + (not q.clip_output) for q in decisions.values()) == 2
+    with pytest.raises(PipelineError, match="positive finite"):
+        S.decisions_for_shadow_set(scales, "absmax", [], layers, clip_scales={(layers[0], "input"): 0.0})

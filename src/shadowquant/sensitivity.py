@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
@@ -180,6 +181,9 @@ def decisions_for_shadow_set(act_scales: dict, statistic: str, shadow_sides: Ite
             raise PipelineError(f"shadow side {item!r}: layer '{side[0]}' is not a quantized layer of this model")
         shadow.add(side)
     clip_scales = clip_scales or {}
+    for key, value in clip_scales.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise PipelineError(f"clip scale of {key[0]}:{key[1]} is {value!r}; it must be a positive finite number")
     result = {}
     for layer in layers:
         per_side = {}
@@ -263,6 +267,7 @@ class SideSensitivity:
     proxy_kl: float | None = None  # sensitivity_proxy's estimate of the KL increase
     delta_kl: float | None = None  # measured: KL(clip this side) - KL(all shadow)
     delta_nll: float | None = None  # measured: mean NLL increase (log of the perplexity ratio)
+    benefit: float | None = None  # what the front ranks by: delta_kl where measured, else proxy_kl
 
 
 def sensitivity_rows(model: nn.Module, layers: list[str], act_scales: dict, statistic: str = "absmax",
@@ -411,6 +416,46 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = math.sqrt(float((ra ** 2).sum() * (rb ** 2).sum()))
     return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def sensitivity_table(model: nn.Module, layers: list[str], sequences: list[list[int]], act_scales: dict,
+                      statistic: str = "absmax", measure_top: int = 40, measure_sequences: int = 8,
+                      proxy_samples: int = 2, weight_range: str = "max",
+                      clip_scales: dict[Side, float] | None = None, batch_size: int = 4, seed: int = 0,
+                      progress: bool = True) -> tuple[list[SideSensitivity], dict]:
+    """The sensitivity table at bounded cost: the proxy for every side on `sequences`, then the full
+    measure for the `measure_top` sides the proxy ranks highest, on the first `measure_sequences`.
+
+    Returns (rows in layer order with benefit = delta_kl where measured, else proxy_kl; info with the
+    all-shadow reference summary, seconds per stage and the proxy's rank correlation with the measure).
+    """
+    if measure_top < 0 or measure_sequences < 1:
+        raise PipelineError(f"measure_top {measure_top} must be >= 0 and measure_sequences {measure_sequences} >= 1")
+    rows = sensitivity_rows(model, layers, act_scales, statistic, clip_scales)
+    started = time.perf_counter()
+    proxy = sensitivity_proxy(model, layers, sequences, act_scales, statistic, proxy_samples, seed, clip_scales, progress)
+    proxy_seconds = time.perf_counter() - started
+    ranked = sorted(proxy, key=lambda key: (-proxy[key], key))[:measure_top]
+    subset = sequences[:measure_sequences]
+    started = time.perf_counter()
+    base, measured = side_sensitivity(model, layers, subset, act_scales, statistic, ranked, None, weight_range,
+                                      clip_scales, batch_size, progress) if ranked else ({}, {})
+    measure_seconds = time.perf_counter() - started
+    for row in rows:
+        key = (row.layer, row.side)
+        row.proxy_kl = proxy[key]
+        if key in measured:
+            row.delta_kl, row.delta_nll = measured[key]["delta_kl"], measured[key]["delta_nll"]
+        row.benefit = row.delta_kl if row.delta_kl is not None else row.proxy_kl
+    keys = list(measured)
+    info = {
+        "reference": base, "proxy_sequences": len(sequences), "proxy_samples": proxy_samples,
+        "measured_sides": len(keys), "measure_sequences": len(subset),
+        "proxy_seconds": proxy_seconds, "measure_seconds": measure_seconds,
+        "rank_correlation": (rank_correlation([proxy[k] for k in keys], [measured[k]["delta_kl"] for k in keys])
+                             if len(keys) >= 2 else None),
+    }
+    return rows, info
 
 
 # ---------------------------------------------------------------- selection
