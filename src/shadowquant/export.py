@@ -14,8 +14,12 @@ from shadowquant.errors import PipelineError
 from shadowquant.fakequant import quantize_per_tensor  # one definition for export and simulation
 
 def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant],
-                    profiled: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Build the export tensors from a float state dict and the per-layer decisions."""
+                    profiled: Iterable[str], weight_range: str = "max") -> dict[str, torch.Tensor]:
+    """Build the export tensors from a float state dict and the per-layer decisions.
+
+    `weight_range` is the per-tensor weight clip range ("max" or "mse"); it must be the one the
+    simulation used (apply_w8a8), so the exported model reproduces the simulated logits. Biases use "max".
+    """
     profiled = list(profiled)
     missing = [n for n in profiled if n not in decisions]
     if missing:
@@ -32,9 +36,10 @@ def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQu
     for key, tensor in state.items():
         if key in quantized_params:
             t = tensor.detach()
-            if key.endswith(".weight"):
+            is_weight = key.endswith(".weight")
+            if is_weight:
                 t = t.t()  # [out, in] -> [in, out]: QNN runs Linear as a 1x1 Conv2d
-            q, scale = quantize_per_tensor(t)
+            q, scale = quantize_per_tensor(t, weight_range if is_weight else "max")
             out[key] = q.contiguous()
             out[f"{key}.scale"] = scale
         else:

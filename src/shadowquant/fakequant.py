@@ -74,20 +74,62 @@ def fake_quant_activation(x: torch.Tensor, step: float | torch.Tensor, clip: boo
     return (q * step_t).to(x.dtype)
 
 
-def quantize_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+WEIGHT_RANGES = ("max", "mse")
+MSE_GRID_STEPS = 100  # clip candidates of the "mse" weight range, evenly from MSE_GRID_LOW * max to max
+MSE_GRID_LOW = 0.5
+
+
+def _check_weight_range(weight_range: str) -> None:
+    if weight_range not in WEIGHT_RANGES:
+        raise PipelineError(f"weight_range {weight_range!r} is not valid; valid values: {', '.join(WEIGHT_RANGES)}")
+
+
+def mse_weight_step(t32: torch.Tensor) -> torch.Tensor:
+    """Per-tensor step `c / 127` whose clip `c` minimizes the int8 quantization MSE of `t32`.
+
+    The candidates are MSE_GRID_STEPS clips evenly spaced from MSE_GRID_LOW * max|t| to max|t|
+    (the last one is the "max" range). Each is scored exactly as it would quantize (float32 steps,
+    round, clamp to +-127), the squared errors summed in float64 over the SORTED magnitudes: the
+    export quantizes the transposed weight, and a layout-independent order gives it the same scale.
+    Ties go to the larger clip.
+    """
+    magnitudes = t32.detach().abs().flatten().sort().values
+    top = magnitudes[-1].clamp(min=SCALE_FLOOR)
+    fractions = torch.linspace(MSE_GRID_LOW, 1.0, MSE_GRID_STEPS, dtype=torch.float64)
+    steps = ((top.double() * fractions).float().clamp(min=SCALE_FLOOR) / INT8_MAX)
+    steps[-1] = top / INT8_MAX  # exactly the "max" step
+    reference = magnitudes.double()
+    errors = []
+    for step in steps:
+        q = torch.round(magnitudes / step).clamp_(max=INT8_MAX)
+        diff = (q * step).double() - reference
+        errors.append(float(torch.dot(diff, diff)))
+    errors_t = torch.tensor(errors, dtype=torch.float64)
+    best = int((errors_t == errors_t.min()).nonzero()[-1])  # ties: the larger clip
+    return steps[best]
+
+
+def quantize_per_tensor(t: torch.Tensor, weight_range: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-tensor int8 of a weight or bias: (int8 values, float32 0-dim scale already / 127).
 
-    `s = max(max|t|, 1e-5) / 127`, `q = round(t / s)`; |q| <= 127 by construction.
+    "max" (the reference): `s = max(max|t|, 1e-5) / 127`, `q = round(t / s)`; |q| <= 127 by construction.
+    "mse": `s` from `mse_weight_step` (clip searched for the least squared error), q clamped to +-127.
+    The one definition used by the simulation and the int8 export, so both quantize identically.
     """
+    _check_weight_range(weight_range)
     t32 = t.detach().float()
-    scale = t32.abs().max().clamp(min=SCALE_FLOOR) / INT8_MAX
-    q = torch.round(t32 / scale)
+    if weight_range == "max":
+        scale = t32.abs().max().clamp(min=SCALE_FLOOR) / INT8_MAX
+        q = torch.round(t32 / scale)
+    else:
+        scale = mse_weight_step(t32)
+        q = torch.round(t32 / scale).clamp_(-INT8_MAX, INT8_MAX)
     return q.to(torch.int8), scale
 
 
-def fake_quant_weight(t: torch.Tensor) -> torch.Tensor:
+def fake_quant_weight(t: torch.Tensor, weight_range: str = "max") -> torch.Tensor:
     """Per-tensor fake quantization `round(t / s) * s` of a weight or bias, returned in t's dtype."""
-    q, scale = quantize_per_tensor(t)
+    q, scale = quantize_per_tensor(t, weight_range)
     return (q.float() * scale).to(t.dtype)
 
 
@@ -119,38 +161,60 @@ class W8A8Linear(nn.Module):
 
     `weight`/`bias` hold W'/b' (dequantized, in the original Linear's dtype) under the original
     parameter names, so the state dict of a converted model has the usual keys.
+
+    For the error breakdown each part can be left in float: `quantize_inputs` / `quantize_outputs`
+    (attributes, may be switched on a built layer) and the weights (`from_linear(quantize_weights=False)`
+    keeps W, b float; such a layer has no int8 weights to export). All on is the method of METHOD.md.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
-                 bias_scale: torch.Tensor | None, quant: LayerQuant):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor | None,
+                 bias_scale: torch.Tensor | None, quant: LayerQuant, quantize_inputs: bool = True,
+                 quantize_outputs: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.quant = quant
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self.weight_scale = weight_scale
+        self.weight_scale = weight_scale  # None: weights kept in float
         self.bias_scale = bias_scale
+        self.quantize_inputs = quantize_inputs
+        self.quantize_outputs = quantize_outputs
         # Steps as float32 0-dim buffers, so they follow .to(device) and cost no host copy per call.
-        self.register_buffer("input_quant_step", torch.tensor(input_step(quant.input_scale), dtype=torch.float32),
-                             persistent=False)
-        self.register_buffer("output_quant_step", torch.tensor(output_step(quant.output_scale), dtype=torch.float32),
-                             persistent=False)
+        self.register_buffer("input_quant_step", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.register_buffer("output_quant_step", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.set_quant(quant)
+
+    def set_quant(self, quant: LayerQuant) -> None:
+        """Change the static activation scales and clip flags (weights stay as they are)."""
+        self.quant = quant
+        self.input_quant_step.fill_(input_step(quant.input_scale))
+        self.output_quant_step.fill_(output_step(quant.output_scale))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quant: LayerQuant) -> "W8A8Linear":
-        """Fake-quantize `linear`'s weight and bias once (per tensor) and attach the static activation scales."""
+    def from_linear(cls, linear: nn.Linear, quant: LayerQuant, quantize_weights: bool = True,
+                    quantize_inputs: bool = True, quantize_outputs: bool = True,
+                    weight_range: str = "max") -> "W8A8Linear":
+        """Fake-quantize `linear`'s weight (per tensor, clip range `weight_range`) and bias (per tensor,
+        "max") once and attach the static activation scales."""
         if not isinstance(linear, nn.Linear):
             raise PipelineError(f"W8A8Linear needs an nn.Linear, got {type(linear).__name__}")
+        _check_weight_range(weight_range)
         with torch.no_grad():
-            q_w, s_w = quantize_per_tensor(linear.weight)
+            if not quantize_weights:
+                bias = None if linear.bias is None else linear.bias.detach().clone()
+                return cls(linear.weight.detach().clone(), bias, None, None, quant, quantize_inputs, quantize_outputs)
+            q_w, s_w = quantize_per_tensor(linear.weight, weight_range)
             weight = (q_w.float() * s_w).to(linear.weight.dtype)
             bias = s_b = None
             if linear.bias is not None:
                 q_b, s_b = quantize_per_tensor(linear.bias)
                 bias = (q_b.float() * s_b).to(linear.bias.dtype)
-        return cls(weight, bias, s_w.cpu(), None if s_b is None else s_b.cpu(), quant)
+        return cls(weight, bias, s_w.cpu(), None if s_b is None else s_b.cpu(), quant, quantize_inputs,
+                   quantize_outputs)
 
-    def _int8_of(self, dequantized: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _int8_of(self, dequantized: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        if scale is None:
+            raise PipelineError("W8A8Linear: this layer keeps its weights in float (quantize_weights=False); "
+                                "it has no int8 weights to export")
         # W' = dtype(q * s) with |q| <= 127: even in bf16 (8-bit mantissa) W' / s is within 0.25 of q.
         scale = scale.to(dequantized.device)
         q = torch.round(dequantized.detach().float() / scale)
@@ -170,23 +234,33 @@ class W8A8Linear(nn.Module):
         return self._int8_of(self.bias, self.bias_scale), self.bias_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q = fake_quant_activation(x, self.input_quant_step, self.quant.clip_input)
-        y = F.linear(x_q, self.weight, self.bias)
-        return fake_quant_activation(y, self.output_quant_step, self.quant.clip_output)
+        if self.quantize_inputs:
+            x = fake_quant_activation(x, self.input_quant_step, self.quant.clip_input)
+        y = F.linear(x, self.weight, self.bias)
+        if self.quantize_outputs:
+            y = fake_quant_activation(y, self.output_quant_step, self.quant.clip_output)
+        return y
 
     def extra_repr(self) -> str:
         q = self.quant
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"input_scale={q.input_scale:g}, output_scale={q.output_scale:g}, "
-                f"clip_input={q.clip_input}, clip_output={q.clip_output}")
+                f"clip_input={q.clip_input}, clip_output={q.clip_output}, "
+                f"quantized=({'W' if self.weight_scale is not None else ''}{'I' if self.quantize_inputs else ''}"
+                f"{'O' if self.quantize_outputs else ''})")
 
 
-def apply_w8a8(model: nn.Module, decisions: dict[str, LayerQuant], layer_names: list[str]) -> nn.Module:
+def apply_w8a8(model: nn.Module, decisions: dict[str, LayerQuant], layer_names: list[str],
+               quantize_weights: bool = True, quantize_inputs: bool = True, quantize_outputs: bool = True,
+               weight_range: str = "max") -> nn.Module:
     """Replace each named nn.Linear of `model` in place by a W8A8Linear; everything else stays float.
 
     `layer_names` are `named_modules()` names (e.g. `model.layers.0.mlp.up_proj`); lm_head is only
-    touched if listed, which the family layer lists never do. Returns `model`.
+    touched if listed, which the family layer lists never do. The switches leave parts in float
+    (error breakdown); `weight_range` ("max" or "mse") is the per-tensor weight clip range, and the
+    int8 export must be given the same one. Returns `model`.
     """
+    _check_weight_range(weight_range)
     duplicates = sorted({n for n in layer_names if layer_names.count(n) > 1})
     if duplicates:
         raise PipelineError(f"layer list names {', '.join(duplicates[:5])} more than once")
@@ -204,7 +278,8 @@ def apply_w8a8(model: nn.Module, decisions: dict[str, LayerQuant], layer_names: 
             raise PipelineError(f"module '{name}' is a {type(module).__name__}, not an nn.Linear; cannot quantize it")
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, W8A8Linear.from_linear(module, decisions[name]))
+        setattr(parent, child_name, W8A8Linear.from_linear(
+            module, decisions[name], quantize_weights, quantize_inputs, quantize_outputs, weight_range))
     return model
 
 
