@@ -53,7 +53,7 @@ rule evaluate_float:
         f"{BENCH}/sweep/float.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_float")
     resources:
         mem_mb=model_mem_mb,
         runtime=120,
@@ -84,7 +84,7 @@ rule evaluate_threshold:
         threshold=r"[0-9]+(\.[0-9]+)?",
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_threshold")
     resources:
         mem_mb=model_mem_mb,
         runtime=120,
@@ -159,7 +159,7 @@ rule evaluate_export:
         f"{BENCH}/evaluate_export.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_export")
     resources:
         mem_mb=model_mem_mb,
         runtime=60,
