@@ -361,6 +361,8 @@ CASES = [
          r"config key 'statistic' = 'median' is not valid: expected one of signed, absmax, auto"),
     Case("config-max-accuracy-drop-above-1", config_check(**{"sweep.max_accuracy_drop": 1.5}),
          r"config key 'sweep\.max_accuracy_drop' = 1\.5 is not valid: expected a number >= 0 and <= 1"),
+    Case("config-zero-threads", config_check(**{"threads.profile": 0}),
+         r"config key 'threads\.profile' = 0 is not valid: expected an integer >= 1"),
     # -- model
     Case("model-missing-directory", stage(lambda i: fetch(i, i.tmp / "no-such-model"), FETCHED),
          r"model\.source = '.*no-such-model': no such file or directory; valid sources: 'hf:<org>/<repo>'"),
