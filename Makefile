@@ -1,5 +1,6 @@
 # Two entry points a new machine needs: `make run` and `make test`.
-# The virtual environment lives in .venv; torch is pinned (an open range pulls a multi-GB CUDA build).
+# The virtual environment lives in .venv. torch is pinned in the install command below (an open
+# range pulls a multi-GB CUDA build); pyproject.toml has a range, which keeps a GPU user's torch.
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2

@@ -362,6 +362,8 @@ CASES = [
          r"config key 'statistic' = 'median' is not valid: expected one of signed, absmax, auto"),
     Case("config-negative-shadow-sides", config_check(**{"sweep.shadow_sides": [5, -1]}),
          r"config key 'sweep\.shadow_sides\[1\]' = -1 is not valid: expected an integer >= 0"),
+    Case("config-zero-threads", config_check(**{"threads.profile": 0}),
+         r"config key 'threads\.profile' = 0 is not valid: expected an integer >= 1"),
     # -- model
     Case("model-missing-directory", stage(lambda i: fetch(i, i.tmp / "no-such-model"), FETCHED),
          r"model\.source = '.*no-such-model': no such file or directory; valid sources: 'hf:<org>/<repo>'"),

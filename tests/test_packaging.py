@@ -1,4 +1,5 @@
-"""pyproject.toml and environment.yml list the same dependencies; the CLI entry point works."""
+"""Packaging: pyproject.toml and environment.yml list the same dependencies, torch as a range
+there and pinned only in the install command; the CLI entry point works."""
 
 import re
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+TESTED_TORCH = "torch==2.13.0"
 
 
 def _normalize(spec: str) -> str:
@@ -16,16 +18,45 @@ def _normalize(spec: str) -> str:
     return name.lower().replace("_", "-") + rest.replace(" ", "")
 
 
-def test_environment_yml_matches_pyproject():
+def _pyproject_specs() -> set[str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = {_normalize(s) for s in project["dependencies"]}
+    specs = {_normalize(s) for s in project["dependencies"]}
     for extra in project["optional-dependencies"].values():
-        wanted |= {_normalize(s) for s in extra}
+        specs |= {_normalize(s) for s in extra}
+    return specs
+
+
+def _environment_specs() -> set[str]:
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    listed = {_normalize(s) for s in pip if not s.startswith("-e")}
-    assert listed == wanted
-    assert "torch==2.13.0" in wanted  # an open range pulls a multi-GB CUDA build
+    return {_normalize(s) for s in pip if not s.startswith("-e")}
+
+
+def _torch_spec(specs: set[str]) -> str:
+    (spec,) = [s for s in specs if re.match(r"torch\b(?![-_.\w])", s)]
+    return spec
+
+
+def test_environment_yml_matches_pyproject():
+    assert _environment_specs() == _pyproject_specs()
+
+
+def test_torch_is_a_range_in_the_package_metadata():
+    """A pin there would make `pip install` replace a GPU user's CUDA torch."""
+    for where, specs in [("pyproject.toml", _pyproject_specs()), ("environment.yml", _environment_specs())]:
+        spec = _torch_spec(specs)
+        assert spec.startswith("torch>=") and "==" not in spec, f"{where}: {spec} is not an open range"
+
+
+def test_the_install_commands_pin_the_tested_torch():
+    """The pin lives in the install command: the Makefile's (which CI runs) and the README's."""
+    makefile = (REPO / "Makefile").read_text()
+    installs = re.findall(r"^\t.*pip install .*-e .*$", makefile, re.MULTILINE)
+    assert installs and all(TESTED_TORCH in line.split() for line in installs), installs
+    readme_installs = re.findall(r"pip install [^`\n]*-e [^`\n]*", (REPO / "README.md").read_text())
+    assert all(TESTED_TORCH in line.split() for line in readme_installs), readme_installs
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in ci  # CI installs through the Makefile's setup
 
 
 def test_cli_help_and_config_validation(tmp_path):

@@ -1,9 +1,16 @@
 """Run workflows through a real single-node SLURM cluster with profiles/slurm.
 
-tests/slurm/start.sh brings up a private cluster (munged, slurmctld, slurmd);
-where that is impossible the tests skip and say why. The run must be proven to
-have gone through SLURM: every non-local job has a SLURM job id, a SLURM job
-whose comment names its rule, and a kept per-job log under .snakemake/slurm_logs.
+tests/slurm/start.sh brings up a private cluster (munged, slurmctld, slurmd) whose
+one node has 2 CPUs, a small cluster node, and the workflows run as users run
+them: `--profile profiles/slurm`, no --cores. The run must be proven to have gone
+through SLURM: every non-local job has a SLURM job id, a SLURM job whose comment
+names its rule, and a kept per-job log under .snakemake/slurm_logs.
+
+Where SLURM cannot run here (start.sh exit 77: not root, not Linux, no apt-get;
+or the plugin is missing) the tests skip and say why; under CI (CI=true) they
+fail instead, so a CI machine that cannot run them is noticed. Switch them off
+explicitly with SHADOWQUANT_SKIP_SLURM=1. Any other start.sh failure (apt-get,
+daemons, a node that never goes idle) is a failure everywhere.
 """
 
 from __future__ import annotations
@@ -20,19 +27,22 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Mapping, NoReturn, Union
 
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slurm
+from shadowquant.config import schema
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
 SLURM_PROFILE = REPO / "profiles" / "slurm"
 WORKFLOW_PROFILE = REPO / "profiles" / "default"
 VENV_BIN = Path(sys.executable).parent
-CANNOT_RUN_SLURM = 77  # start.sh's exit code for "no SLURM possible here"
+CANNOT_RUN_SLURM = 77  # start.sh's exit code for "not possible here"; any other non-zero is "broken"
+SKIP_SWITCH = "SHADOWQUANT_SKIP_SLURM"  # =1 switches the SLURM tests off, also under CI
+NODE_CPUS = 2  # start.sh's default node size
+PROFILE_THREADS = schema()["properties"]["threads"]["properties"]["profile"]["default"]
 
 # Only to keep the test short: first status poll after 2 s instead of the
 # profile's 20 s (the plugin adds 10 s per poll while no job has finished).
@@ -93,11 +103,11 @@ def tiny_llama_config(request: pytest.FixtureRequest) -> dict:
 
 TINY_WORKFLOW = WorkflowCase("tiny", snakefile=None, config={"label": "tiny-run"})
 # The real workflow up to profiling (fetch_model, select_calibration, profile).
-# --cores: rule profile has `threads: workflow.cores`, which needs it; it also
-# keeps threads within this node's CPUs.
+# No --cores: rule profile's threads come from config key threads.profile, whose
+# default must fit the 2-CPU node by itself.
 REAL_WORKFLOW = WorkflowCase(
     "real", snakefile=REPO / "Snakefile", config=tiny_llama_config,
-    snakemake_args=["--cores", "2", "results/tiny-llama/act_scales.json"],
+    snakemake_args=["results/tiny-llama/act_scales.json"],
 )
 CASES = [TINY_WORKFLOW, REAL_WORKFLOW]
 
@@ -114,19 +124,47 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def _skip_visibly(reason: str) -> None:
-    """Skip, and also warn so the reason shows in a default pytest summary."""
+def _is_set(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes"}
+
+
+def skip_if_switched_off(environ: Mapping[str, str] = os.environ) -> None:
+    if _is_set(environ.get(SKIP_SWITCH)):
+        pytest.skip(f"SLURM tests switched off ({SKIP_SWITCH}=1)")
+
+
+def cannot_run_here(reason: str, environ: Mapping[str, str] = os.environ) -> NoReturn:
+    """SLURM is not possible on this machine: skip visibly, but fail under CI."""
+    if _is_set(environ.get("CI")):
+        pytest.fail(f"SLURM test cannot run under CI: {reason} (set {SKIP_SWITCH}=1 to switch it off)",
+                    pytrace=False)
+    # The warning makes the reason show in a default pytest summary.
     warnings.warn(f"SLURM test skipped: {reason}", stacklevel=2)
     pytest.skip(reason)
+
+
+def start_cluster(env: dict[str, str]) -> dict[str, str]:
+    """Run start.sh; its KEY=VALUE lines (SLURM_CONF, SLURM_WRAPPERS), or skip/fail as the policy says."""
+    started = subprocess.run(
+        ["bash", str(SLURM_SCRIPTS / "start.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    last_line = (started.stderr.strip().splitlines() or ["(no message)"])[-1]
+    if started.returncode == CANNOT_RUN_SLURM:
+        cannot_run_here(last_line)
+    if started.returncode != 0:
+        pytest.fail(f"{last_line} (start.sh exit {started.returncode})\n{started.stdout}\n{started.stderr}",
+                    pytrace=False)
+    return dict(line.split("=", 1) for line in started.stdout.splitlines() if "=" in line)
 
 
 @pytest.fixture(scope="session")
 def slurm_env() -> Iterator[dict[str, str]]:
     """A running private SLURM cluster; yields the environment to submit with."""
+    skip_if_switched_off()
     if shutil.which("snakemake", path=str(VENV_BIN)) is None:
-        _skip_visibly(f"no snakemake in {VENV_BIN}")
+        cannot_run_here(f"no snakemake in {VENV_BIN}")
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        _skip_visibly("snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')")
+        cannot_run_here("snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')")
     # A short private path: the munge socket path must stay under 108 bytes.
     state_dir = tempfile.mkdtemp(prefix="sq-slurm-", dir="/tmp")
     ctld_port, slurmd_port = _free_ports(2)
@@ -136,17 +174,12 @@ def slurm_env() -> Iterator[dict[str, str]]:
         "SQ_SLURM_CTLD_PORT": str(ctld_port),
         "SQ_SLURM_SLURMD_PORT": str(slurmd_port),
     }
-    started = subprocess.run(
-        ["bash", str(SLURM_SCRIPTS / "start.sh")], env=env, capture_output=True, text=True, timeout=300
-    )
     try:
-        if started.returncode == CANNOT_RUN_SLURM:
-            _skip_visibly(started.stderr.strip() or "start.sh: SLURM cannot run here")
-        if started.returncode != 0:
-            pytest.fail(f"start.sh failed (exit {started.returncode}):\n{started.stdout}\n{started.stderr}")
-        slurm_conf = started.stdout.strip().splitlines()[-1].removeprefix("SLURM_CONF=")
-        # Jobs inherit the submitting environment: the venv must come first on PATH.
-        yield {**env, "SLURM_CONF": slurm_conf, "PATH": f"{VENV_BIN}{os.pathsep}{env['PATH']}:/usr/sbin"}
+        cluster = start_cluster(env)
+        # Jobs inherit the submitting environment: the cluster's srun wrapper, then
+        # the venv, first on PATH.
+        path = os.pathsep.join([cluster["SLURM_WRAPPERS"], str(VENV_BIN), env["PATH"], "/usr/sbin"])
+        yield {**env, "SLURM_CONF": cluster["SLURM_CONF"], "PATH": path}
     finally:
         subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], env=env, capture_output=True, timeout=60)
 
@@ -207,6 +240,7 @@ def rule_of_comment(comment: str, rules: set[str]) -> str | None:
     return None
 
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_workflow_runs_through_slurm(
     case: WorkflowCase, slurm_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
@@ -238,6 +272,9 @@ def test_workflow_runs_through_slurm(
 
     if case is TINY_WORKFLOW:
         check_tiny_workflow(tmp_path, dict(submissions), slurm_env)
+    else:  # threads.profile's default became the profile job's CPUs
+        profile_job = next(job_id for job_id, log in submissions if "/rule_profile/" in log)
+        assert slurm_job_record(profile_job, slurm_env)["NumCPUs"] == str(PROFILE_THREADS)
 
 
 def check_tiny_workflow(run_dir: Path, submissions: dict[str, str], env: dict[str, str]) -> None:
@@ -256,6 +293,7 @@ def check_tiny_workflow(run_dir: Path, submissions: dict[str, str], env: dict[st
     assert summed_job["TimeLimit"] == "01:00:00"
 
 
+@pytest.mark.slurm
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_dry_run_shows_resources_of_every_job(
     case: WorkflowCase, tmp_path: Path, request: pytest.FixtureRequest
@@ -264,7 +302,9 @@ def test_dry_run_shows_resources_of_every_job(
 
     Resources computed from input files not yet made show as <TBD> in a dry run.
     """
-    pytest.importorskip("snakemake_executor_plugin_slurm")
+    skip_if_switched_off()
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        cannot_run_here("snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')")
     argv = prepare_run_dir(case, tmp_path, request) + ["--dry-run"]
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -282,3 +322,54 @@ def test_dry_run_shows_resources_of_every_job(
         by_rule = dict(jobs)
         assert "mem_mb=300," in by_rule["numbers"] and "runtime=5" in by_rule["numbers"]
         assert "mem_mb=4000," in by_rule["summed"] and "runtime=60" in by_rule["summed"]
+
+
+@pytest.mark.slurm
+def test_threads_beyond_the_node_fail_before_anything_is_submitted(
+    slurm_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """threads.profile above the node's CPUs: one error line within seconds, not a job pending forever."""
+    too_many = NODE_CPUS + 6
+    case = WorkflowCase(
+        "too-many-threads", snakefile=REPO / "Snakefile",
+        config=lambda req: {**tiny_llama_config(req), "threads": {"profile": too_many}},
+        snakemake_args=["results/tiny-llama/act_scales.json"], timeout_s=120,
+    )
+    result = run_snakemake(prepare_run_dir(case, tmp_path, request), slurm_env, tmp_path, case.timeout_s)
+    assert result.returncode != 0, result.stdout[-4000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: rule profile asks for {too_many} threads (sbatch --cpus-per-task) but the largest node of "
+        f"SLURM partition 'debug' has {NODE_CPUS} CPUs, so it would stay pending forever; "
+        f"set config key threads.profile to at most {NODE_CPUS}"
+    ], result.stdout[-4000:]
+    assert not SUBMITTED.search(result.stdout), f"a job was submitted:\n{result.stdout[-4000:]}"
+
+
+@pytest.mark.slurm
+def test_start_sh_tells_not_possible_from_broken(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """A node larger than the machine is "not possible here" (77); a bad setting is "broken" (1)."""
+    def start(**settings: str) -> subprocess.CompletedProcess:
+        env = {**slurm_env, "SQ_SLURM_DIR": str(tmp_path / "cluster"), **settings}
+        return subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh")], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    too_big = start(SQ_SLURM_CPUS=str((os.cpu_count() or 1) * 1000))
+    assert too_big.returncode == CANNOT_RUN_SLURM, too_big.stderr
+    assert too_big.stderr.strip().splitlines()[-1].startswith("start.sh: not possible here: machine has ")
+    bad_setting = start(SQ_SLURM_CPUS="two")
+    assert bad_setting.returncode == 1, bad_setting.stderr
+    assert bad_setting.stderr.strip().splitlines()[-1].startswith("start.sh: broken: SQ_SLURM_CPUS='two'")
+    assert not (tmp_path / "cluster").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("environ, outcome, message", [
+    ({}, pytest.skip.Exception, "no root here"),
+    ({"CI": "true"}, pytest.fail.Exception, f"cannot run under CI: no root here (set {SKIP_SWITCH}=1"),
+    ({"CI": "true", SKIP_SWITCH: "1"}, pytest.skip.Exception, f"switched off ({SKIP_SWITCH}=1)"),
+])
+def test_a_slurm_test_that_cannot_run_fails_under_ci_unless_switched_off(environ, outcome, message) -> None:
+    with pytest.raises(outcome, match=re.escape(message)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skip_if_switched_off(environ)
+        cannot_run_here("no root here", environ)

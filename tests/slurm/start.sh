@@ -2,8 +2,8 @@
 # Start a private single-node SLURM cluster (munged + slurmctld + slurmd) for tests.
 #
 # Everything lives in one state directory (config, spool, logs, pidfiles, munge
-# socket and key); outside it only the link /run/slurm/conf is made (see below).
-# Nothing under /etc is touched, and stop.sh removes it all again.
+# socket and key, an srun wrapper); nothing outside it is touched, not even an
+# existing /etc/slurm/slurm.conf, and stop.sh removes it all again.
 # Idempotent: if the daemons of this state directory are already running and the
 # node answers, it returns at once. Needs root (slurmd launches the jobs).
 #
@@ -11,31 +11,56 @@
 #   SQ_SLURM_DIR         state directory        (default /tmp/sq-slurm-$UID)
 #   SQ_SLURM_CTLD_PORT   slurmctld port         (default 16817)
 #   SQ_SLURM_SLURMD_PORT slurmd port            (default 16818)
+#   SQ_SLURM_CPUS        CPUs of the node       (default 2, a small cluster node)
 #   SQ_SLURM_WAIT_S      seconds to wait for the node to become idle (default 60)
-#   SQ_SLURM_MIN_MEM_MB  refuse (77) a node with less memory (default 4096)
+#   SQ_SLURM_MIN_MEM_MB  refuse (77) a machine with less memory (default 4096)
 #   SQ_SLURM_NO_INSTALL  set to 1 to never call apt-get
 #
-# Exit codes: 0 ready (last stdout line is "SLURM_CONF=<path>"),
-#             77 SLURM cannot run here (reason on stderr), other: unexpected error.
+# Exit codes:
+#   0  ready; the last two stdout lines are "SLURM_CONF=<file>" (the cluster's
+#      config) and "SLURM_WRAPPERS=<dir>" (put it first on PATH for the jobs:
+#      its srun finds this cluster although the executor plugin strips SLURM_CONF).
+#   77 not possible here: not Linux, not root, SLURM missing with no apt-get (or
+#      SQ_SLURM_NO_INSTALL=1), or the machine is smaller than the node asked for.
+#   1  broken: anything else (apt-get failed, a daemon did not start, the node
+#      never became idle, ...). The last stderr line says what, after the tail
+#      of the daemon log that usually says why.
 set -uo pipefail
 
 STATE_DIR="${SQ_SLURM_DIR:-/tmp/sq-slurm-$(id -u)}"
 CTLD_PORT="${SQ_SLURM_CTLD_PORT:-16817}"
 SLURMD_PORT="${SQ_SLURM_SLURMD_PORT:-16818}"
+NODE_CPUS="${SQ_SLURM_CPUS:-2}"
 WAIT_S="${SQ_SLURM_WAIT_S:-60}"
 MIN_MEM_MB="${SQ_SLURM_MIN_MEM_MB:-4096}"
 NODE="$(hostname -s)"
 CONF="$STATE_DIR/etc/slurm.conf"
 MUNGE_DIR="$STATE_DIR/munge"
 MUNGE_SOCKET="$MUNGE_DIR/munge.socket"
+WRAPPERS="$STATE_DIR/bin"
 PACKAGES=(munge slurmctld slurmd slurm-client)
 export SLURM_CONF="$CONF"
 
-cannot_run() {  # explain why and exit with the "skip" code
-    echo "start.sh: cannot run SLURM here: $*" >&2
-    # Stop what this run already started, but keep the logs for a post-mortem.
+stop_what_started() {  # keep the logs for a post-mortem
     [[ -n "${STARTING:-}" ]] && SQ_SLURM_KEEP_STATE=1 "$(dirname "$0")/stop.sh" >/dev/null 2>&1
+}
+
+cannot_run() {  # this machine cannot host the cluster: the "not possible here" code
+    stop_what_started
+    echo "start.sh: not possible here: $*" >&2
     exit 77
+}
+
+broken() {  # it should have worked and did not: a real failure
+    stop_what_started
+    echo "start.sh: broken: $*" >&2
+    exit 1
+}
+
+ready() {
+    echo "SLURM_CONF=$CONF"
+    echo "SLURM_WRAPPERS=$WRAPPERS"
+    exit 0
 }
 
 show_log_tail() {  # a daemon's own log usually says why it died
@@ -56,7 +81,7 @@ started() {  # started NAME: bounded wait for NAME's pidfile (daemons write it a
         sleep 0.1
     done
     show_log_tail "$STATE_DIR/log/$1.log"
-    cannot_run "$1 did not start (no live pid in $STATE_DIR/run/$1.pid)"
+    broken "$1 did not start (no live pid in $STATE_DIR/run/$1.pid)"
 }
 
 node_state() {
@@ -83,11 +108,12 @@ wait_for_idle() {  # bounded wait until the node accepts jobs
     return 1
 }
 
+[[ "$NODE_CPUS" =~ ^[1-9][0-9]*$ ]] || broken "SQ_SLURM_CPUS='$NODE_CPUS': give a whole number of CPUs"
+
 # ---- fast path: our cluster is already up ----------------------------------
 if daemon_alive munged && daemon_alive slurmctld && daemon_alive slurmd; then
-    wait_for_idle || cannot_run "running cluster in $STATE_DIR does not answer"
-    echo "SLURM_CONF=$CONF"
-    exit 0
+    wait_for_idle || broken "running cluster in $STATE_DIR does not answer"
+    ready
 fi
 
 # ---- packages ---------------------------------------------------------------
@@ -109,7 +135,7 @@ if ((${#missing[@]})); then
         if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >>"$apt_log" 2>&1; then
             tail -n 15 "$apt_log" >&2
             rm -f "$apt_log"
-            cannot_run "apt-get install ${PACKAGES[*]} failed"
+            broken "apt-get install ${PACKAGES[*]} failed (its output above)"
         fi
     fi
     rm -f "$apt_log"
@@ -118,29 +144,19 @@ fi
 [[ "$(id -u)" == 0 ]] || cannot_run "slurmd needs root to launch jobs (running as $(id -un))"
 
 # ---- configuration ----------------------------------------------------------
-# srun inside a job cannot see SLURM_CONF (the executor plugin strips SLURM_*
-# variables before it calls srun), so it falls back to /etc/slurm/slurm.conf,
-# then /run/slurm/conf/slurm.conf. We link the latter to our config; a host that
-# has either one for a real cluster cannot host this test cluster.
-RUN_CONF_LINK=/run/slurm/conf
-[[ -e /etc/slurm/slurm.conf ]] && cannot_run "/etc/slurm/slurm.conf exists (a real SLURM setup); not touching it"
-if [[ -e "$RUN_CONF_LINK" && "$(readlink "$RUN_CONF_LINK")" != "$STATE_DIR"/* ]]; then
-    in_use="$(readlink -f "$RUN_CONF_LINK")"
-    hint=""
-    [[ "$in_use" == */sq-slurm-*/etc ]] && hint="; if it is a leftover, stop it with: SQ_SLURM_DIR=${in_use%/etc} $(dirname "$0")/stop.sh"
-    cannot_run "$RUN_CONF_LINK is in use ($in_use): another SLURM node or test cluster runs here$hint"
-fi
-# The node line comes from slurmd itself, so CPUs/RealMemory match what it will report.
+# The node line comes from slurmd itself (RealMemory), with SQ_SLURM_CPUS CPUs:
+# a small node, like the 2-CPU nodes the profiles/slurm defaults must fit.
 hw="$(slurmd -C 2>/dev/null | head -n 1)"
-[[ "$hw" == NodeName=* ]] || cannot_run "'slurmd -C' did not describe this machine: $hw"
-hw="${hw#NodeName=* }"
-# profiles/slurm asks 4000 MB per job by default; a smaller node would queue it forever.
+[[ "$hw" == NodeName=* ]] || broken "'slurmd -C' did not describe this machine: ${hw:-no output}"
 real_memory="$(sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' <<<"$hw")"
-((${real_memory:-0} >= MIN_MEM_MB)) || cannot_run "node has ${real_memory:-unknown} MB; the test jobs need $MIN_MEM_MB MB"
+machine_cpus="$(sed -n 's/.* CPUs=\([0-9]*\).*/\1/p' <<<"$hw")"
+# profiles/slurm asks 4000 MB per job by default; a smaller node would queue it forever.
+((${real_memory:-0} >= MIN_MEM_MB)) || cannot_run "machine has ${real_memory:-unknown} MB; the test jobs need $MIN_MEM_MB MB"
+((${machine_cpus:-0} >= NODE_CPUS)) || cannot_run "machine has ${machine_cpus:-unknown} CPUs; the test node needs $NODE_CPUS"
 # A half-started cluster from an earlier run is stopped first, so we start clean.
 "$(dirname "$0")/stop.sh" >/dev/null 2>&1 || true
-mkdir -p "$STATE_DIR"/{etc,run,log,state,spool} "$MUNGE_DIR"
-chmod 0700 "$STATE_DIR" "$MUNGE_DIR"
+mkdir -p "$STATE_DIR"/{etc,run,log,state,spool} "$MUNGE_DIR" "$WRAPPERS" &&
+    chmod 0700 "$STATE_DIR" "$MUNGE_DIR" || broken "cannot create the state directory $STATE_DIR"
 
 STARTING=1  # from here on, a failure stops what was started
 
@@ -174,11 +190,13 @@ SelectTypeParameters=CR_Core_Memory
 AccountingStorageType=accounting_storage/none
 MinJobAge=300
 ReturnToService=2
+# The node has the CPUs written below even where the machine has more.
+SlurmdParameters=config_overrides
 MpiDefault=none
 MailProg=/bin/true
 SwitchType=switch/none
 SchedulerType=sched/backfill
-NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NODE_CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$real_memory State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 # Unused with proctrack/linuxproc + task/none; there so that a slurmd which
@@ -187,8 +205,15 @@ cat >"$STATE_DIR/etc/cgroup.conf" <<EOF
 CgroupPlugin=autodetect
 EOF
 
-mkdir -p "$(dirname "$RUN_CONF_LINK")"
-ln -sfn "$STATE_DIR/etc" "$RUN_CONF_LINK"
+# Inside a job the executor plugin strips every SLURM_* variable (SLURM_CONF too)
+# before its srun, which would then read /etc/slurm/slurm.conf: another cluster's,
+# or none. This srun, first on the jobs' PATH, points it back at this cluster.
+real_srun="$(command -v srun)"
+cat >"$WRAPPERS/srun" <<EOF && chmod 0755 "$WRAPPERS/srun" || broken "cannot write $WRAPPERS/srun"
+#!/bin/sh
+# Written by tests/slurm/start.sh: srun of the private test cluster in $STATE_DIR.
+SLURM_CONF='$CONF' exec '$real_srun' "\$@"
+EOF
 
 # ---- munged (private key and socket) ----------------------------------------
 if [[ ! -s "$MUNGE_DIR/munge.key" ]]; then
@@ -199,20 +224,20 @@ munged --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" \
     --pid-file="$STATE_DIR/run/munged.pid" --log-file="$STATE_DIR/log/munged.log" \
     --seed-file="$MUNGE_DIR/munged.seed" --force 2>>"$STATE_DIR/log/munged.log" || {
     show_log_tail "$STATE_DIR/log/munged.log"
-    cannot_run "munged did not start"
+    broken "munged did not start"
 }
 started munged
 for _ in $(seq 50); do [[ -S "$MUNGE_SOCKET" ]] && break; sleep 0.1; done
 munge --socket="$MUNGE_SOCKET" -n 2>/dev/null | unmunge --socket="$MUNGE_SOCKET" >/dev/null 2>&1 || {
     show_log_tail "$STATE_DIR/log/munged.log"
-    cannot_run "munge round trip through $MUNGE_SOCKET failed"
+    broken "munge round trip through $MUNGE_SOCKET failed"
 }
 
 # ---- slurmctld and slurmd ---------------------------------------------------
 # -c: start from a clean state (no jobs left over from an earlier run).
 slurmctld -c -f "$CONF" 2>>"$STATE_DIR/log/slurmctld.log" || {
     show_log_tail "$STATE_DIR/log/slurmctld.log"
-    cannot_run "slurmctld did not start"
+    broken "slurmctld did not start"
 }
 started slurmctld
 # Bounded: scontrol alone retries for a long time when nobody answers.
@@ -224,13 +249,13 @@ while ((SECONDS < deadline)) && daemon_alive slurmctld; do
 done
 [[ -n "$controller_up" ]] || {
     show_log_tail "$STATE_DIR/log/slurmctld.log"
-    cannot_run "slurmctld does not answer 'scontrol ping'"
+    broken "slurmctld does not answer 'scontrol ping'"
 }
 slurmd -f "$CONF" -N "$NODE" 2>>"$STATE_DIR/log/slurmd.log" || {
     show_log_tail "$STATE_DIR/log/slurmd.log"
-    cannot_run "slurmd did not start"
+    broken "slurmd did not start"
 }
 started slurmd
-wait_for_idle || cannot_run "node $NODE never became idle"
-echo "start.sh: SLURM node $NODE idle (state in $STATE_DIR)" >&2
-echo "SLURM_CONF=$CONF"
+wait_for_idle || broken "node $NODE never became idle"
+echo "start.sh: SLURM node $NODE ($NODE_CPUS CPUs) idle (state in $STATE_DIR)" >&2
+ready

@@ -43,9 +43,6 @@ for pid in "${pids[@]}"; do
     fi
 done
 
-# start.sh links /run/slurm/conf to our config for srun inside jobs; remove it if ours.
-[[ -L /run/slurm/conf && "$(readlink /run/slurm/conf)" == "$STATE_DIR"/* ]] && rm -f /run/slurm/conf
-
 if [[ "${SQ_SLURM_KEEP_STATE:-0}" == 1 ]]; then
     echo "stop.sh: daemons stopped; state kept in $STATE_DIR" >&2
 else

@@ -9,6 +9,12 @@ from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
 from shadowquant.decision import parse_point, point_label
 from shadowquant.manifest import local_source_files
+from shadowquant.slurm_check import (
+    ThreadRequest,
+    check_threads_fit,
+    parse_sinfo,
+    query_sinfo,
+)
 
 try:
     # Errors name the config files the keys came from (the default one and any --configfile).
@@ -45,6 +51,54 @@ def drop_benchmarks_of_cached_rules():
 
 
 USES_GPU = 1 if config["device"].startswith("cuda") else 0
+
+# The config key (under `threads:`) that sets each multi-threaded rule's threads;
+# on SLURM the threads become the job's --cpus-per-task, so they must fit a node.
+THREADS_CONFIG_KEYS = {
+    "profile": "threads.profile",
+    "evaluate_float": "threads.evaluate",
+    "evaluate_point": "threads.evaluate",
+    "evaluate_part": "threads.evaluate",
+    "sensitivity": "threads.evaluate",
+    "evaluate_export": "threads.evaluate",
+    "export_int8": "threads.export",
+    "export_pth": "threads.export",
+}
+
+
+def rule_threads(rule_name):
+    """A rule's threads, from the config key THREADS_CONFIG_KEYS names for it."""
+    return config["threads"][THREADS_CONFIG_KEYS[rule_name].removeprefix("threads.")]
+
+
+def check_slurm_threads():
+    """Before anything is submitted to SLURM: each job's threads fit a node of its partition."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return
+    requests = [
+        ThreadRequest(job.rule.name, job.threads, job.resources.get("slurm_partition"))
+        for job in workflow.dag.needrun_jobs()
+        if not job.is_local
+    ]
+    try:
+        partitions = parse_sinfo(query_sinfo())
+    except PipelineError as exc:
+        # sbatch will say what is wrong with the cluster; this check only adds clarity.
+        print(
+            f"warning: threads not checked against the SLURM nodes: {exc}",
+            file=sys.stderr,
+        )
+        return
+    try:
+        check_threads_fit(requests, partitions, THREADS_CONFIG_KEYS)
+    except PipelineError as exc:
+        sys.exit(f"error: {exc}")
+
+
+onstart:
+    check_slurm_threads()
+
 
 # The exported point: an explicit label, or "auto" (the selection's choice). An explicit point is
 # always evaluated too, so the final evaluation can report it.

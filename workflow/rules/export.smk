@@ -16,7 +16,7 @@ rule export_int8:
         f"{BENCH}/export_int8.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("export_int8")
     resources:
         mem_mb=model_mem_mb,
         runtime=60,
@@ -35,7 +35,7 @@ rule export_pth:
         f"{LOGS}/export_pth.log",
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("export_pth")
     resources:
         mem_mb=4000,
         runtime=30,

@@ -15,7 +15,7 @@ rule profile:
     cache: CACHE_MODE
     conda:
         CONDA_ENV
-    threads: 8  # capped by --cores locally; --cpus-per-task on SLURM
+    threads: rule_threads("profile")  # capped by --cores locally; --cpus-per-task on SLURM
     resources:
         mem_mb=model_mem_mb,
         runtime=240,

@@ -53,7 +53,7 @@ rule evaluate_float:
         f"{BENCH}/sweep/float.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_float")
     resources:
         mem_mb=model_mem_mb,
         runtime=120,
@@ -81,7 +81,7 @@ rule sensitivity:
         f"{BENCH}/sensitivity.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("sensitivity")
     resources:
         mem_mb=model_mem_mb,
         runtime=240,
@@ -114,7 +114,7 @@ rule evaluate_point:
         point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)",
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_point")
     resources:
         mem_mb=model_mem_mb,
         runtime=120,
@@ -147,7 +147,7 @@ rule evaluate_part:
         part="weights|inputs|outputs",
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_part")
     resources:
         mem_mb=model_mem_mb,
         runtime=120,
@@ -243,7 +243,7 @@ rule evaluate_export:
         f"{BENCH}/evaluate_export.tsv"
     conda:
         CONDA_ENV
-    threads: 1
+    threads: rule_threads("evaluate_export")
     resources:
         mem_mb=model_mem_mb,
         runtime=60,
