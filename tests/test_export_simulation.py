@@ -53,7 +53,7 @@ def test_mse_weight_range_and_per_side_shadow_set_export_reproduces_simulation(f
     max_export = int8_state_dict(simulated.state_dict(), full, profiled)
     assert not bool(export[f"{names[0]}.clip_input"]) and bool(export[f"{names[0]}.clip_output"])
     rebuilt, _, _ = load_model(tiny_model_dir(family), device="cpu", dtype="float32")
-    _model_from_export(rebuilt, export, names)
+    apply_w8a8_from_export(rebuilt, export, names)
     apply_w8a8(simulated, decisions, names, weight_range="mse")
     ids = torch.tensor([sequences[0]])
     with torch.inference_mode():

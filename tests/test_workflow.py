@@ -22,9 +22,14 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
     results = tmp_path / f"results/tiny-{family}"
     sweep = pd.read_csv(results / "sweep.csv")
-    assert len(sweep) == 1 + 2 * 2 and sweep["perplexity"].notna().all()
+    assert list(sweep["point"]) == ["float", "absmax-t1", "absmax-t4", "absmax-t10000000", "absmax-k2"]
+    assert sweep["perplexity"].notna().all() and sweep["perplexity_ci_low"].notna().all()
+    assert (sweep["perplexity_ci_low"] <= sweep["perplexity"]).all()
+    assert (sweep["perplexity"] <= sweep["perplexity_ci_high"]).all()
     selection = json.loads((results / "selection.json").read_text())
-    assert selection["statistic"] in ("signed", "absmax") and selection["threshold"] in (4.0, 10000000.0)
+    assert selection["point"] in set(sweep["point"]) - {"float"}
+    breakdown = json.loads((results / "breakdown.json").read_text())
+    assert set(breakdown["parts"]) == {"float", "weights", "inputs", "outputs", "all"}
     evaluation = json.loads((results / "evaluation.json").read_text())
     assert evaluation["generations"][0]["prompt"] == "The list"
     for plot in ("sweep_threshold.png", "sweep_shadow.png", "outlier_ratios.png"):
@@ -45,21 +50,20 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):
     # Explicit statistic and threshold: model.mllm needs no sweep.
-    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", statistic="signed",
-                   **{"export.threshold": 152})
+    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", **{"export.point": "signed-t152"})
     cfg = write_config(tmp_path, base)
     snakemake(tmp_path, cfg, "model.mllm")
     assert (tmp_path / "model.mllm").read_bytes() == (tmp_path / "results/tiny-llama/model.mllm").read_bytes()
     assert planned_jobs(snakemake(tmp_path, cfg, "-n", "model.mllm")) == {}
-    base["export"] = {"threshold": 8}
+    base["export"] = {"point": "signed-t8"}
     cfg = write_config(tmp_path, base)
     jobs = planned_jobs(snakemake(tmp_path, cfg, "-n", "model.mllm"))
     assert "profile" not in jobs and "fetch_model" not in jobs and "select_calibration" not in jobs
     assert {"export_int8", "convert_mllm", "primary_model"} <= set(jobs)
-    assert "evaluate_threshold" not in jobs
+    assert "evaluate_point" not in jobs and "sensitivity" not in jobs
     snakemake(tmp_path, cfg, "model.mllm")
     shadow = json.loads((tmp_path / "results/tiny-llama/shadow_layers.json").read_text())
-    assert shadow["threshold"] == 8
+    assert shadow["threshold"] == 8 and shadow["point"] == "signed-t8"
     # A change of the calibration size does rerun profiling.
     base["calibration"]["num_samples"] = 5
     jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, base), "-n", "model.mllm"))
@@ -80,8 +84,8 @@ def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, 
     from shadowquant.fakequant import dequantized_linear_from_export, fake_quant_weight
     from shadowquant.models import load_model
 
-    cfg = write_config(tmp_path, tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt", statistic="absmax",
-                                         **{"export.threshold": 4}))
+    cfg = write_config(tmp_path, tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt",
+                                         **{"export.point": "absmax-t4"}))
     snakemake(tmp_path, cfg, "results/tiny-opt/model-int8.safetensors")
     model, _, _ = load_model(tiny_model_dir("opt"), device="cpu", dtype="float32")
     mods = dict(model.named_modules())
@@ -100,10 +104,10 @@ def test_budget_change_reruns_selection_only(tiny_model_dir, tiny_text_corpus, t
     calibration = set((tmp_path / "results/tiny-budget/calibration.jsonl").read_text().splitlines())
     evaluation = set((tmp_path / "results/tiny-budget/evaluation.jsonl").read_text().splitlines())
     assert calibration and evaluation and not calibration & evaluation  # held out: disjoint
-    base["sweep"]["max_accuracy_drop"] = 0.5
+    base["sweep"]["budget"] = 0.5
     jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, base), "-n"))
-    assert "select_threshold" in jobs
-    for rule in ("profile", "evaluate_float", "evaluate_threshold", "fetch_model", "select_evaluation"):
+    assert "select_point" in jobs
+    for rule in ("profile", "evaluate_float", "evaluate_point", "sensitivity", "fetch_model", "select_evaluation"):
         assert rule not in jobs
     report = tmp_path / "report.html"
     snakemake(tmp_path, cfg, "--report", str(report))

@@ -34,8 +34,10 @@ def tiny_config(model_dir, corpus, name: str, **overrides) -> dict:
         "model": {"source": str(model_dir), "name": name},
         "calibration": {"dataset": str(corpus), "num_samples": 6, "seq_len": 32, "batch_size": 3,
                         "checkpoint_every": 0},
-        # A small sweep keeps the workflow fast: two thresholds, both statistics, auto selection.
-        "sweep": {"thresholds": [4, 10000000]},
+        # A small sweep keeps the workflow fast: two thresholds (plus t = 1, always evaluated), one
+        # sensitivity point, auto selection; the sensitivity is measured on two short records.
+        "sweep": {"thresholds": [4, 10000000], "shadow_sides": [2], "bootstrap": 50},
+        "sensitivity": {"num_samples": 2, "seq_len": 16},
         "evaluation": {"num_samples": 8, "seq_len": 24, "max_new_tokens": 4, "prompts": ["The list"]},
         "device": "cpu",
     }

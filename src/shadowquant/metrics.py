@@ -45,7 +45,6 @@ num_tokens, kl_sum, agreement_count; the last two None without baseline) and
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

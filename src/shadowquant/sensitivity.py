@@ -609,3 +609,57 @@ def write_sensitivity_csv(path: str | Path, rows: list[SideSensitivity]) -> None
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+
+
+# ---------------------------------------------------------------- the workflow stage
+
+SENSITIVITY_COLUMNS = ["layer", "side", "statistic", "ratio", "clip_scale", "shadow_scale", "cost", "flop_share",
+                       "proxy_kl", "delta_kl", "delta_nll", "rank"]
+
+
+def ranked_rows(rows: list[SideSensitivity], statistic: str) -> list[dict]:
+    """Table rows in greedy order (benefit = measured KL increase per shadow element), with their rank."""
+    front = greedy_front(rows, benefit_key="delta_kl", cost_key="shadow_elements")
+    order = {side: rank for rank, side in enumerate(front[-1].shadow_sides, start=1)}
+    table = []
+    for row in rows:
+        table.append({"layer": row.layer, "side": row.side, "statistic": statistic, "ratio": row.ratio,
+                      "clip_scale": row.clip_scale, "shadow_scale": row.shadow_scale, "cost": row.shadow_elements,
+                      "flop_share": row.shadow_flop_share, "proxy_kl": row.proxy_kl, "delta_kl": row.delta_kl,
+                      "delta_nll": row.delta_nll, "rank": order[(row.layer, row.side)]})
+    return sorted(table, key=lambda r: r["rank"])
+
+
+def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[str], num_samples: int, seq_len: int,
+                      batch_size: int = 4, device: str = "auto", dtype: str = "auto") -> list[dict]:
+    """Measure, per statistic, the KL increase of clipping each quantized side alone (first `num_samples`
+    calibration records), and write sensitivity.csv ranked by benefit per device cost."""
+    from shadowquant.corpus import read_jsonl_texts
+    from shadowquant.decision import load_act_scales
+    from shadowquant.families import quantized_layer_names
+    from shadowquant.models import load_model_from_manifest
+    from shadowquant.profiling import tokenize_samples
+
+    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
+    texts = read_jsonl_texts(samples)[:num_samples]
+    sequences = [s for s in tokenize_samples(tokenizer, texts, seq_len) if len(s) >= 2]
+    if not sequences:
+        raise PipelineError(f"{samples}: no calibration record has two or more tokens for the sensitivity")
+    layers = quantized_layer_names(model, family)
+    scales = load_act_scales(act_scales)
+    reference = reference_logprobs(model, sequences, batch_size)
+    table = []
+    for statistic in statistics:
+        rows = sensitivity_rows(model, layers, scales, statistic)
+        _, measured = side_sensitivity(model, layers, sequences, scales, statistic, reference=reference,
+                                       batch_size=batch_size)
+        for row in rows:
+            row.delta_kl = measured[(row.layer, row.side)]["delta_kl"]
+            row.delta_nll = measured[(row.layer, row.side)]["delta_nll"]
+        table += ranked_rows(rows, statistic)
+    with atomic_path(out_csv, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SENSITIVITY_COLUMNS)
+        writer.writeheader()
+        for row in table:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return table

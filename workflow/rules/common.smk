@@ -193,8 +193,10 @@ def selection_input(wildcards=None):
 
 
 def sensitivity_input(wildcards=None):
-    """The sensitivity ranking, for rules that may decide a sensitivity point."""
-    return [SENSITIVITY] if USES_SENSITIVITY else []
+    """The sensitivity ranking for the export: only when its point is (or may be) a sensitivity point."""
+    if EXPORT_IS_AUTO:
+        return [SENSITIVITY] if USES_SENSITIVITY else []
+    return [SENSITIVITY] if parse_point(EXPORT_POINT)[1] == "sensitivity" else []
 
 
 def point_sensitivity_input(wildcards):
