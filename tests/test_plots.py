@@ -282,8 +282,8 @@ def test_sweep_missing_column(tmp_path, plot, column):
 @pytest.mark.parametrize("mutate,match", [
     (lambda rows: rows[:1], "no W8A8 point"),
     (lambda rows: rows[1:], "no float row"),
-    (lambda rows: [*rows[:1], {**rows[1], "threshold": -1.0}], "threshold must be a positive number, got -1 for "
-                                                               "point absmax-t1"),
+    (lambda rows: [*rows[:1], {**rows[1], "threshold": -1.0}],
+     "threshold must be a positive number, got -1 for point absmax-t1"),
     (lambda rows: [*rows[:1], {**rows[1], "rule": "knapsack"}], "unknown rule 'knapsack'"),
     (lambda rows: [*rows[:1], {**rows[1], "num_shadow_sides": math.nan}], "num_shadow_sides is empty for point"),
     (lambda rows: [{k: v for k, v in r.items() if k != "threshold"} for r in rows], "lacks column threshold"),
@@ -474,8 +474,43 @@ def test_report_captions_are_clean_rst():
     report_dir = Path(__file__).resolve().parents[1] / "workflow" / "report"
     names = {p.name for p in report_dir.glob("*.rst")}
     assert {"workflow.rst", "sweep_threshold.rst", "sweep_shadow.rst", "outlier_ratios.rst", "sweep_table.rst",
-            "evaluation_summary.rst", "act_scales_table.rst"} <= names
+            "evaluation_summary.rst", "act_scales_table.rst", "fronts.rst", "sensitivity.rst",
+            "sensitivity_table.rst", "breakdown.rst"} <= names
     for name in sorted(names):
         text = (report_dir / name).read_text(encoding="utf-8")
         assert "{{" not in text and "{%" not in text  # Snakemake renders captions through Jinja first
         publish_parts(text, writer="html", settings_overrides={"halt_level": 1, "report_level": 1})
+
+
+def run_adapter(script: str, tmp_path, inputs: dict, outputs: dict, params: dict | None = None):
+    """Run a workflow/scripts adapter as Snakemake would, with a stand-in `snakemake` object."""
+    import runpy
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    log = tmp_path / f"{script}.log"
+    snakemake = SimpleNamespace(input=SimpleNamespace(**inputs), output=SimpleNamespace(**outputs),
+                                params=SimpleNamespace(**(params or {})), log=[str(log)], threads=1, rule=script)
+    path = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / f"{script}.py"
+    runpy.run_path(str(path), init_globals={"snakemake": snakemake})
+    return log
+
+
+def test_plot_adapters(tmp_path):
+    sweep, selection = write_sweep(tmp_path, sweep_rows()), write_selection(tmp_path, budget=0.05)
+    plots = tmp_path / "plots"
+    run_adapter("plot_sweep", tmp_path, {"sweep": sweep, "selection": selection},
+                {"threshold": plots / "sweep_threshold.png", "shadow": plots / "sweep_shadow.png",
+                 "table": plots / "sweep.html"})
+    inputs = {"sweep": sweep, "selection": selection, "sensitivity": write_sensitivity(tmp_path, sensitivity_rows()),
+              "breakdown": write_breakdown(tmp_path)}
+    outputs = {"fronts": plots / "fronts.png", "sensitivity": plots / "sensitivity.png",
+               "breakdown": plots / "breakdown.png", "table": plots / "sensitivity.html"}
+    run_adapter("plot_quality", tmp_path, inputs, outputs, {"top": 25})
+    for name in ("sweep_threshold", "sweep_shadow", "fronts", "sensitivity", "breakdown"):
+        assert (plots / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (plots / "sensitivity.html").read_text().count("<tr") == 1 + 420
+    # A bad input ends the rule with the one-line error in its log.
+    with pytest.raises(SystemExit):
+        run_adapter("plot_quality", tmp_path, {**inputs, "breakdown": tmp_path / "absent.json"}, outputs, {"top": 25})
+    assert f"error: {tmp_path / 'absent.json'}: breakdown file not found" in (tmp_path / "plot_quality.log").read_text()

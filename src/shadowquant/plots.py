@@ -311,10 +311,12 @@ def _titled_panels(count: int, heading: str, selection: dict | None, height: flo
 
 def _sweep_heading(table, what: str) -> str:
     text = f"Simulated W8A8 sweep: {what}"
-    counts = [f"{int(table[c].dropna().iloc[0])} {unit}" for c, unit in (("num_samples", "records"),
+    details = [f"{int(table[c].dropna().iloc[0])} {unit}" for c, unit in (("num_samples", "records"),
                                                                           ("num_tokens", "tokens"))
               if c in table.columns and table[c].notna().any()]
-    return text + (f" ({', '.join(counts)}; intervals: 95 % bootstrap CI)" if counts else "")
+    if any(table[c].notna().any() for c in table.columns if "_ci_" in c):
+        details.append("intervals: 95 % bootstrap CI over records")
+    return text + (f" ({'; '.join(details)})" if details else "")
 
 
 def _short_layer_name(name: str) -> str:
