@@ -452,8 +452,13 @@ def test_table_html(tmp_path):
     assert text.count("<tr") == 1 + len(rows)  # header, float row, points
     assert "absmax-k15" in text and ">10000000<" in text and ">inf<" in text
     sensitivity = tmp_path / "sensitivity.html"
-    write_table_html(write_sensitivity(tmp_path, sensitivity_rows(layers=2)), sensitivity, "Sensitivity")
-    assert sensitivity.read_text().count("<tr") == 1 + 2 * 7 * 2
+    rows = sensitivity_rows(layers=2)
+    write_table_html(write_sensitivity(tmp_path, rows), sensitivity, "Sensitivity", sort_by="rank")
+    text = sensitivity.read_text()
+    assert text.count("<tr") == 1 + 2 * 7 * 2
+    first = min(rows, key=lambda row: row["rank"])
+    assert text.index(f"<td>{first['layer']}</td>") < min(text.index(f"<td>{row['layer']}</td>") for row in rows
+                                                          if row["layer"] != first["layer"])
 
 
 def test_outlier_ratios_threshold_far_above_every_ratio(tmp_path):

@@ -920,12 +920,17 @@ def _style_depth_axis(ax, head_depth: int, has_head: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- tables
-def write_table_html(csv_path: str | Path, out_html: str | Path, title: str, float_digits: int = 6) -> None:
-    """A CSV as a standalone HTML table: the Snakemake report shows HTML inline but offers CSV only as a download."""
+def write_table_html(csv_path: str | Path, out_html: str | Path, title: str, float_digits: int = 6,
+                     sort_by: str | None = None) -> None:
+    """A CSV as a standalone HTML table: the Snakemake report shows HTML inline but offers CSV only as a download.
+
+    `sort_by` orders the rows by that column (ascending, empty last) when the table has it."""
     import html
 
     path = Path(csv_path)
     table = _read_csv(path, "table")
+    if sort_by is not None and sort_by in table.columns:
+        table = table.sort_values(sort_by, kind="stable", na_position="last")
 
     def number(value: float) -> str:
         # Counts and thresholds read as written in the config (10000000, not 1e+07).

@@ -8,7 +8,8 @@ def quality_figures(sweep_csv, selection_json, sensitivity_csv, breakdown_json, 
     plot_fronts(sweep_csv, selection_json, fronts)
     plot_sensitivity(sensitivity_csv, sensitivity, top=top)
     plot_breakdown(breakdown_json, breakdown)
-    write_table_html(sensitivity_csv, sensitivity_table, "Sensitivity per Linear side")
+    write_table_html(sensitivity_csv, sensitivity_table, "Sensitivity per Linear side, in the order the "
+                     "sensitivity rule shadows them", sort_by="rank")
 
 
 out = snakemake.output
