@@ -6,7 +6,7 @@ from shadowquant.plots import plot_sweep_vs_shadow, plot_sweep_vs_threshold, wri
 def sweep_figures(sweep_csv, selection_json, by_threshold, by_shadow, table):
     plot_sweep_vs_threshold(sweep_csv, selection_json, by_threshold)
     plot_sweep_vs_shadow(sweep_csv, selection_json, by_shadow)
-    write_table_html(sweep_csv, table, "Threshold sweep")
+    write_table_html(sweep_csv, table, "Sweep: every point against float, with 95 % bootstrap intervals")
 
 
 out = snakemake.output
