@@ -35,6 +35,7 @@ localrules:
     breakdown,
     plot_sweep,
     plot_outliers,
+    plot_quality,
     primary_model,
 
 

@@ -220,6 +220,13 @@ def default_targets():
         f"{RESULTS}/plots/outlier_ratios.png",
         f"{RESULTS}/evaluation.html",
     ]
+    if USES_SENSITIVITY:
+        targets += [
+            f"{RESULTS}/plots/fronts.png",
+            f"{RESULTS}/plots/sensitivity.png",
+            f"{RESULTS}/plots/breakdown.png",
+            f"{RESULTS}/plots/sensitivity.html",
+        ]
     if config["export"]["pth"]:
         targets.append(f"{RESULTS}/model-int8.pth")
     return targets

@@ -60,3 +60,44 @@ rule plot_outliers:
         threshold=EXPORT_THRESHOLD,
     script:
         "../scripts/plot_outliers.py"
+
+
+rule plot_quality:
+    input:
+        sweep=f"{RESULTS}/sweep.csv",
+        selection=f"{RESULTS}/selection.json",
+        sensitivity=SENSITIVITY,
+        breakdown=f"{RESULTS}/breakdown.json",
+    output:
+        fronts=report(
+            f"{RESULTS}/plots/fronts.png",
+            caption="../report/fronts.rst",
+            category="Quantization quality",
+        ),
+        sensitivity=report(
+            f"{RESULTS}/plots/sensitivity.png",
+            caption="../report/sensitivity.rst",
+            category="Quantization quality",
+        ),
+        breakdown=report(
+            f"{RESULTS}/plots/breakdown.png",
+            caption="../report/breakdown.rst",
+            category="Quantization quality",
+        ),
+        table=report(
+            f"{RESULTS}/plots/sensitivity.html",
+            caption="../report/sensitivity_table.rst",
+            category="Quantization quality",
+        ),
+    log:
+        f"{LOGS}/plot_quality.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        top=25,
+    script:
+        "../scripts/plot_quality.py"
