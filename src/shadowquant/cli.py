@@ -10,14 +10,24 @@ import sys
 from shadowquant.errors import PipelineError
 
 
-def _threshold(text: str) -> float:
+def _point(text: str) -> str:
+    from shadowquant.decision import parse_point
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"threshold '{text}' is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"threshold {text} must be positive")
-    return value
+        parse_point(text)
+    except PipelineError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _evaluation_args(s) -> None:
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--samples", required=True, help="evaluation.jsonl")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,19 +65,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-dir", default=None)
     s.add_argument("--checkpoint-every", type=int, default=0)
 
-    s = sub.add_parser("decide", help="clip/shadow decision for one threshold")
+    s = sub.add_parser("decide", help="clip/shadow decision of one sweep point")
     s.add_argument("--act-scales", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--threshold", type=_threshold, default=152.0)
-    s.add_argument("--statistic", choices=["signed", "absmax"], default="signed")
+    s.add_argument("--point", type=_point, default="signed-t152",
+                   help="'<statistic>-t<threshold>' (ratio rule) or '<statistic>-k<k>' (needs --sensitivity)")
+    s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
 
-    s = sub.add_parser("export", help="int8 export (safetensors) for one statistic and threshold")
+    s = sub.add_parser("export", help="int8 export (safetensors) of one sweep point")
     s.add_argument("--manifest", required=True)
     s.add_argument("--act-scales", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--statistic", choices=["signed", "absmax"], default="signed")
-    s.add_argument("--threshold", type=_threshold, default=152.0)
-    s.add_argument("--shadow-summary", default=None)
+    s.add_argument("--point", type=_point, default="signed-t152")
+    s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
+    s.add_argument("--shadow-json", default=None, help="also write the shadow sides summary here")
+
+    s = sub.add_parser("evaluate-float", help="float metrics and the baseline every sweep point compares with")
+    _evaluation_args(s)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--out-baseline", required=True)
+
+    s = sub.add_parser("sensitivity", help="per-side sensitivity ranking (sensitivity.csv)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--samples", required=True, help="calibration.jsonl; the first --num-samples records are used")
+    s.add_argument("--act-scales", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--statistics", nargs="+", choices=["signed", "absmax"], default=["absmax"])
+    s.add_argument("--num-samples", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+
+    s = sub.add_parser("evaluate-point", help="simulated W8A8 evaluation of one sweep point (or a breakdown part)")
+    _evaluation_args(s)
+    s.add_argument("--act-scales", required=True)
+    s.add_argument("--baseline", required=True)
+    s.add_argument("--float-json", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--point", type=_point, required=True)
+    s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
+    s.add_argument("--part", choices=["all", "weights", "inputs", "outputs"], default="all")
+
+    s = sub.add_parser("aggregate-sweep", help="the sweep table from float.json and point JSONs")
+    s.add_argument("--float-json", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("points", nargs="+")
+
+    s = sub.add_parser("select", help="choose the exported point from sweep.csv")
+    s.add_argument("--sweep", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--metric", choices=["perplexity", "kl", "agreement", "accuracy"], default="perplexity")
+    s.add_argument("--budget", type=float, default=0.05)
 
     s = sub.add_parser("convert", help="int8 safetensors export -> mllm model file")
     s.add_argument("--export", required=True)
@@ -107,10 +155,34 @@ def main(argv: list[str] | None = None) -> int:
             stages.profile(args.manifest, args.samples, args.out_json, args.out_table, args.seq_len,
                            args.batch_size, args.device, args.dtype, args.checkpoint_dir, args.checkpoint_every)
         elif args.command == "decide":
-            stages.decide(args.act_scales, args.out, args.threshold, args.statistic)
+            stages.decide(args.act_scales, args.out, args.point, args.sensitivity)
         elif args.command == "export":
-            stages.export(args.manifest, args.act_scales, args.out, args.statistic, args.threshold,
-                          shadow_summary=args.shadow_summary)
+            stages.export(args.manifest, args.act_scales, args.out, args.point, sensitivity=args.sensitivity,
+                          shadow_json=args.shadow_json)
+        elif args.command == "evaluate-float":
+            from shadowquant.sweep import evaluate_float
+
+            evaluate_float(args.manifest, args.samples, args.out_json, args.out_baseline, args.seq_len,
+                           args.batch_size, args.device, args.dtype, args.bootstrap)
+        elif args.command == "sensitivity":
+            from shadowquant.sensitivity import sensitivity_stage
+
+            sensitivity_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
+                              args.num_samples, args.seq_len, device=args.device, dtype=args.dtype)
+        elif args.command == "evaluate-point":
+            from shadowquant.sweep import evaluate_point
+
+            evaluate_point(args.manifest, args.samples, args.act_scales, args.baseline, args.float_json,
+                           args.out_json, args.point, args.seq_len, args.batch_size, args.device, args.dtype,
+                           args.bootstrap, args.sensitivity, args.part)
+        elif args.command == "aggregate-sweep":
+            from shadowquant.sweep import aggregate
+
+            aggregate(args.float_json, args.points, args.out)
+        elif args.command == "select":
+            from shadowquant.selection import select_stage
+
+            select_stage(args.sweep, args.out, args.metric, args.budget)
         elif args.command == "convert":
             stages.convert(args.export, args.out, version=args.version)
         elif args.command == "tiny-model":

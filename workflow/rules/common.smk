@@ -214,13 +214,14 @@ def default_targets():
         f"{RESULTS}/selection.json",
         f"{RESULTS}/evaluation.json",
         f"{RESULTS}/evaluation.md",
-        f"{RESULTS}/breakdown.json",
         f"{RESULTS}/plots/sweep_threshold.png",
         f"{RESULTS}/plots/sweep_shadow.png",
         f"{RESULTS}/plots/outlier_ratios.png",
         f"{RESULTS}/evaluation.html",
     ]
-    if USES_SENSITIVITY:
+    if config["sweep"]["breakdown"]:
+        targets.append(f"{RESULTS}/breakdown.json")
+    if USES_SENSITIVITY and config["sweep"]["breakdown"]:
         targets += [
             f"{RESULTS}/plots/fronts.png",
             f"{RESULTS}/plots/sensitivity.png",

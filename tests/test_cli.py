@@ -1,0 +1,55 @@
+"""The command line runs the sweep by hand: the same stages the rules run, one command each."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from shadowquant.cli import build_parser, main
+
+
+def test_every_pipeline_step_has_a_command():
+    commands = set(build_parser()._subparsers._group_actions[0].choices)
+    assert {"fetch-model", "select-samples", "profile", "sensitivity", "evaluate-float", "evaluate-point",
+            "aggregate-sweep", "select", "decide", "export", "convert", "inspect"} <= commands
+
+
+def test_a_bad_point_label_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["decide", "--act-scales", "a.json", "--out", "b.json", "--point", "absmax-q4"])
+    assert "point 'absmax-q4' is not valid" in capsys.readouterr().err
+
+
+def test_sweep_by_hand(tiny_model_dir, tiny_text_corpus, tmp_path):
+    run = lambda *args: main([str(a) for a in args])  # noqa: E731
+    manifest, scales = tmp_path / "manifest.json", tmp_path / "act_scales.json"
+    assert run("fetch-model", "--source", tiny_model_dir("llama"), "--manifest", manifest) == 0
+    assert run("select-samples", "--corpus", tiny_text_corpus, "--out", tmp_path / "cal.jsonl", "--num-samples", 4) == 0
+    assert run("select-samples", "--corpus", tiny_text_corpus, "--out", tmp_path / "eval.jsonl", "--num-samples", 4,
+               "--offset", 4) == 0
+    assert run("profile", "--manifest", manifest, "--samples", tmp_path / "cal.jsonl", "--out-json", scales,
+               "--out-table", tmp_path / "act_scales.csv", "--seq-len", 16, "--device", "cpu") == 0
+    common = ["--manifest", manifest, "--samples", tmp_path / "eval.jsonl", "--seq-len", 16, "--device", "cpu",
+              "--bootstrap", 20]
+    assert run("evaluate-float", *common, "--out-json", tmp_path / "float.json",
+               "--out-baseline", tmp_path / "baseline.safetensors") == 0
+    assert run("sensitivity", "--manifest", manifest, "--samples", tmp_path / "cal.jsonl", "--act-scales", scales,
+               "--out", tmp_path / "sensitivity.csv", "--num-samples", 2, "--seq-len", 12, "--device", "cpu") == 0
+    points = []
+    for point in ("absmax-t4", "absmax-k3"):
+        points.append(tmp_path / f"{point}.json")
+        assert run("evaluate-point", *common, "--act-scales", scales, "--baseline", tmp_path / "baseline.safetensors",
+                   "--float-json", tmp_path / "float.json", "--out-json", points[-1], "--point", point,
+                   "--sensitivity", tmp_path / "sensitivity.csv") == 0
+    assert json.loads(points[1].read_text())["num_shadow_sides"] == 3
+    assert run("aggregate-sweep", "--float-json", tmp_path / "float.json", "--out", tmp_path / "sweep.csv",
+               *points) == 0
+    assert list(pd.read_csv(tmp_path / "sweep.csv")["point"]) == ["float", "absmax-t4", "absmax-k3"]
+    assert run("select", "--sweep", tmp_path / "sweep.csv", "--out", tmp_path / "selection.json",
+               "--budget", 100) == 0
+    chosen = json.loads((tmp_path / "selection.json").read_text())["point"]
+    assert run("export", "--manifest", manifest, "--act-scales", scales, "--out", tmp_path / "int8.safetensors",
+               "--point", chosen, "--sensitivity", tmp_path / "sensitivity.csv") == 0
+    assert run("decide", "--act-scales", scales, "--out", tmp_path / "decision.json", "--point", "absmax-k3",
+               "--sensitivity", tmp_path / "sensitivity.csv") == 0
+    assert json.loads((tmp_path / "decision.json").read_text())["num_shadow_sides"] == 3
