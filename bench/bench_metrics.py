@@ -94,6 +94,7 @@ def run(args, model_dir: Path) -> int:
         for name, job in jobs.items():
             seconds, out = _timed(job)
             best[name] = tuple(min(pair) for pair in zip(best.get(name, seconds), seconds))
+            print(f"{name}: {seconds[0]:.2f} s wall, {seconds[1]:.2f} s CPU", file=sys.stderr, flush=True)
             if name.startswith("(b)"):
                 baseline = out.baseline
             if name.startswith("(c)"):

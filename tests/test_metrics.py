@@ -10,13 +10,22 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig
 
+from shadowquant import metrics
 from shadowquant.decision import LayerQuant
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import apply_w8a8
 from shadowquant.families import FAMILIES, quantized_layer_names
-from shadowquant import metrics
-from shadowquant.metrics import (EvalResult, bootstrap_intervals, evaluate, head_logits, load_baseline, per_record,
-                                 result_from_per_record, save_baseline, summarize)
+from shadowquant.metrics import (
+    EvalResult,
+    bootstrap_intervals,
+    evaluate,
+    head_logits,
+    load_baseline,
+    per_record,
+    result_from_per_record,
+    save_baseline,
+    summarize,
+)
 
 VOCAB = 128
 

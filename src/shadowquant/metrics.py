@@ -46,7 +46,6 @@ num_tokens, kl_sum, agreement_count; the last two None without baseline) and
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,7 +268,7 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
                     sample["agreement_count"] = int(
                         (sample_logits.argmax(-1).cpu() == baseline.argmax[positions]).sum())
                 if collect_baseline:
-                    sample["hidden"] = hidden[row, :length - 1].detach().cpu().clone()
+                    sample["hidden"] = hidden[row, :length - 1].to("cpu", copy=True)
                     sample["argmax"] = sample_logits.argmax(-1).cpu()
                 per_sample[i] = sample
             del logits, captured[:]
