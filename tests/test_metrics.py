@@ -190,26 +190,31 @@ def test_unknown_logit_post_processing_is_refused(llama, sequences):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("softcap", [None, 2.0])
-def test_exact_kl_brute_force_random_logits(softcap, monkeypatch):
+def test_exact_kl_brute_force_random_logits(monkeypatch):
     g = torch.Generator().manual_seed(3)
-    head = nn.Linear(16, 50)
-    hidden = torch.randn(37, 16, generator=g) * 3
-    monkeypatch.setattr(metrics, "_KL_CHUNK_ELEMENTS", 500)  # 10 positions per chunk: 4 chunks
-    with torch.no_grad():
-        float_logits = head(hidden).double()
-    if softcap is not None:
-        float_logits = softcap * torch.tanh(float_logits / softcap)
+    float_logits = torch.randn(37, 50, generator=g) * 4
     unrelated = torch.randn(37, 50, generator=g) * 4
-    close = float_logits.float() + 0.01 * torch.randn(37, 50, generator=g)  # KL ~ 5e-5: the small-KL regime
-    for quant_logits, rtol in ((unrelated, 1e-5), (close, 1e-4)):
-        p = torch.softmax(float_logits, -1)
+    close = float_logits + 0.01 * torch.randn(37, 50, generator=g)  # KL ~ 5e-5: the small-KL regime
+    monkeypatch.setattr(metrics, "_KL_CHUNK_ELEMENTS", 500)  # 10 positions per chunk: 4 chunks
+    # Far apart: relative 1e-5. Close: an absolute 1e-9 per position is 1e-4 of a KL of 1e-5.
+    for quant_logits, rtol, atol in ((unrelated, 1e-5, 0.0), (close, 1e-4, 1e-9)):
+        p = torch.softmax(float_logits.double(), -1)
         q = torch.softmax(quant_logits.double(), -1)
         expected = (p * (p.log() - q.log())).sum(-1)
-        got = metrics._exact_kl(hidden, head, softcap, quant_logits)
+        got = metrics._exact_kl(float_logits, quant_logits)
         assert got.dtype == torch.float64 and got.shape == (37,)
-        torch.testing.assert_close(got, expected, rtol=rtol, atol=0)
-        assert float(expected.min()) > 1e-5  # far from the trivial answer
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+        assert float(expected.mean()) > 1e-5  # far from the trivial answer
+
+
+def test_head_logits_applies_softcap():
+    head = nn.Linear(16, 50)
+    hidden = torch.randn(7, 16, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        plain = head(hidden)
+    assert torch.equal(head_logits(head, hidden, None), plain)
+    torch.testing.assert_close(head_logits(head, hidden, 2.0), 2.0 * torch.tanh(plain / 2.0))
+    assert float(plain.abs().max()) > 4.0  # the cap bends these logits
 
 
 @pytest.mark.parametrize("family", ["llama", "phi"])
