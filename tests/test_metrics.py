@@ -10,13 +10,22 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig
 
+from shadowquant import metrics
 from shadowquant.decision import LayerQuant
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import apply_w8a8
 from shadowquant.families import FAMILIES, quantized_layer_names
-from shadowquant import metrics
-from shadowquant.metrics import (EvalResult, bootstrap_intervals, evaluate, head_logits, load_baseline, per_record,
-                                 result_from_per_record, save_baseline, summarize)
+from shadowquant.metrics import (
+    EvalResult,
+    bootstrap_intervals,
+    evaluate,
+    head_logits,
+    load_baseline,
+    per_record,
+    result_from_per_record,
+    save_baseline,
+    summarize,
+)
 
 VOCAB = 128
 
@@ -183,22 +192,29 @@ def test_unknown_logit_post_processing_is_refused(llama, sequences):
 
 def test_exact_kl_brute_force_random_logits(monkeypatch):
     g = torch.Generator().manual_seed(3)
-    head = nn.Linear(16, 50)
-    hidden = torch.randn(37, 16, generator=g) * 3
-    quant_logits = torch.randn(37, 50, generator=g) * 4
+    float_logits = torch.randn(37, 50, generator=g) * 4
+    unrelated = torch.randn(37, 50, generator=g) * 4
+    close = float_logits + 0.01 * torch.randn(37, 50, generator=g)  # KL ~ 5e-5: the small-KL regime
     monkeypatch.setattr(metrics, "_KL_CHUNK_ELEMENTS", 500)  # 10 positions per chunk: 4 chunks
-    for softcap in (None, 2.0):
-        float_logits = head(hidden).detach().double()
-        if softcap is not None:
-            float_logits = softcap * torch.tanh(float_logits / softcap)
-        p = torch.softmax(float_logits, -1)
+    # Far apart: relative 1e-5. Close: an absolute 1e-9 per position is 1e-4 of a KL of 1e-5.
+    for quant_logits, rtol, atol in ((unrelated, 1e-5, 0.0), (close, 1e-4, 1e-9)):
+        p = torch.softmax(float_logits.double(), -1)
         q = torch.softmax(quant_logits.double(), -1)
         expected = (p * (p.log() - q.log())).sum(-1)
-        with torch.no_grad():
-            got = metrics._exact_kl(hidden, head, softcap, quant_logits)
+        got = metrics._exact_kl(float_logits, quant_logits)
         assert got.dtype == torch.float64 and got.shape == (37,)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
-        assert float(expected.min()) > 1e-2  # far from the trivial answer
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+        assert float(expected.mean()) > 1e-5  # far from the trivial answer
+
+
+def test_head_logits_applies_softcap():
+    head = nn.Linear(16, 50)
+    hidden = torch.randn(7, 16, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        plain = head(hidden)
+    assert torch.equal(head_logits(head, hidden, None), plain)
+    torch.testing.assert_close(head_logits(head, hidden, 2.0), 2.0 * torch.tanh(plain / 2.0))
+    assert float(plain.abs().max()) > 4.0  # the cap bends these logits
 
 
 @pytest.mark.parametrize("family", ["llama", "phi"])
