@@ -106,7 +106,7 @@ def mse_weight_step(t32: torch.Tensor) -> torch.Tensor:
         errors.append(float(torch.dot(diff, diff)))
     errors_t = torch.tensor(errors, dtype=torch.float64)
     best = int((errors_t == errors_t.min()).nonzero()[-1])  # ties: the larger clip
-    return steps[best]
+    return steps[best].clone()  # not a view into the candidate grid (safetensors saves it alone)
 
 
 def quantize_per_tensor(t: torch.Tensor, weight_range: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
