@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--act-scales", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--statistics", nargs="+", choices=["signed", "absmax"], default=["absmax"])
-    s.add_argument("--num-samples", type=int, default=8)
+    s.add_argument("--num-samples", type=int, default=8, help="records for the proxy")
     s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--measure-top", type=int, default=40, help="sides measured exactly, the proxy's top first")
+    s.add_argument("--measure-samples", type=int, default=4, help="records for the exact measurement")
+    s.add_argument("--cost", choices=["elements", "sides"], default="elements")
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto")
 
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             from shadowquant.sensitivity import sensitivity_stage
 
             sensitivity_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
-                              args.num_samples, args.seq_len, device=args.device, dtype=args.dtype)
+                              args.num_samples, args.seq_len, args.measure_top, args.measure_samples, args.cost,
+                              device=args.device, dtype=args.dtype)
         elif args.command == "evaluate-point":
             from shadowquant.sweep import evaluate_point
 

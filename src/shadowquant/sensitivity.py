@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -36,6 +37,8 @@ from shadowquant.atomic import atomic_path
 from shadowquant.decision import SIDES, STAT_KEYS, LayerQuant
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import W8A8Linear, apply_w8a8, fake_quant_activation, input_step, output_step
+
+log = logging.getLogger(__name__)
 
 BREAKDOWN_PARTS = {  # part -> (weights, inputs, outputs) quantized
     "weights": (True, False, False),
@@ -614,26 +617,33 @@ def write_sensitivity_csv(path: str | Path, rows: list[SideSensitivity]) -> None
 # ---------------------------------------------------------------- the workflow stage
 
 SENSITIVITY_COLUMNS = ["layer", "side", "statistic", "ratio", "clip_scale", "shadow_scale", "cost", "flop_share",
-                       "proxy_kl", "delta_kl", "delta_nll", "rank"]
+                       "proxy_kl", "delta_kl", "delta_nll", "benefit", "rank"]
+# Device cost of shadowing a side: the elements checked for outliers per token, or one per side.
+COSTS = {"elements": "shadow_elements", "sides": None}
 
 
-def ranked_rows(rows: list[SideSensitivity], statistic: str) -> list[dict]:
-    """Table rows in greedy order (benefit = measured KL increase per shadow element), with their rank."""
-    front = greedy_front(rows, benefit_key="delta_kl", cost_key="shadow_elements")
+def ranked_rows(rows: list[SideSensitivity], statistic: str, cost: str = "elements") -> list[dict]:
+    """Table rows in greedy order of benefit (measured KL increase, else the proxy's) per device cost."""
+    if cost not in COSTS:
+        raise PipelineError(f"unknown sensitivity cost '{cost}'; valid: {', '.join(COSTS)}")
+    table = [{"layer": row.layer, "side": row.side, "statistic": statistic, "ratio": row.ratio,
+              "clip_scale": row.clip_scale, "shadow_scale": row.shadow_scale, "cost": row.shadow_elements,
+              "flop_share": row.shadow_flop_share, "proxy_kl": row.proxy_kl, "delta_kl": row.delta_kl,
+              "delta_nll": row.delta_nll, "benefit": row.benefit, "unit": 1} for row in rows]
+    front = greedy_front(table, benefit_key="benefit", cost_key="cost" if COSTS[cost] else "unit")
     order = {side: rank for rank, side in enumerate(front[-1].shadow_sides, start=1)}
-    table = []
-    for row in rows:
-        table.append({"layer": row.layer, "side": row.side, "statistic": statistic, "ratio": row.ratio,
-                      "clip_scale": row.clip_scale, "shadow_scale": row.shadow_scale, "cost": row.shadow_elements,
-                      "flop_share": row.shadow_flop_share, "proxy_kl": row.proxy_kl, "delta_kl": row.delta_kl,
-                      "delta_nll": row.delta_nll, "rank": order[(row.layer, row.side)]})
+    for row in table:
+        del row["unit"]
+        row["rank"] = order[(row["layer"], row["side"])]
     return sorted(table, key=lambda r: r["rank"])
 
 
 def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[str], num_samples: int, seq_len: int,
-                      batch_size: int = 4, device: str = "auto", dtype: str = "auto") -> list[dict]:
-    """Measure, per statistic, the KL increase of clipping each quantized side alone (first `num_samples`
-    calibration records), and write sensitivity.csv ranked by benefit per device cost."""
+                      measure_top: int = 40, measure_samples: int = 4, cost: str = "elements", batch_size: int = 4,
+                      device: str = "auto", dtype: str = "auto") -> list[dict]:
+    """Per statistic: the proxy for every quantized side on the first `num_samples` calibration records, the
+    full measure (clip one side alone) for the proxy's `measure_top` sides on the first `measure_samples`;
+    sensitivity.csv ranked by benefit per device cost."""
     from shadowquant.corpus import read_jsonl_texts
     from shadowquant.decision import load_act_scales
     from shadowquant.families import quantized_layer_names
@@ -647,16 +657,15 @@ def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[s
         raise PipelineError(f"{samples}: no calibration record has two or more tokens for the sensitivity")
     layers = quantized_layer_names(model, family)
     scales = load_act_scales(act_scales)
-    reference = reference_logprobs(model, sequences, batch_size)
     table = []
     for statistic in statistics:
-        rows = sensitivity_rows(model, layers, scales, statistic)
-        _, measured = side_sensitivity(model, layers, sequences, scales, statistic, reference=reference,
-                                       batch_size=batch_size)
-        for row in rows:
-            row.delta_kl = measured[(row.layer, row.side)]["delta_kl"]
-            row.delta_nll = measured[(row.layer, row.side)]["delta_nll"]
-        table += ranked_rows(rows, statistic)
+        rows, info = sensitivity_table(model, layers, sequences, scales, statistic, measure_top=measure_top,
+                                       measure_sequences=measure_samples, batch_size=batch_size)
+        log.info("%s: proxy on %d records in %.1f s, %d sides measured on %d records in %.1f s, proxy/measure "
+                 "rank correlation %s", statistic, info["proxy_sequences"], info["proxy_seconds"],
+                 info["measured_sides"], info["measure_sequences"], info["measure_seconds"],
+                 "n/a" if info["rank_correlation"] is None else f"{info['rank_correlation']:.3f}")
+        table += ranked_rows(rows, statistic, cost)
     with atomic_path(out_csv, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=SENSITIVITY_COLUMNS)
         writer.writeheader()

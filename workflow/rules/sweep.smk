@@ -90,6 +90,9 @@ rule sensitivity:
         statistics=SENSITIVITY_STATISTICS,
         num_samples=config["sensitivity"]["num_samples"],
         seq_len=config["sensitivity"]["seq_len"],
+        measure_top=config["sensitivity"]["measure_top"],
+        measure_samples=config["sensitivity"]["measure_samples"],
+        cost=config["sensitivity"]["cost"],
         device=config["device"],
         dtype=config["dtype"],
     script:
