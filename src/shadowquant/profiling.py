@@ -16,7 +16,8 @@ from tqdm import tqdm
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.errors import PipelineError
 from shadowquant.families import linear_layer_names
-from shadowquant.stats import BINS, HistogramStats, new_side_stats, non_finite_counts, side_stats_kind
+from shadowquant.stats import (BINS, HistogramStats, new_side_stats, non_finite_counts, side_stats_kind,
+                               uses_histogram)
 
 log = logging.getLogger(__name__)
 SIDES = ("input", "output")
@@ -101,7 +102,7 @@ class ActivationProfiler:
         self.device = torch.device(device)
         half_keys: dict[torch.dtype, list[tuple[str, str]]] = {}
         for name, mod in self.layers.items():
-            if isinstance(new_side_stats(mod.weight.dtype, 1), HistogramStats):
+            if uses_histogram(mod.weight.dtype):
                 half_keys.setdefault(mod.weight.dtype, []).extend((name, side) for side in SIDES)
         # dtype -> ([sides, BINS] int64 counts, the (layer, side) of each row)
         self.tables = {dtype: (torch.zeros(len(keys), BINS, dtype=torch.int64, device=self.device), keys)

@@ -455,14 +455,16 @@ class HistogramStats:
         if self.n + n > self.max_elements:
             raise RuntimeError(f"received {self.n + n} elements, more than the {self.max_elements} planned")
         self.n += n
-        bits = flat.view(torch.uint16)
+        bits = flat.view(torch.int16)  # int16 has full kernel support everywhere, uint16 has not
+        cpu = self.counts.device.type == "cpu"
         for start in range(0, n, HISTOGRAM_CHUNK):
-            part = bits[start : start + HISTOGRAM_CHUNK]
-            if self.counts.device.type == "cpu":
-                # bincount is the fastest CPU kernel (int32 indices); on CUDA it reads the maximum back to the host.
-                self.counts += torch.bincount(part.to(torch.int32), minlength=BINS)
+            # The bin is the bit pattern: the sign-extended int16 with the upper bits cleared.
+            index = bits[start : start + HISTOGRAM_CHUNK].to(torch.int32 if cpu else torch.int64).bitwise_and_(0xFFFF)
+            if cpu:
+                # bincount is the fastest CPU kernel; on CUDA it reads the maximum back to the host.
+                self.counts += torch.bincount(index, minlength=BINS)
             else:
-                self.counts.index_add_(0, part.to(torch.int64), self._ones.expand(part.numel()))
+                self.counts.index_add_(0, index, self._ones.expand(index.numel()))
 
     def non_finite_count(self) -> torch.Tensor:
         """Number of inf and NaN elements seen, as a tensor on the device (no synchronization)."""
@@ -525,6 +527,11 @@ def non_finite_counts(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inf and NaN elements per row of a [rows, BINS] table of `dtype` bit-pattern counts (on the device)."""
     first = _INF_BITS[dtype]
     return counts[:, first : BINS // 2].sum(1) + counts[:, BINS // 2 + first :].sum(1)
+
+
+def uses_histogram(dtype: torch.dtype) -> bool:
+    """Whether activations of `dtype` get HistogramStats (bfloat16, float16)."""
+    return dtype in _INF_BITS
 
 
 def new_side_stats(dtype: torch.dtype, max_elements: int, device: torch.device | str = "cpu",
