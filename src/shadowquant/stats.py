@@ -244,12 +244,30 @@ class _TopBuffer:
         self.floor = float(values.min()) if values.numel() >= self.capacity else None
 
 
-class SideStats:
-    """Streaming statistics of one side (input or output) of one Linear.
+def fold_moments(partials: list[tuple[int, float, float]]) -> tuple[int, float, float]:
+    """(n, mean, m2) of chunks given as (count, mean, m2), merged in order with Chan's formula.
 
-    Moments and extrema are kept as Python floats (IEEE double): merging them costs no tensor
-    operations, and one host transfer per chunk brings the chunk's four reductions over.
+    Folding the same list always gives the same bits, so a run split into shards at chunk
+    boundaries merges to exactly what the unsplit run computes."""
+    n, mean, m2 = 0, 0.0, 0.0
+    for nb, batch_mean, batch_m2 in partials:
+        delta = batch_mean - mean
+        n_old = n
+        n += nb
+        mean += delta * (nb / n)
+        m2 += batch_m2 + delta * delta * (n_old * nb / n)
+    return n, mean, m2
+
+
+class SideStats:
+    """Streaming statistics of one side (input or output) of one Linear, exact for any dtype
+    (activations are counted in float32).
+
+    Per chunk, one host transfer brings the chunk's four reductions over; each chunk's
+    (count, mean, m2) is kept and folded at the end, so shards merge bit for bit.
     """
+
+    kind = "float32"
 
     def __init__(self, max_elements: int, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -258,8 +276,7 @@ class SideStats:
         capacity = buffer_capacity(max_elements)
         self.signed = _TopBuffer(capacity, absolute=False)
         self.absolute = _TopBuffer(capacity, absolute=True)
-        self.mean = 0.0
-        self.m2 = 0.0
+        self.partials: list[tuple[int, float, float]] = []
         self.maximum = -math.inf
         self.abs_maximum = 0.0
         self.finite = True
@@ -288,7 +305,7 @@ class SideStats:
         chunk = _Chunk(rows, block_rows)
         x = chunk.x
         # Moments with fast float32 kernels (pairwise sum, BLAS dot) and no temporaries; chunks are
-        # merged in double precision with Chan's formula.
+        # merged in double precision with Chan's formula (fold_moments).
         total, square, hi, lo = torch.stack((x.sum(), torch.dot(x, x), chunk.block_max.max(),
                                              chunk.block_min.min())).tolist()
         batch_mean = total / nb
@@ -300,11 +317,8 @@ class SideStats:
             batch_mean += s1 / nb
             batch_m2 = s2 - s1 * s1 / nb
             del centered
-        delta = batch_mean - self.mean
-        n_old = self.n
         self.n += nb
-        self.mean += delta * (nb / self.n)
-        self.m2 += batch_m2 + delta * delta * (n_old * nb / self.n)
+        self.partials.append((nb, batch_mean, batch_m2))
         self.finite = self.finite and math.isfinite(batch_m2)  # NaN or Inf anywhere poisons the sums
         self.maximum = max(self.maximum, hi)
         self.abs_maximum = max(self.abs_maximum, hi, -lo)
@@ -332,18 +346,38 @@ class SideStats:
     def is_finite(self) -> bool:
         return self.finite
 
+    def merge(self, later: "SideStats") -> None:
+        """Add the statistics of `later`, which saw the elements after this one's.
+
+        Each buffer holds at least the `capacity` largest of its own elements (or all of them),
+        so their union holds the largest `capacity` of all: the capacity must come from the
+        element count of the whole run, not of one part."""
+        if not isinstance(later, SideStats):
+            raise RuntimeError(f"cannot merge {later.kind} statistics into float32 ones")
+        if self.n + later.n > self.max_elements:
+            raise RuntimeError(f"merged {self.n + later.n} elements, more than the {self.max_elements} planned")
+        self.n += later.n
+        self.partials.extend(later.partials)
+        self.maximum = max(self.maximum, later.maximum)
+        self.abs_maximum = max(self.abs_maximum, later.abs_maximum)
+        self.finite = self.finite and later.finite
+        for mine, theirs in ((self.signed, later.signed), (self.absolute, later.absolute)):
+            mine.parts.extend(theirs.parts)
+            mine.size += theirs.size
+
     def result(self) -> dict[str, float]:
         if self.n == 0:
             raise RuntimeError("no elements were recorded")
         k = top_count(self.n)
+        _, mean, m2 = fold_moments(self.partials)
         return {
             "n": self.n,
             "ori": self.maximum,
             "top_0_1": self.signed.kth_largest(k),
             "absmax_ori": self.abs_maximum,
             "absmax_top_0_1": self.absolute.kth_largest(k),
-            "mean": self.mean,
-            "std": math.sqrt(max(self.m2 / self.n, 0.0)),
+            "mean": mean,
+            "std": math.sqrt(max(m2 / self.n, 0.0)),
         }
 
     # --- checkpointing: tensors and scalars that restore the exact running state ---
@@ -351,7 +385,8 @@ class SideStats:
         tensors = {
             f"{prefix}.signed": self.signed.state(),
             f"{prefix}.absolute": self.absolute.state(),
-            f"{prefix}.moments": torch.tensor((self.mean, self.m2), dtype=torch.float64),
+            # (count, mean, m2) per chunk: counts stay exact in float64 up to 2**53
+            f"{prefix}.moments": torch.tensor(self.partials, dtype=torch.float64).reshape(-1, 3),
             f"{prefix}.maxima": torch.tensor((self.maximum, self.abs_maximum), dtype=torch.float64),
         }
         return tensors, {"n": self.n}
@@ -360,8 +395,160 @@ class SideStats:
         self.n = int(scalars["n"])
         for buf, key in ((self.signed, "signed"), (self.absolute, "absolute")):
             buf.load(tensors[f"{prefix}.{key}"], self.device)
-        self.mean, self.m2 = tensors[f"{prefix}.moments"].tolist()
+        self.partials = [(int(nb), mean, m2) for nb, mean, m2 in tensors[f"{prefix}.moments"].tolist()]
         self.maximum, self.abs_maximum = tensors[f"{prefix}.maxima"].tolist()
+        self.finite = all(math.isfinite(m2) for _, _, m2 in self.partials)
+
+
+# --- 16-bit activations: a histogram over the 65,536 bit patterns ---------------------------
+
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+BINS = 1 << 16
+# Elements per histogram pass: bounds the int64 bin-index temporary (32 MB).
+HISTOGRAM_CHUNK = 1 << 22
+# First bit pattern of +inf; every pattern from it to 0x7FFF (and the same with the sign bit) is inf or NaN.
+_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+@functools.lru_cache(maxsize=None)
+def _bin_values(dtype_name: str):
+    """float64 value of each bit pattern, and the bins in ascending value order (-0.0 before +0.0,
+    NaN patterns last, as a sort puts them)."""
+    import numpy as np
+
+    dtype = HALF_DTYPES[dtype_name]
+    values = torch.arange(BINS, dtype=torch.int32).to(torch.int16).view(dtype).double().numpy()
+    negatives = np.arange(BINS - 1, BINS // 2 - 1, -1)  # sign bit set: larger magnitude first
+    positives = np.arange(BINS // 2)
+    order = np.concatenate((negatives, positives))
+    nan = np.isnan(values[order])
+    return values, np.concatenate((order[~nan], order[nan]))
+
+
+class HistogramStats:
+    """Statistics of one side whose activations are bfloat16 or float16, from a count of every
+    bit pattern: one asynchronous pass per chunk, constant memory, no host round trip.
+
+    The histogram holds the whole multiset, so max, min, the order statistics (signed and of |x|)
+    and the moments are exact, and histograms of parts add up to the histogram of the whole.
+    """
+
+    def __init__(self, dtype: torch.dtype, max_elements: int, device: torch.device | str = "cpu",
+                 counts: torch.Tensor | None = None):
+        if dtype not in _INF_BITS:
+            raise ValueError(f"histogram statistics need bfloat16 or float16 activations, not {dtype}")
+        self.dtype = dtype
+        self.kind = str(dtype).removeprefix("torch.")
+        self.device = torch.device(device)
+        self.max_elements = max_elements
+        self.n = 0
+        # int64 counts per bit pattern; the profiler passes a row of one table shared by all sides.
+        self.counts = counts if counts is not None else torch.zeros(BINS, dtype=torch.int64, device=self.device)
+        self._ones = torch.ones(1, dtype=torch.int64, device=self.device)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the elements of `x` (any shape, already restricted to valid positions)."""
+        if x.dtype != self.dtype:
+            raise RuntimeError(f"{self.kind} statistics received {x.dtype} activations")
+        flat = x.detach().reshape(-1)
+        n = flat.numel()
+        if self.n + n > self.max_elements:
+            raise RuntimeError(f"received {self.n + n} elements, more than the {self.max_elements} planned")
+        self.n += n
+        bits = flat.view(torch.int16)  # int16 has full kernel support everywhere, uint16 has not
+        cpu = self.counts.device.type == "cpu"
+        for start in range(0, n, HISTOGRAM_CHUNK):
+            # The bin is the bit pattern: the sign-extended int16 with the upper bits cleared.
+            index = bits[start : start + HISTOGRAM_CHUNK].to(torch.int32 if cpu else torch.int64).bitwise_and_(0xFFFF)
+            if cpu:
+                # bincount is the fastest CPU kernel; on CUDA it reads the maximum back to the host.
+                self.counts += torch.bincount(index, minlength=BINS)
+            else:
+                self.counts.index_add_(0, index, self._ones.expand(index.numel()))
+
+    def non_finite_count(self) -> torch.Tensor:
+        """Number of inf and NaN elements seen, as a tensor on the device (no synchronization)."""
+        return non_finite_counts(self.counts.unsqueeze(0), self.dtype)[0]
+
+    def is_finite(self) -> bool:
+        return int(self.non_finite_count()) == 0
+
+    def merge(self, later: "HistogramStats") -> None:
+        if not isinstance(later, HistogramStats) or later.dtype != self.dtype:
+            raise RuntimeError(f"cannot merge {later.kind} statistics into {self.kind} ones")
+        if self.n + later.n > self.max_elements:
+            raise RuntimeError(f"merged {self.n + later.n} elements, more than the {self.max_elements} planned")
+        self.n += later.n
+        self.counts += later.counts.to(self.counts.device)
+
+    def result(self) -> dict[str, float]:
+        import numpy as np
+
+        if self.n == 0:
+            raise RuntimeError("no elements were recorded")
+        values, order = _bin_values(self.kind)
+        counts = self.counts.cpu().numpy()
+        index = order_index(self.n)  # ascending position of top_0_1, in the signed and in the |x| order
+        signed = counts[order]
+        present = np.flatnonzero(signed)
+        position = np.searchsorted(np.cumsum(signed), index, side="right")
+        # |x|: the sign bit folded away; bit patterns 0 .. 0x7FFF ascend in magnitude (NaN last).
+        magnitude = counts[: BINS // 2] + counts[BINS // 2 :]
+        abs_present = np.flatnonzero(magnitude)
+        abs_position = np.searchsorted(np.cumsum(magnitude), index, side="right")
+        # Exact sums of exact products (count * value needs at most 11 + 42 bits), one rounding each.
+        bins = np.flatnonzero(counts)
+        weights, points = counts[bins].astype(np.float64), values[bins]
+        mean = math.fsum((weights * points).tolist()) / self.n
+        m2 = math.fsum((weights * (points - mean) ** 2).tolist())
+        return {
+            "n": self.n,
+            "ori": float(values[order[present[-1]]]),
+            "top_0_1": float(values[order[position]]),
+            "absmax_ori": float(values[abs_present[-1]]),
+            "absmax_top_0_1": float(values[abs_position]),
+            "mean": mean,
+            "std": math.sqrt(m2 / self.n),
+        }
+
+    def state(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        counts = self.counts.cpu()
+        bins = counts.nonzero().squeeze(1)  # a checkpoint keeps only the occupied bit patterns
+        return {f"{prefix}.bins": bins.to(torch.int32), f"{prefix}.counts": counts[bins]}, {"n": self.n}
+
+    def load_state(self, prefix: str, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> None:
+        self.n = int(scalars["n"])
+        self.counts.zero_()
+        bins = tensors[f"{prefix}.bins"].to(device=self.counts.device, dtype=torch.int64)
+        self.counts[bins] = tensors[f"{prefix}.counts"].to(self.counts.device)
+
+
+def non_finite_counts(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inf and NaN elements per row of a [rows, BINS] table of `dtype` bit-pattern counts (on the device)."""
+    first = _INF_BITS[dtype]
+    return counts[:, first : BINS // 2].sum(1) + counts[:, BINS // 2 + first :].sum(1)
+
+
+def uses_histogram(dtype: torch.dtype) -> bool:
+    """Whether activations of `dtype` get HistogramStats (bfloat16, float16)."""
+    return dtype in _INF_BITS
+
+
+def new_side_stats(dtype: torch.dtype, max_elements: int, device: torch.device | str = "cpu",
+                   counts: torch.Tensor | None = None) -> "SideStats | HistogramStats":
+    """Histogram statistics for bfloat16/float16 activations, exact streaming ones for any other dtype."""
+    if dtype in _INF_BITS:
+        return HistogramStats(dtype, max_elements, device, counts)
+    return SideStats(max_elements, device)
+
+
+def side_stats_kind(kind: str, max_elements: int, device: torch.device | str = "cpu") -> "SideStats | HistogramStats":
+    """Empty statistics of a recorded `kind` ('float32', 'bfloat16' or 'float16')."""
+    if kind == SideStats.kind:
+        return SideStats(max_elements, device)
+    if kind in HALF_DTYPES:
+        return HistogramStats(HALF_DTYPES[kind], max_elements, device)
+    raise ValueError(f"unknown statistics kind '{kind}'")
 
 
 def reference_statistics(values) -> dict[str, float]:

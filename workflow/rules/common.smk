@@ -47,7 +47,8 @@ CACHED_RULES = ("build_pydoc_corpus", "download_dataset", "profile")
 def drop_benchmarks_of_cached_rules():
     if CACHING:
         for name in CACHED_RULES:
-            workflow.get_rule(name)._benchmark = None
+            if workflow.is_rule(name):  # profile is absent when profiling is sharded
+                workflow.get_rule(name)._benchmark = None
 
 
 USES_GPU = 1 if config["device"].startswith("cuda") else 0
@@ -56,6 +57,7 @@ USES_GPU = 1 if config["device"].startswith("cuda") else 0
 # on SLURM the threads become the job's --cpus-per-task, so they must fit a node.
 THREADS_CONFIG_KEYS = {
     "profile": "threads.profile",
+    "profile_shard": "threads.profile",
     "evaluate_float": "threads.evaluate",
     "evaluate_point": "threads.evaluate",
     "evaluate_part": "threads.evaluate",

@@ -1,31 +1,90 @@
 # Stage 2: activation statistics of every Linear (METHOD.md section 1).
+# calibration.shards > 1 splits the calibration batches over profile_shard jobs and merges them.
+
+PROFILE_SHARDS = config["calibration"]["shards"]
+PROFILE_PARAMS = dict(
+    seq_len=config["calibration"]["seq_len"],
+    batch_size=config["calibration"]["batch_size"],
+    checkpoint_every=config["calibration"]["checkpoint_every"],
+    device=config["device"],
+    dtype=config["dtype"],
+)
 
 
-rule profile:
-    input:
-        manifest=MODEL_MANIFEST,
-        samples=f"{RESULTS}/calibration.jsonl",
-    output:
-        scales=f"{RESULTS}/act_scales.json",
-        table=f"{RESULTS}/act_scales.csv",
-    log:
-        f"{LOGS}/profile.log",
-    benchmark:
-        f"{BENCH}/profile.tsv"
-    cache: CACHE_MODE
-    conda:
-        CONDA_ENV
-    threads: rule_threads("profile")  # capped by --cores locally; --cpus-per-task on SLURM
-    resources:
-        mem_mb=model_mem_mb,
-        runtime=240,
-        gpu=USES_GPU,
-    params:
-        seq_len=config["calibration"]["seq_len"],
-        batch_size=config["calibration"]["batch_size"],
-        checkpoint_every=config["calibration"]["checkpoint_every"],
-        checkpoint_dir=f"{CHECKPOINTS}/profile",
-        device=config["device"],
-        dtype=config["dtype"],
-    script:
-        "../scripts/profile.py"
+if PROFILE_SHARDS == 1:
+
+    rule profile:
+        input:
+            manifest=MODEL_MANIFEST,
+            samples=f"{RESULTS}/calibration.jsonl",
+        output:
+            scales=f"{RESULTS}/act_scales.json",
+            table=f"{RESULTS}/act_scales.csv",
+        log:
+            f"{LOGS}/profile.log",
+        benchmark:
+            f"{BENCH}/profile.tsv"
+        cache: CACHE_MODE
+        conda:
+            CONDA_ENV
+        threads: rule_threads("profile")  # capped by --cores locally; --cpus-per-task on SLURM
+        resources:
+            mem_mb=model_mem_mb,
+            runtime=240,
+            gpu=USES_GPU,
+        params:
+            **PROFILE_PARAMS,
+            checkpoint_dir=f"{CHECKPOINTS}/profile",
+        script:
+            "../scripts/profile.py"
+
+else:
+
+    rule profile_shard:
+        input:
+            manifest=MODEL_MANIFEST,
+            samples=f"{RESULTS}/calibration.jsonl",
+        output:
+            shard=f"{RESULTS}/profile-shards/shard-{{shard}}-of-{PROFILE_SHARDS}.safetensors",
+        wildcard_constraints:
+            shard=r"\d+",
+        log:
+            f"{LOGS}/profile_shard-{{shard}}.log",
+        benchmark:
+            f"{BENCH}/profile_shard-{{shard}}.tsv"
+        conda:
+            CONDA_ENV
+        threads: rule_threads("profile_shard")  # capped by --cores locally; --cpus-per-task on SLURM
+        resources:
+            mem_mb=model_mem_mb,
+            runtime=240,
+            gpu=USES_GPU,
+        params:
+            **PROFILE_PARAMS,
+            shards=PROFILE_SHARDS,
+            checkpoint_dir=lambda wildcards: f"{CHECKPOINTS}/profile-shard-{wildcards.shard}",
+        script:
+            "../scripts/profile_shard.py"
+
+    rule merge_profile:
+        input:
+            shards=expand(
+                f"{RESULTS}/profile-shards/shard-{{shard}}-of-{PROFILE_SHARDS}.safetensors",
+                shard=range(PROFILE_SHARDS),
+            ),
+        output:
+            scales=f"{RESULTS}/act_scales.json",
+            table=f"{RESULTS}/act_scales.csv",
+        log:
+            f"{LOGS}/merge_profile.log",
+        benchmark:
+            f"{BENCH}/merge_profile.tsv"
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            mem_mb=4000,  # every shard's statistics, no model
+            runtime=30,
+            gpu=0,
+        script:
+            "../scripts/merge_profile.py"

@@ -1,0 +1,94 @@
+"""Sharded profiling stages: one job per contiguous part of the calibration batches, and a merge.
+
+`profile_shard` writes the partial statistics of one shard; `merge_profile` combines all shards
+into act_scales.json and act_scales.csv, byte for byte what the unsharded `stages.profile` writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from shadowquant.atomic import atomic_path, write_json
+from shadowquant.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def load_profiling_inputs(manifest: str | Path, samples: str | Path, seq_len: int, batch_size: int,
+                          device: str, dtype: str):
+    """(model, sequences, pad_id, batch_size, family, manifest info) as the profile stage uses them."""
+    import json
+
+    from shadowquant import corpus
+    from shadowquant.models import load_model
+    from shadowquant.profiling import tokenize_samples
+
+    manifest = Path(manifest)
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{manifest}: model manifest not found; run the fetch_model rule first") from None
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{manifest}: model manifest is not valid JSON ({exc.msg}); delete it to refetch") from None
+    texts = corpus.read_jsonl_texts(samples)
+    model, tokenizer, family = load_model(info["path"], device=device, dtype=dtype,
+                                          trust_remote_code=info.get("trust_remote_code", False),
+                                          family=info.get("family"))
+    if family == "mixtral" and batch_size > 1:
+        # Routed experts see flattened tokens, where padding cannot be told apart: profile unbatched.
+        log.warning("mixtral: profiling with batch_size 1 so padded tokens never reach the experts")
+        batch_size = 1
+    sequences = tokenize_samples(tokenizer, texts, seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return model, sequences, pad_id, batch_size, family, info
+
+
+def profile_shard(manifest: str | Path, samples: str | Path, out: str | Path, shard: int, shards: int,
+                  seq_len: int, batch_size: int = 1, device: str = "auto", dtype: str = "auto",
+                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, progress: bool = True,
+                  after_batch=None) -> None:
+    """Profile shard `shard` (0-based) of `shards` and write its partial statistics to `out`."""
+    from shadowquant.download import sha256_file
+    from shadowquant.families import linear_layer_names
+    from shadowquant.profiling import Checkpoint, run_profiler, save_shard
+
+    if not 0 <= shard < shards:
+        raise PipelineError(f"profile shard {shard} does not exist: calibration.shards = {shards} gives shards "
+                            f"0..{shards - 1}")
+    model, sequences, pad_id, batch_size, family, info = load_profiling_inputs(manifest, samples, seq_len,
+                                                                               batch_size, device, dtype)
+    checkpoint = None
+    if checkpoint_dir is not None and checkpoint_every:
+        fingerprint = {
+            "manifest": info, "samples": sha256_file(samples), "seq_len": seq_len, "batch_size": batch_size,
+            "dtype": str(next(model.parameters()).dtype), "device": next(model.parameters()).device.type,
+            "shard": shard, "shards": shards,
+        }
+        checkpoint = Checkpoint(checkpoint_dir, fingerprint)
+    names = linear_layer_names(model)
+    log.info("profiling shard %d of %d: %d Linear layers, batch size %d, %s on %s", shard + 1, shards, len(names),
+             batch_size, next(model.parameters()).dtype, next(model.parameters()).device)
+    profiler = run_profiler(model, sequences, pad_id, batch_size, names, checkpoint, checkpoint_every, progress,
+                            after_batch, shard=shard, shards=shards)
+    save_shard(out, profiler, {
+        "shard": shard, "shards": shards, "names": names, "num_samples": len(sequences),
+        "num_tokens": sum(len(s) for s in sequences),
+        # What the unsharded stage adds to act_scales["meta"], in the same order.
+        "meta": {"seq_len": seq_len, "family": family, "source": info.get("source")},
+    })
+    if checkpoint is not None:
+        checkpoint.clear()
+
+
+def merge_profile(shard_files: list[str | Path], out_json: str | Path, out_table: str | Path) -> dict:
+    """act_scales.json and act_scales.csv from the files of every shard."""
+    from shadowquant.profiling import act_scales_table, merge_shards
+
+    if not shard_files:
+        raise PipelineError("merge_profile needs at least one profile shard file")
+    scales = merge_shards(shard_files)
+    with atomic_path(out_table, suffix=".csv") as tmp:
+        act_scales_table(scales).to_csv(tmp, index=False)
+    write_json(out_json, scales)
+    return scales
