@@ -92,12 +92,15 @@ def test_query_sinfo_failing_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_every_configurable_threads_line_sits_in_the_rule_it_names():
-    """rule_threads("<rule>") in a rule's block names that rule, so the check's message names the right key."""
+    """rule_threads("<rule>") in a rule's block names that rule, so the check's message names the right key.
+
+    Rules may sit inside an if/else block (the profile rules do), so they may be indented."""
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     mapped = dict(re.findall(r'^\s+"(\w+)": "(threads\.\w+)",$', common, re.MULTILINE))
     seen = {}
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
-        for rule, body in re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", smk.read_text(), re.MULTILINE):
+        for rule, body in re.findall(r"^[ \t]*rule (\w+):\n((?:(?![ \t]*rule \w+:)[ \t]+.*\n|\n)*)",
+                                     smk.read_text(), re.MULTILINE):
             for named in re.findall(r'threads: rule_threads\("(\w+)"\)', body):
                 assert named == rule, f"{smk.name}: rule {rule} takes the threads of rule {named}"
                 seen[rule] = mapped.get(rule)
