@@ -15,26 +15,21 @@ from shadowquant.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
+# Part of every checkpoint fingerprint: a checkpoint of another state layout is ignored, not misread.
+CHECKPOINT_FORMAT = "profile-checkpoint-v2"
+
+
 def load_profiling_inputs(manifest: str | Path, samples: str | Path, seq_len: int, batch_size: int,
                           device: str, dtype: str):
-    """(model, sequences, pad_id, batch_size, family, manifest info) as the profile stage uses them."""
-    import json
-
+    """(model, sequences, pad_id, batch_size, family, manifest info) as the profile stages use them."""
     from shadowquant import corpus
-    from shadowquant.models import load_model
+    from shadowquant.manifest import read_manifest
+    from shadowquant.models import load_model_from_manifest
     from shadowquant.profiling import tokenize_samples
 
-    manifest = Path(manifest)
-    try:
-        info = json.loads(manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{manifest}: model manifest not found; run the fetch_model rule first") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{manifest}: model manifest is not valid JSON ({exc.msg}); delete it to refetch") from None
+    info = read_manifest(manifest)
     texts = corpus.read_jsonl_texts(samples)
-    model, tokenizer, family = load_model(info["path"], device=device, dtype=dtype,
-                                          trust_remote_code=info.get("trust_remote_code", False),
-                                          family=info.get("family"))
+    model, tokenizer, family = load_model_from_manifest(manifest, device=device, dtype=dtype)
     if family == "mixtral" and batch_size > 1:
         # Routed experts see flattened tokens, where padding cannot be told apart: profile unbatched.
         log.warning("mixtral: profiling with batch_size 1 so padded tokens never reach the experts")
@@ -44,28 +39,37 @@ def load_profiling_inputs(manifest: str | Path, samples: str | Path, seq_len: in
     return model, sequences, pad_id, batch_size, family, info
 
 
+def make_checkpoint(checkpoint_dir, checkpoint_every: int, info: dict, samples, seq_len: int, batch_size: int,
+                    model, **extra):
+    """The Checkpoint of a profiling job (None when disabled), fingerprinted by everything that shapes it."""
+    from shadowquant.download import sha256_file
+    from shadowquant.profiling import Checkpoint
+
+    if checkpoint_dir is None or not checkpoint_every:
+        return None
+    parameter = next(model.parameters())
+    fingerprint = {
+        "format": CHECKPOINT_FORMAT, "manifest": info, "samples": sha256_file(samples), "seq_len": seq_len,
+        "batch_size": batch_size, "dtype": str(parameter.dtype), "device": parameter.device.type, **extra,
+    }
+    return Checkpoint(checkpoint_dir, fingerprint)
+
+
 def profile_shard(manifest: str | Path, samples: str | Path, out: str | Path, shard: int, shards: int,
                   seq_len: int, batch_size: int = 1, device: str = "auto", dtype: str = "auto",
                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, progress: bool = True,
                   after_batch=None) -> None:
     """Profile shard `shard` (0-based) of `shards` and write its partial statistics to `out`."""
-    from shadowquant.download import sha256_file
     from shadowquant.families import linear_layer_names
-    from shadowquant.profiling import Checkpoint, run_profiler, save_shard
+    from shadowquant.profiling import run_profiler, save_shard
 
     if not 0 <= shard < shards:
         raise PipelineError(f"profile shard {shard} does not exist: calibration.shards = {shards} gives shards "
                             f"0..{shards - 1}")
     model, sequences, pad_id, batch_size, family, info = load_profiling_inputs(manifest, samples, seq_len,
                                                                                batch_size, device, dtype)
-    checkpoint = None
-    if checkpoint_dir is not None and checkpoint_every:
-        fingerprint = {
-            "manifest": info, "samples": sha256_file(samples), "seq_len": seq_len, "batch_size": batch_size,
-            "dtype": str(next(model.parameters()).dtype), "device": next(model.parameters()).device.type,
-            "shard": shard, "shards": shards,
-        }
-        checkpoint = Checkpoint(checkpoint_dir, fingerprint)
+    checkpoint = make_checkpoint(checkpoint_dir, checkpoint_every, info, samples, seq_len, batch_size, model,
+                                 shard=shard, shards=shards)
     names = linear_layer_names(model)
     log.info("profiling shard %d of %d: %d Linear layers, batch size %d, %s on %s", shard + 1, shards, len(names),
              batch_size, next(model.parameters()).dtype, next(model.parameters()).device)

@@ -21,10 +21,10 @@ from shadowquant.errors import PipelineError
 from shadowquant.export import int8_state_dict, save_export, save_export_pth
 from shadowquant.families import linear_layer_names
 from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
-from shadowquant.manifest import read_manifest
 from shadowquant.mllm import convert_safetensors_to_mllm
 from shadowquant.models import fetch_model as fetch, load_model_from_manifest
-from shadowquant.profiling import Checkpoint, act_scales_table, profile_model, tokenize_samples
+from shadowquant.profile_stage import load_profiling_inputs, make_checkpoint
+from shadowquant.profiling import act_scales_table, profile_model
 from shadowquant.selection import resolve_export_point
 
 log = logging.getLogger(__name__)
@@ -69,22 +69,10 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
             seq_len: int, batch_size: int = 1, device: str = "auto", dtype: str = "auto",
             checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, progress: bool = True,
             after_batch=None) -> dict:
-    info = read_manifest(manifest)
-    texts = corpus.read_jsonl_texts(samples)
-    model, tokenizer, family = load_model_from_manifest(manifest, device=device, dtype=dtype)
-    if family == "mixtral" and batch_size > 1:
-        # Routed experts see flattened tokens, where padding cannot be told apart: profile unbatched.
-        log.warning("mixtral: profiling with batch_size 1 so padded tokens never reach the experts")
-        batch_size = 1
-    sequences = tokenize_samples(tokenizer, texts, seq_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    checkpoint = None
-    if checkpoint_dir is not None and checkpoint_every:
-        fingerprint = {
-            "manifest": info, "samples": download.sha256_file(samples), "seq_len": seq_len, "batch_size": batch_size,
-            "dtype": str(next(model.parameters()).dtype), "device": next(model.parameters()).device.type,
-        }
-        checkpoint = Checkpoint(checkpoint_dir, fingerprint)
+    """act_scales.json and .csv of the whole calibration set in one job (see profile_stage for shards)."""
+    model, sequences, pad_id, batch_size, family, info = load_profiling_inputs(manifest, samples, seq_len,
+                                                                               batch_size, device, dtype)
+    checkpoint = make_checkpoint(checkpoint_dir, checkpoint_every, info, samples, seq_len, batch_size, model)
     names = linear_layer_names(model)
     log.info("profiling %d Linear layers on %d samples (%d tokens), batch size %d, %s on %s", len(names),
              len(sequences), sum(map(len, sequences)), batch_size, next(model.parameters()).dtype,
