@@ -15,7 +15,8 @@ back to each tensor's dtype.
 - `equalize`: cross-layer equalization (data-free quantization): per channel i, scale s_i =
   sqrt(r1_i / r2_i) between up_proj's output row i (range r1_i, divided by s_i) and down_proj's
   input column i (range r2_i, multiplied by s_i), which makes both ranges sqrt(r1_i r2_i);
-  `act(gate) * up` is linear in up. Same between v_proj rows and o_proj columns per KV group.
+  `act(gate) * up` is linear in up. Same between v_proj rows and o_proj columns per KV group,
+  and between q_proj and k_proj rows (q * s, k / s, one s per RoPE channel pair and KV group).
 - `smooth`: SmoothQuant migration s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) with per-channel
   input maxima from a calibration pass: q/k/v inputs into input_layernorm, MLP inputs (and the
   Mixtral router) into post_attention_layernorm, the down_proj input into up_proj's rows, the
@@ -281,6 +282,31 @@ def _safe_ratio_scale(numerator: torch.Tensor, denominator: torch.Tensor) -> tor
     return torch.where(ok, scale, torch.ones_like(scale)).clamp(min=_MIN_SCALE)
 
 
+def _pair_max(values: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Max over each RoPE pair (c, c + head_dim / 2) of a per-channel quantity, broadcast to both."""
+    halves = values.view(-1, 2, head_dim // 2)
+    return halves.amax(dim=1, keepdim=True).expand(-1, 2, -1).reshape(-1)
+
+
+def _equalize_q_k(q: nn.Linear, k: nn.Linear, geometry: _Geometry) -> None:
+    """q rows * s, k rows / s: every score q.k is unchanged.
+
+    RoPE rotates the channel pairs (c, c + head_dim / 2) (transformers' rotate_half), which
+    commutes with one scale per pair; a KV head's scale is shared by its group's query heads.
+    """
+    d = geometry.head_dim
+    group = geometry.num_heads // geometry.num_kv_heads
+    r_q = _pair_max(q.weight.detach().double().abs().amax(dim=1), d)
+    r_q = r_q.view(geometry.num_kv_heads, group, d).amax(dim=1).reshape(-1)
+    r_k = _pair_max(k.weight.detach().double().abs().amax(dim=1), d)
+    kv_scale = _safe_ratio_scale(r_k, r_q).sqrt()
+    q_scale = kv_scale.view(geometry.num_kv_heads, 1, d).expand(-1, group, -1).reshape(-1)
+    for linear, scale in ((q, q_scale), (k, 1 / kv_scale)):
+        _set(linear.weight, linear.weight.detach().double() * scale.view(-1, 1))
+        if linear.bias is not None:
+            _set(linear.bias, linear.bias.detach().double() * scale)
+
+
 def _equalize(model: nn.Module, family: str) -> dict:
     layers = _decoder_layers(model, family)
     geometry = _geometry(model)
@@ -294,7 +320,8 @@ def _equalize(model: nn.Module, family: str) -> dict:
         r_v = layer.v.weight.detach().double().abs().amax(dim=1)
         r_o = _o_columns_per_kv_channel(layer.o.weight.detach().double().abs().amax(dim=0), geometry)
         _scale_pair_v_o(layer.v, layer.o, _safe_ratio_scale(r_v, r_o).sqrt(), geometry)
-        pairs += 1
+        _equalize_q_k(layer.q, layer.k, geometry)
+        pairs += 2
     return {"pairs": pairs}
 
 
