@@ -1,7 +1,8 @@
 """Held-out perplexity of the exact transforms (issue 11): float, weights-only int8, W8A8 all shadow.
 
 Usage: OMP_NUM_THREADS=1 PYTHONPATH=src python bench/bench_transforms.py MODEL_DIR OUT.json
-           [--configs none rotate equalize smooth rotate+equalize ...] [--search] [--w8a8]
+           [--configs none rotate equalize smooth rotate+equalize ...] [--search [--grid A ...]] [--w8a8]
+           [--skip-float]
 Calibration = prepare_samples(pydoc, 32, seed 42, offset 0); held-out = 128 records after it;
 both tokenized to at most 128 tokens. Results are written to OUT.json after every configuration.
 """
@@ -25,7 +26,7 @@ from shadowquant.families import quantized_layer_names
 from shadowquant.metrics import evaluate, summarize
 from shadowquant.models import load_model
 from shadowquant.profiling import profile_model, tokenize_samples
-from shadowquant.transforms import apply_transforms, search_alpha
+from shadowquant.transforms import ALPHA_GRID, apply_transforms, search_alpha
 
 
 def fake_quant_weights(model, family) -> None:
@@ -48,6 +49,8 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--configs", nargs="+", default=["none", "rotate", "equalize", "smooth", "rotate+equalize"])
     parser.add_argument("--search", action="store_true", help="search smooth's alpha (else 0.5)")
+    parser.add_argument("--skip-float", action="store_true", help="do not evaluate the untransformed float model")
+    parser.add_argument("--grid", nargs="+", type=float, default=list(ALPHA_GRID), help="alphas searched")
     parser.add_argument("--w8a8", action="store_true", help="also W8A8 at the all-shadow decision (t = 1, absmax)")
     args = parser.parse_args()
 
@@ -57,7 +60,7 @@ def main() -> int:
     calibration = tokenize_samples(tokenizer, prepare_samples(corpus, 32, seed=42, offset=0), 128)
     held_out = tokenize_samples(tokenizer, prepare_samples(corpus, 128, seed=42, offset=32), 128)
     results = {"model": args.model_dir, "calibration_tokens": sum(map(len, calibration)), "configs": {}}
-    results["float"] = perplexity(model, held_out)
+    results["float"] = perplexity(model, held_out) if not args.skip_float else None
     print("float", results["float"], flush=True)
     del model
 
@@ -68,7 +71,7 @@ def main() -> int:
         alpha = 0.5
         if "smooth" in transforms and args.search:
             start = time.perf_counter()
-            alpha, scores = search_alpha(model, family, transforms, calibration)
+            alpha, scores = search_alpha(model, family, transforms, calibration, grid=tuple(args.grid))
             entry["alpha_search"] = {"scores": {str(a): s for a, s in scores.items()},
                                      "seconds": round(time.perf_counter() - start, 1)}
         start = time.perf_counter()
