@@ -123,7 +123,7 @@ def _geometry(model: nn.Module) -> _Geometry:
     return _Geometry(heads, kv_heads, head_dim)
 
 
-def _norm_offset(model: nn.Module, family: str) -> float:
+def _norm_offset(family: str) -> float:
     """Gemma's RMSNorm multiplies by (1 + w): its effective scale is w + 1."""
     return 1.0 if family == "gemma" else 0.0
 
@@ -194,7 +194,7 @@ def _scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
 
 def _fold_norms(model: nn.Module, family: str, layers: list[_Layer]) -> bool:
     """Fold every RMSNorm scale into the Linears reading it; return whether lm_head was untied."""
-    offset = _norm_offset(model, family)
+    offset = _norm_offset(family)
     for layer in layers:
         for norm, readers in ((layer.input_norm, (layer.q, layer.k, layer.v)),
                               (layer.post_attention_norm, layer.mlp_readers)):
@@ -369,7 +369,7 @@ def _smooth(model: nn.Module, family: str, calibration: list[list[int]] | None, 
         raise PipelineError(f"smooth alpha = {alpha!r} must be a number in [0, 1]")
     layers = _decoder_layers(model, family)
     geometry = _geometry(model)
-    offset = _norm_offset(model, family)
+    offset = _norm_offset(family)
     linears = [linear for layer in layers
                for linear in (layer.q, layer.o, *layer.mlp_readers, *(b.down for b in layer.branches))]
     act = input_channel_absmax(model, linears, calibration)
