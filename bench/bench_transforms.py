@@ -10,7 +10,6 @@ both tokenized to at most 128 tokens. Results are written to OUT.json after ever
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

@@ -36,7 +36,7 @@ def _perturb_norms(model, family: str) -> None:
     offset = 1.0 if family == "gemma" else 0.0
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.endswith("norm") or name.endswith("layernorm"):
+            if name.endswith("norm"):  # input_layernorm, post_attention_layernorm, model.norm
                 scale = 0.5 + torch.rand(module.weight.shape, generator=generator)
                 module.weight.copy_(scale - offset)
 
