@@ -222,6 +222,7 @@ def _rotate(model: nn.Module, family: str, generator: torch.Generator) -> dict:
     embedding, head = _embedding_and_head(model)
     hidden = embedding.weight.shape[1]
     q1, kind1 = random_orthogonal(hidden, generator)
+    q1 = q1.to(embedding.weight.device)  # drawn on the CPU so a seed gives the same matrix everywhere
     _set(embedding.weight, embedding.weight.detach().double() @ q1)
     readers = [linear for layer in layers for linear in (layer.q, layer.k, layer.v, *layer.mlp_readers)]
     if head.weight is not embedding.weight:  # a still-tied head was rotated with the embedding
@@ -238,6 +239,7 @@ def _rotate(model: nn.Module, family: str, generator: torch.Generator) -> dict:
     kind2 = None
     for layer in layers:
         q2, kind2 = random_orthogonal(d, generator)
+        q2 = q2.to(layer.v.weight.device)
         v = layer.v.weight.detach().double().view(geometry.num_kv_heads, d, -1)
         _set(layer.v.weight, torch.einsum("dc,hdi->hci", q2, v).reshape(layer.v.weight.shape))
         if layer.v.bias is not None:
@@ -372,7 +374,8 @@ def _smooth(model: nn.Module, family: str, calibration: list[list[int]] | None, 
     offset = _norm_offset(family)
     linears = [linear for layer in layers
                for linear in (layer.q, layer.o, *layer.mlp_readers, *(b.down for b in layer.branches))]
-    act = input_channel_absmax(model, linears, calibration)
+    device = next(model.parameters()).device
+    act = {key: value.to(device) for key, value in input_channel_absmax(model, linears, calibration).items()}
     for layer in layers:
         for norm, readers in ((layer.input_norm, [layer.q, layer.k, layer.v]),
                               (layer.post_attention_norm, layer.mlp_readers)):
