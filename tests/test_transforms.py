@@ -159,6 +159,21 @@ def test_layernorm_families_are_refused_in_one_line(family, tiny_model_dir):
     assert "\n" not in message and repr(family) in message and "valid transforms for" in message
 
 
+def test_gemma2_offers_only_equalization():
+    import transformers
+
+    config = transformers.Gemma2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=8, vocab_size=32)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(PipelineError, match=r"'rotate' is not supported for family 'gemma'.*gemma2.*: equalize$"):
+        apply_transforms(model, "gemma", ["rotate"])
+    ids = torch.arange(3, 20).view(1, -1)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        apply_transforms(model, "gemma", ["equalize"])
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=ATOL)
+
+
 def test_bad_transform_requests_are_refused(tiny_model_dir):
     model, _, _ = load_model(tiny_model_dir("llama"), device="cpu", dtype="float32")
     with pytest.raises(PipelineError, match=r"unknown transform 'spin'; valid transforms: rotate, equalize, smooth"):

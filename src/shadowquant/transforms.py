@@ -164,7 +164,8 @@ def check_transforms(model: nn.Module, family: str, transforms: list[str]) -> li
         raise PipelineError(f"transform {duplicates[0]!r} is listed more than once")
     for name in transforms:
         if name not in valid:
-            reason = _UNSUPPORTED_REASON.get(family, f"model_type {model.config.model_type!r} is not exact for it")
+            reason = _UNSUPPORTED_REASON.get(family, f"model_type {model.config.model_type!r}: its norms on the "
+                                             "attention and MLP outputs do not commute with it")
             raise PipelineError(f"transform {name!r} is not supported for family {family!r} ({reason}); "
                                 f"valid transforms for {family}: {', '.join(valid) or 'none'}")
     return [name for name in TRANSFORM_ORDER if name in transforms]
