@@ -153,3 +153,30 @@ def test_editing_a_local_model_reruns_fetch_and_profiling(tiny_model_dir, tiny_t
     config_json.write_text(config_json.read_text())  # same content, newer file: Snakemake's mtime rule
     jobs = planned_jobs(snakemake(tmp_path, cfg, "-n", target))
     assert {"fetch_model", "profile"} <= set(jobs), jobs
+
+
+def test_a_transformed_model_exports_the_same_tensor_names(tiny_model_dir, tiny_text_corpus, tmp_path):
+    """transform.steps builds the rotated/equalized float model once; the mllm keeps the untransformed names."""
+    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-plain", **{"export.point": "absmax-t4"})
+    snakemake(tmp_path, write_config(tmp_path, base), "results/tiny-plain/model.mllm")
+    rotated = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-rotated",
+                          **{"export.point": "absmax-t4", "transform.steps": ["equalize", "rotate"]})
+    snakemake(tmp_path, write_config(tmp_path, rotated, "rotated.yaml"), "results/tiny-rotated/model.mllm")
+    manifest = json.loads((tmp_path / "resources/models/tiny-rotated/transformed/manifest.json").read_text())
+    assert manifest["transform"]["transforms"] == ["rotate", "equalize"]  # the fixed order
+    plain = read_mllm(tmp_path / "results/tiny-plain/model.mllm")
+    transformed = read_mllm(tmp_path / "results/tiny-rotated/model.mllm")
+    extra = {"lm_head.weight"} if manifest["transform"]["untied_lm_head"] else set()
+    assert set(transformed.names) == set(plain.names) | extra
+    for name in plain.names:
+        assert transformed.entry(name).dtype == plain.entry(name).dtype
+
+
+def test_a_transform_the_family_does_not_support_is_refused_in_one_line(tiny_model_dir, tiny_text_corpus, tmp_path):
+    cfg = tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt-rot", **{"transform.steps": ["rotate"]})
+    proc = snakemake(tmp_path, write_config(tmp_path, cfg), "resources/models/tiny-opt-rot/transformed/manifest.json",
+                     check=False)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert errors and "opt" in errors[0] and "rotate" in errors[0], errors
+    assert not (tmp_path / "resources/models/tiny-opt-rot/transformed").exists()

@@ -30,15 +30,19 @@ that its scales are measured on the final weights and activations).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from shadowquant.errors import PipelineError
 from shadowquant.hadamard import random_orthogonal
+
+log = logging.getLogger(__name__)
 
 TRANSFORM_ORDER = ("rotate", "equalize", "smooth")
 _RMSNORM_ALL = ("rotate", "equalize", "smooth")
@@ -537,3 +541,35 @@ def save_transformed(model: nn.Module, tokenizer, out_dir, family: str, summary:
 
             (tmp / "transform.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return out_dir
+
+
+# ---------------------------------------------------------------- the workflow stage
+
+
+def transform_stage(manifest, out_manifest, transforms: list[str], seed: int = 0, alpha: float = DEFAULT_ALPHA,
+                    samples=None, num_samples: int = 16, seq_len: int = 256) -> dict:
+    """The transformed float model as an artefact: a model directory beside `out_manifest` and its manifest,
+    which the rest of the workflow uses in place of the fetched model (same names and shapes)."""
+    from shadowquant.atomic import write_json
+    from shadowquant.corpus import read_jsonl_texts
+    from shadowquant.manifest import read_manifest
+    from shadowquant.models import inspect_model_dir, load_model_from_manifest
+    from shadowquant.profiling import tokenize_samples
+
+    fetched = read_manifest(manifest)
+    model, tokenizer, family = load_model_from_manifest(manifest, device="cpu", dtype="float32")
+    calibration = None
+    if "smooth" in transforms:
+        if samples is None:
+            raise PipelineError("transform 'smooth' needs calibration samples; none were given")
+        texts = read_jsonl_texts(samples)[:num_samples]
+        calibration = [s for s in tokenize_samples(tokenizer, texts, seq_len) if len(s) >= 2]
+    summary = apply_transforms(model, family, list(transforms), seed=seed, calibration=calibration, alpha=alpha)
+    out_dir = Path(out_manifest).parent / "hf"
+    save_transformed(model, tokenizer, out_dir, family, summary)
+    info = inspect_model_dir(out_dir, family)
+    info.update(source=fetched.get("source"), trust_remote_code=False, transform=summary)
+    write_json(out_manifest, info)
+    log.info("transformed %s with %s%s", fetched.get("source"), ", ".join(summary["transforms"]),
+             "; lm_head untied from the embeddings (exported as its own tensor)" if summary["untied_lm_head"] else "")
+    return info

@@ -27,7 +27,14 @@ NAME = config["model"]["name"]
 RESULTS = f"results/{NAME}"
 LOGS = f"logs/{NAME}"
 BENCH = f"benchmarks/{NAME}"
-MODEL_MANIFEST = f"resources/models/{NAME}/manifest.json"
+FETCHED_MANIFEST = f"resources/models/{NAME}/manifest.json"
+TRANSFORMS = config["transform"]["steps"]
+# MODEL_MANIFEST is how every later step reads the model (the fetched one, or its exact transform).
+MODEL_MANIFEST = (
+    f"resources/models/{NAME}/transformed/manifest.json"
+    if TRANSFORMS
+    else FETCHED_MANIFEST
+)
 MODEL_DIR = f"resources/models/{NAME}/hf"
 PYDOC_CORPUS = "resources/datasets/builtin/pydoc.jsonl"
 CHECKPOINTS = f"resources/checkpoints/{NAME}"
@@ -64,6 +71,7 @@ THREADS_CONFIG_KEYS = {
     "sensitivity": "threads.evaluate",
     "evaluate_export": "threads.evaluate",
     "export_int8": "threads.export",
+    "transform_model": "threads.export",
     "export_pth": "threads.export",
 }
 

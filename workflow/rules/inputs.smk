@@ -6,7 +6,7 @@ rule fetch_model:
         # A local model's files: editing them in place reruns the fetch and everything after it.
         local_source_files(config["model"]["source"]),
     output:
-        manifest=MODEL_MANIFEST,
+        manifest=FETCHED_MANIFEST,
     log:
         f"{LOGS}/fetch_model.log",
     benchmark:
@@ -83,3 +83,29 @@ rule select_calibration:
         num_samples=config["calibration"]["num_samples"],
     script:
         "../scripts/select_samples.py"
+
+
+rule transform_model:
+    input:
+        manifest=FETCHED_MANIFEST,
+        samples=f"{RESULTS}/calibration.jsonl" if "smooth" in TRANSFORMS else [],
+    output:
+        manifest=f"resources/models/{NAME}/transformed/manifest.json",
+    log:
+        f"{LOGS}/transform_model.log",
+    benchmark:
+        f"{BENCH}/transform_model.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("transform_model")
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=120,
+    params:
+        steps=TRANSFORMS,
+        seed=config["transform"]["seed"],
+        alpha=config["transform"]["alpha"],
+        num_samples=min(16, config["calibration"]["num_samples"]),
+        seq_len=config["calibration"]["seq_len"],
+    script:
+        "../scripts/transform_model.py"

@@ -46,12 +46,12 @@ else:
             samples=f"{RESULTS}/calibration.jsonl",
         output:
             shard=f"{RESULTS}/profile-shards/shard-{{shard}}-of-{PROFILE_SHARDS}.safetensors",
-        wildcard_constraints:
-            shard=r"\d+",
         log:
             f"{LOGS}/profile_shard-{{shard}}.log",
         benchmark:
             f"{BENCH}/profile_shard-{{shard}}.tsv"
+        wildcard_constraints:
+            shard=r"\d+",
         conda:
             CONDA_ENV
         threads: rule_threads("profile_shard")  # capped by --cores locally; --cpus-per-task on SLURM
