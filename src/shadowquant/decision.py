@@ -139,9 +139,10 @@ def shadow_summary(decisions: dict[str, LayerQuant], threshold: float, statistic
 
 
 def decide_shadow_set(act_scales: dict, statistic: str, shadow_sides, layers: list[str] | None = None,
-                      source: str = "act_scales.json") -> dict[str, LayerQuant]:
+                      source: str = "act_scales.json", clip_scales: dict | None = None) -> dict[str, LayerQuant]:
     """Per-side decisions from a chosen set of shadow sides: each `(layer, side)` in `shadow_sides` is a
-    shadow side (scale = 99.9 % quantile, no clamp); every other side is clipped at its maximum."""
+    shadow side (scale = 99.9 % quantile, no clamp); every other side is clipped at its maximum, or at
+    `clip_scales[(layer, side)]` where given (e.g. an MSE-optimal clip)."""
     shadowed = decide(act_scales, 1.0, statistic, layers=layers, source=source)  # validates the layers
     ori_key, top_key = STAT_KEYS[statistic]
     shadow = {(str(layer), str(side)) for layer, side in shadow_sides}
@@ -156,7 +157,7 @@ def decide_shadow_set(act_scales: dict, statistic: str, shadow_sides, layers: li
             if (name, side) in shadow:
                 sides[side] = (float(act_scales[top_key][name][side]), False)
                 continue
-            ori = float(act_scales[ori_key][name][side])
+            ori = float((clip_scales or {}).get((name, side), act_scales[ori_key][name][side]))
             if not (math.isfinite(ori) and ori > 0):
                 raise PipelineError(f"{source}: layer '{name}' {side} maximum {ori!r} under statistic '{statistic}' "
                                     "is not a positive finite number; int8 scales must be > 0")

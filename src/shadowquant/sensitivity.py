@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shadowquant.atomic import atomic_path
-from shadowquant.decision import SIDES, STAT_KEYS, LayerQuant
+from shadowquant.decision import SIDES, STAT_KEYS, LayerQuant, decide_shadow_set
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import W8A8Linear, apply_w8a8, fake_quant_activation, input_step, output_step
 
@@ -183,21 +183,10 @@ def decisions_for_shadow_set(act_scales: dict, statistic: str, shadow_sides: Ite
                 raise PipelineError(f"shadow side {item!r}: side must be one of {', '.join(SIDES)}")
             raise PipelineError(f"shadow side {item!r}: layer '{side[0]}' is not a quantized layer of this model")
         shadow.add(side)
-    clip_scales = clip_scales or {}
-    for key, value in clip_scales.items():
+    for key, value in (clip_scales or {}).items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise PipelineError(f"clip scale of {key[0]}:{key[1]} is {value!r}; it must be a positive finite number")
-    result = {}
-    for layer in layers:
-        per_side = {}
-        for side in SIDES:
-            ori, top = scales[(layer, side)]
-            if (layer, side) in shadow:
-                per_side[side] = (top, False)
-            else:
-                per_side[side] = (float(clip_scales.get((layer, side), ori)), True)
-        result[layer] = LayerQuant(per_side["input"][0], per_side["output"][0], per_side["input"][1], per_side["output"][1])
-    return result
+    return decide_shadow_set(act_scales, statistic, shadow, layers, source, clip_scales)
 
 
 def all_sides(layers: list[str]) -> list[Side]:
