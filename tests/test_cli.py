@@ -35,21 +35,25 @@ def test_sweep_by_hand(tiny_model_dir, tiny_text_corpus, tmp_path):
                "--out-baseline", tmp_path / "baseline.safetensors") == 0
     assert run("sensitivity", "--manifest", manifest, "--samples", tmp_path / "cal.jsonl", "--act-scales", scales,
                "--out", tmp_path / "sensitivity.csv", "--num-samples", 2, "--seq-len", 12, "--device", "cpu") == 0
+    assert run("clip-scales", "--manifest", manifest, "--samples", tmp_path / "cal.jsonl", "--act-scales", scales,
+               "--out", tmp_path / "clip_scales.json", "--num-samples", 2, "--seq-len", 12, "--device", "cpu") == 0
     points = []
-    for point in ("absmax-t4", "absmax-k3"):
+    for point in ("absmax-t4", "absmax-k3", "absmax-k3-mse"):
         points.append(tmp_path / f"{point}.json")
         assert run("evaluate-point", *common, "--act-scales", scales, "--baseline", tmp_path / "baseline.safetensors",
                    "--float-json", tmp_path / "float.json", "--out-json", points[-1], "--point", point,
-                   "--sensitivity", tmp_path / "sensitivity.csv") == 0
+                   "--sensitivity", tmp_path / "sensitivity.csv", "--clip-scales", tmp_path / "clip_scales.json") == 0
     assert json.loads(points[1].read_text())["num_shadow_sides"] == 3
+    assert json.loads(points[2].read_text())["clip"] == "mse"
     assert run("aggregate-sweep", "--float-json", tmp_path / "float.json", "--out", tmp_path / "sweep.csv",
                *points) == 0
-    assert list(pd.read_csv(tmp_path / "sweep.csv")["point"]) == ["float", "absmax-t4", "absmax-k3"]
+    assert list(pd.read_csv(tmp_path / "sweep.csv")["point"]) == ["float", "absmax-t4", "absmax-k3", "absmax-k3-mse"]
     assert run("select", "--sweep", tmp_path / "sweep.csv", "--out", tmp_path / "selection.json",
                "--budget", 100) == 0
     chosen = json.loads((tmp_path / "selection.json").read_text())["point"]
     assert run("export", "--manifest", manifest, "--act-scales", scales, "--out", tmp_path / "int8.safetensors",
-               "--point", chosen, "--sensitivity", tmp_path / "sensitivity.csv") == 0
+               "--point", chosen, "--sensitivity", tmp_path / "sensitivity.csv",
+               "--clip-scales", tmp_path / "clip_scales.json") == 0
     assert run("decide", "--act-scales", scales, "--out", tmp_path / "decision.json", "--point", "absmax-k3",
                "--sensitivity", tmp_path / "sensitivity.csv") == 0
     assert json.loads((tmp_path / "decision.json").read_text())["num_shadow_sides"] == 3

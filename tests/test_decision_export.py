@@ -139,3 +139,25 @@ def test_a_shadow_set_shadows_exactly_its_sides_and_clips_the_rest():
         point_decisions(data, "absmax-k3", ranking=ranking)
     with pytest.raises(PipelineError, match="needs the sensitivity ranking"):
         point_decisions(data, "absmax-k1")
+
+
+def test_mse_points_clip_the_clipped_sides_at_their_clip_scale_only():
+    from shadowquant.decision import point_clip, point_decisions
+
+    data = _scales({"a": (10.0, 8.0, 1.0, 2.0), "b": (5.0, 4.0, 1.0, 1.0)})
+    clips = {("a", "input"): 7.0, ("a", "output"): 3.0, ("b", "input"): 6.0, ("b", "output"): 5.0}
+    assert point_clip("absmax-t4-mse") == "mse" and point_clip("absmax-t4") == "max"
+    ratio = decide(data, 4.0, "absmax")
+    with_mse = point_decisions(data, "absmax-t4-mse", clip_scales=clips)
+    for name in data["ori"]:
+        for side in ("input", "output"):
+            clipped = getattr(ratio[name], f"clip_{side}")
+            assert getattr(with_mse[name], f"clip_{side}") == clipped
+            expected = clips[(name, side)] if clipped else getattr(ratio[name], f"{side}_scale")
+            assert getattr(with_mse[name], f"{side}_scale") == expected
+    ranking = [("a", "output")]
+    front = point_decisions(data, "absmax-k1-mse", ranking=ranking, clip_scales=clips)
+    assert front["a"] == LayerQuant(7.0, 2.0, True, False) and front["b"] == LayerQuant(6.0, 5.0, True, True)
+    assert point_decisions(data, "absmax-t4", clip_scales=clips) == ratio  # the max points ignore them
+    with pytest.raises(PipelineError, match="needs the MSE clip scales"):
+        point_decisions(data, "absmax-t4-mse")

@@ -21,13 +21,17 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     # The sensitivity front, the breakdown and their plots run for one family (llama), the rest of the
     # workflow for all eight.
     full = family == "llama"
-    overrides = {} if full else {"sweep.shadow_sides": [], "sweep.breakdown": False}
+    overrides = ({"sweep.clip_scales": ["max", "mse"]} if full
+                 else {"sweep.shadow_sides": [], "sweep.breakdown": False})
     cfg = write_config(tmp_path, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}",
                                              **{"model.type": family}, **overrides))
     snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
     results = tmp_path / f"results/tiny-{family}"
     sweep = pd.read_csv(results / "sweep.csv")
-    assert list(sweep["point"]) == ["float", "absmax-t1", "absmax-t4", "absmax-t10000000"] + ["absmax-k2"] * full
+    ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]
+    expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio], "absmax-k2-mse"] if full \
+        else ["float", *ratio]
+    assert list(sweep["point"]) == expected
     assert sweep["perplexity"].notna().all() and sweep["perplexity_ci_low"].notna().all()
     assert (sweep["perplexity_ci_low"] <= sweep["perplexity"]).all()
     assert (sweep["perplexity"] <= sweep["perplexity_ci_high"]).all()

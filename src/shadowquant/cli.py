@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--point", type=_point, default="signed-t152")
     s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
+    s.add_argument("--clip-scales", default=None, help="clip_scales.json, for '-mse' points")
     s.add_argument("--shadow-json", default=None, help="also write the shadow sides summary here")
 
     s = sub.add_parser("evaluate-float", help="float metrics and the baseline every sweep point compares with")
@@ -99,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto")
 
+    s = sub.add_parser("clip-scales", help="MSE-optimal clip scales of every quantized side (clip_scales.json)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--samples", required=True, help="calibration.jsonl; the first --num-samples records are used")
+    s.add_argument("--act-scales", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--statistics", nargs="+", choices=["signed", "absmax"], default=["absmax"])
+    s.add_argument("--num-samples", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
+
     s = sub.add_parser("evaluate-point", help="simulated W8A8 evaluation of one sweep point (or a breakdown part)")
     _evaluation_args(s)
     s.add_argument("--act-scales", required=True)
@@ -107,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-json", required=True)
     s.add_argument("--point", type=_point, required=True)
     s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
+    s.add_argument("--clip-scales", default=None, help="clip_scales.json, for '-mse' points")
     s.add_argument("--part", choices=["all", "weights", "inputs", "outputs"], default="all")
 
     s = sub.add_parser("aggregate-sweep", help="the sweep table from float.json and point JSONs")
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             stages.decide(args.act_scales, args.out, args.point, args.sensitivity)
         elif args.command == "export":
             stages.export(args.manifest, args.act_scales, args.out, args.point, sensitivity=args.sensitivity,
-                          shadow_json=args.shadow_json)
+                          shadow_json=args.shadow_json, clip_scales=args.clip_scales)
         elif args.command == "evaluate-float":
             from shadowquant.sweep import evaluate_float
 
@@ -178,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_point(args.manifest, args.samples, args.act_scales, args.baseline, args.float_json,
                            args.out_json, args.point, args.seq_len, args.batch_size, args.device, args.dtype,
-                           args.bootstrap, args.sensitivity, args.part)
+                           args.bootstrap, args.sensitivity, args.part, args.clip_scales)
+        elif args.command == "clip-scales":
+            from shadowquant.sensitivity import clip_scales_stage
+
+            clip_scales_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
+                              args.num_samples, args.seq_len, args.device, args.dtype)
         elif args.command == "aggregate-sweep":
             from shadowquant.sweep import aggregate
 

@@ -39,13 +39,23 @@ def threshold_label(threshold: float) -> str:
 # A sweep point: the ratio rule at threshold t ("absmax-t16"), or the k most valuable shadow sides of the
 # measured sensitivity ranking ("absmax-k15").
 RULES = {"t": "ratio", "k": "sensitivity"}
-POINT_PATTERN = re.compile(r"^(signed|absmax)-(t|k)([0-9]+(?:\.[0-9]+)?)$")
+# A "-mse" suffix clips the clipped sides at their MSE-optimal scale instead of their maximum.
+POINT_PATTERN = re.compile(r"^(signed|absmax)-(t|k)([0-9]+(?:\.[0-9]+)?)(-mse)?$")
+CLIPS = ("max", "mse")
 
 
-def point_label(statistic: str, rule: str, value: float) -> str:
-    """'absmax-t16' for the ratio rule at t = 16, 'absmax-k15' for 15 sensitivity-chosen shadow sides."""
+def point_label(statistic: str, rule: str, value: float, clip: str = "max") -> str:
+    """'absmax-t16' for the ratio rule at t = 16, 'absmax-k15' for 15 sensitivity-chosen shadow sides;
+    'absmax-k15-mse' clips the other sides at their MSE-optimal scale."""
     letter = {"ratio": "t", "sensitivity": "k"}[rule]
-    return f"{statistic}-{letter}{threshold_label(value) if rule == 'ratio' else int(value)}"
+    suffix = "" if clip == "max" else f"-{clip}"
+    return f"{statistic}-{letter}{threshold_label(value) if rule == 'ratio' else int(value)}{suffix}"
+
+
+def point_clip(label: str) -> str:
+    """'mse' for a point whose clipped sides use the MSE-optimal clip scales, else 'max'."""
+    parse_point(label)
+    return "mse" if str(label).endswith("-mse") else "max"
 
 
 def parse_point(label: str) -> tuple[str, str, float]:
@@ -54,7 +64,7 @@ def parse_point(label: str) -> tuple[str, str, float]:
     if not match or (match[2] == "k" and "." in match[3]):
         raise PipelineError(f"point '{label}' is not valid: expected '<statistic>-t<threshold>' (e.g. absmax-t152, "
                             "the ratio rule) or '<statistic>-k<shadow sides>' (e.g. absmax-k15, sensitivity-chosen), "
-                            "statistic signed or absmax")
+                            "statistic signed or absmax, optionally followed by -mse")
     return match[1], RULES[match[2]], float(match[3])
 
 
@@ -183,16 +193,41 @@ def read_ranking(path: str | Path, statistic: str) -> list[tuple[str, str]]:
         raise PipelineError(f"{path}: expected columns layer, side, statistic and an integer rank") from None
 
 
+def read_clip_scales(path: str | Path, statistic: str) -> dict[tuple[str, str], float]:
+    """{(layer, side): MSE-optimal clip scale} of clip_scales.json for `statistic`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))[statistic]
+        return {(layer, side): float(value) for layer, sides in data.items() for side, value in sides.items()}
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: clip scales not found; run the clip_scales rule first") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        raise PipelineError(f"{path}: no clip scales for statistic '{statistic}' (expected "
+                            "{statistic: {layer: {side: scale}}}); delete it and run the clip_scales rule again") from None
+
+
 def point_decisions(act_scales: dict, point: str, layers: list[str] | None = None, ranking=None,
-                    source: str = "act_scales.json") -> dict[str, LayerQuant]:
-    """Decisions of a sweep point: the ratio rule at t, or the first k sides of `ranking` shadowed."""
+                    source: str = "act_scales.json", clip_scales: dict | None = None) -> dict[str, LayerQuant]:
+    """Decisions of a sweep point: the ratio rule at t, or the first k sides of `ranking` shadowed; a '-mse'
+    point clips the other sides at `clip_scales` (MSE-optimal) instead of their maximum."""
     statistic, rule, value = parse_point(point)
+    if point_clip(point) == "mse":
+        if clip_scales is None:
+            raise PipelineError(f"point '{point}' needs the MSE clip scales (clip_scales.json); none were given")
+    else:
+        clip_scales = None
     if rule == "ratio":
-        return decide(act_scales, value, statistic, layers=layers, source=source)
+        decisions = decide(act_scales, value, statistic, layers=layers, source=source)
+        if clip_scales is None:
+            return decisions
+        shadow = [(n, side) for n, q in decisions.items() for side, clip in (("input", q.clip_input),
+                                                                              ("output", q.clip_output)) if not clip]
+        return decide_shadow_set(act_scales, statistic, shadow, layers=layers, source=source, clip_scales=clip_scales)
     if ranking is None:
         raise PipelineError(f"point '{point}' needs the sensitivity ranking (sensitivity.csv); none was given")
     k = int(value)
     if k > len(ranking):
         raise PipelineError(f"point '{point}' asks for {k} shadow sides but the ranking has only {len(ranking)}; "
                             "lower sweep.shadow_sides")
-    return decide_shadow_set(act_scales, statistic, ranking[:k], layers=layers, source=source)
+    return decide_shadow_set(act_scales, statistic, ranking[:k], layers=layers, source=source,
+                             clip_scales=clip_scales)

@@ -339,7 +339,12 @@ def _save(fig, out_png: str | Path) -> None:
 
 
 def _series(points):
-    """(rule, statistic) groups of the W8A8 points: the ratio rule (the baseline) first."""
+    """(rule, statistic) groups of the W8A8 points: the ratio rule (the baseline) first. Points whose
+    clipped sides use the MSE-optimal clip form their own series ('absmax+mse clip')."""
+    if "clip" in points.columns:
+        clips = points["clip"].fillna("max")
+        points = points.assign(statistic=[s if c != "mse" else f"{s}+mse clip"
+                                          for s, c in zip(points["statistic"], clips)])
     groups = points.groupby(["rule", "statistic"], sort=False)
     return sorted(groups, key=lambda item: (RULES.index(item[0][0]), item[0][1]))
 

@@ -661,3 +661,33 @@ def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[s
         for row in table:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return table
+
+
+def clip_scales_stage(manifest, samples, act_scales, out_json, statistics: list[str], num_samples: int,
+                      seq_len: int, device: str = "auto", dtype: str = "auto") -> dict:
+    """clip_scales.json: per statistic, layer and side, the MSE-optimal clip scale from a |x| histogram over
+    the first `num_samples` calibration records (for the '-mse' sweep points)."""
+    from shadowquant.atomic import write_json
+    from shadowquant.corpus import read_jsonl_texts
+    from shadowquant.decision import load_act_scales
+    from shadowquant.families import quantized_layer_names
+    from shadowquant.models import load_model_from_manifest
+    from shadowquant.profiling import tokenize_samples
+
+    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
+    texts = read_jsonl_texts(samples)[:num_samples]
+    sequences = [s for s in tokenize_samples(tokenizer, texts, seq_len) if len(s) >= 2]
+    if not sequences:
+        raise PipelineError(f"{samples}: no calibration record has two or more tokens for the clip scales")
+    layers = quantized_layer_names(model, family)
+    scales = load_act_scales(act_scales)
+    out: dict = {}
+    for statistic in statistics:
+        clips = mse_clip_scales(model, layers, sequences, scales, statistic)
+        table = out.setdefault(statistic, {})
+        for (layer, side), value in clips.items():
+            table.setdefault(layer, {})[side] = value
+        lowered = sum(1 for (layer, side), value in clips.items() if value < side_scales(scales, statistic, [layer])[(layer, side)][0])
+        log.info("%s: %d of %d sides get a clip below their maximum", statistic, lowered, len(clips))
+    write_json(out_json, out)
+    return out

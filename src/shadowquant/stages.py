@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from shadowquant import corpus, download
 from shadowquant.atomic import atomic_path, write_json, write_text
-from shadowquant.decision import (load_act_scales, parse_point, point_decisions, read_ranking, shadow_summary,
-                                  threshold_label)
+from shadowquant.decision import (load_act_scales, parse_point, point_clip, point_decisions, read_clip_scales,
+                                  read_ranking, shadow_summary, threshold_label)
 from shadowquant.errors import PipelineError
 from shadowquant.export import int8_state_dict, save_export, save_export_pth
 from shadowquant.families import linear_layer_names
@@ -92,11 +92,14 @@ def profile(manifest: str | Path, samples: str | Path, out_json: str | Path, out
 
 # --- stage 3: decision and export ------------------------------------------
 
-def decide(act_scales: str | Path, out: str | Path, point: str, sensitivity: str | Path | None = None) -> dict:
+def decide(act_scales: str | Path, out: str | Path, point: str, sensitivity: str | Path | None = None,
+           clip_scales: str | Path | None = None) -> dict:
     """The clip / shadow decision of one sweep point, as a JSON summary of its shadow sides."""
     statistic, rule, value = parse_point(point)
     ranking = read_ranking(sensitivity, statistic) if sensitivity is not None else None
-    decisions = point_decisions(load_act_scales(act_scales), point, ranking=ranking, source=str(act_scales))
+    clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None else None
+    decisions = point_decisions(load_act_scales(act_scales), point, ranking=ranking, source=str(act_scales),
+                                clip_scales=clips)
     summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
     summary["point"] = point
     write_json(out, summary)
@@ -107,19 +110,20 @@ def decide(act_scales: str | Path, out: str | Path, point: str, sensitivity: str
 
 def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point: str = "auto",
            selection: str | Path | None = None, sensitivity: str | Path | None = None,
-           shadow_json: str | Path | None = None) -> None:
+           shadow_json: str | Path | None = None, clip_scales: str | Path | None = None) -> None:
     """Int8 export of an explicit sweep point, or of the point the selection chose."""
     point = resolve_export_point(point, selection)
     statistic, rule, value = parse_point(point)
     ranking = read_ranking(sensitivity, statistic) if rule == "sensitivity" and sensitivity is not None else None
+    clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None and point_clip(point) == "mse" else None
     model, _, family = load_model_from_manifest(manifest, device="cpu", dtype="checkpoint")
     names = linear_layer_names(model)
     decisions = point_decisions(load_act_scales(act_scales), point, layers=names, ranking=ranking,
-                                source=str(act_scales))
+                                source=str(act_scales), clip_scales=clips)
     tensors = int8_state_dict(model.state_dict(), decisions, names)
     meta = {"format": "shadowquant-int8", "family": family, "point": point, "statistic": statistic,
             "rule": rule, "threshold": threshold_label(value) if rule == "ratio" else "",
-            "shadow_budget": str(int(value)) if rule == "sensitivity" else ""}
+            "shadow_budget": str(int(value)) if rule == "sensitivity" else "", "clip": point_clip(point)}
     save_export(tensors, out, metadata=meta)
     if shadow_json is not None:
         summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)

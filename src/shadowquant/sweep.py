@@ -11,7 +11,8 @@ from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.corpus import read_jsonl_texts
-from shadowquant.decision import load_act_scales, parse_point, point_decisions, read_ranking, shadow_summary
+from shadowquant.decision import (load_act_scales, parse_point, point_clip, point_decisions, read_clip_scales,
+                                  read_ranking, shadow_summary)
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import apply_w8a8
 from shadowquant.families import quantized_layer_names
@@ -22,7 +23,7 @@ from shadowquant.profiling import tokenize_samples
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("accuracy", "perplexity", "perplexity_increase", "kl", "agreement")
-SWEEP_COLUMNS = ["point", "rule", "statistic", "threshold", "shadow_budget",
+SWEEP_COLUMNS = ["point", "rule", "statistic", "clip", "threshold", "shadow_budget",
                  *[f"{m}{suffix}" for m in METRIC_KEYS for suffix in ("", "_ci_low", "_ci_high")],
                  "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction",
                  "num_samples", "num_tokens"]
@@ -102,14 +103,16 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
 
 def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json, point: str, seq_len: int,
                    batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
-                   sensitivity=None, part: str = "all") -> dict:
+                   sensitivity=None, part: str = "all", clip_scales=None) -> dict:
     """One sweep point (or one part of the error breakdown): quantize, evaluate against the float baseline,
     and summarize with bootstrap intervals paired with the float run on the same records."""
     statistic, rule, value = parse_point(point)
     model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
     names = quantized_layer_names(model, family)
     ranking = read_ranking(sensitivity, statistic) if sensitivity is not None else None
-    decisions = point_decisions(load_act_scales(act_scales), point, ranking=ranking, source=str(act_scales))
+    clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None else None
+    decisions = point_decisions(load_act_scales(act_scales), point, ranking=ranking, source=str(act_scales),
+                                clip_scales=clips)
     quantize_model(model, family, decisions, part)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     label = point if part == "all" else f"{point} {part} only"
@@ -118,7 +121,7 @@ def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json
     metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
     counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
     metrics.update(
-        point=point, rule=rule, statistic=statistic, part=part,
+        point=point, rule=rule, statistic=statistic, clip=point_clip(point), part=part,
         threshold=value if rule == "ratio" else None, shadow_budget=int(value) if rule == "sensitivity" else None,
         num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
         num_shadow_sides=counts["num_shadow_sides"],
@@ -140,7 +143,7 @@ def aggregate(float_json, point_jsons: list, out_csv) -> None:
     rows = [read_point_json(float_json)] + [read_point_json(p) for p in point_jsons]
     table = pd.DataFrame([{k: v for k, v in row.items() if k != "per_record"} for row in rows])
     table = table.reindex(columns=SWEEP_COLUMNS)
-    points = table.iloc[1:].sort_values(["statistic", "rule", "threshold", "shadow_budget"])
+    points = table.iloc[1:].sort_values(["statistic", "clip", "rule", "threshold", "shadow_budget"])
     table = pd.concat([table.iloc[:1], points])
     # Counts stay integers although the float row has none.
     for column in ("shadow_budget", "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "num_samples",

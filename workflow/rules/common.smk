@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from shadowquant.config import validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
-from shadowquant.decision import parse_point, point_label
+from shadowquant.decision import parse_point, point_clip, point_label
 from shadowquant.manifest import local_source_files
 from shadowquant.slurm_check import (
     ThreadRequest,
@@ -69,6 +69,7 @@ THREADS_CONFIG_KEYS = {
     "evaluate_point": "threads.evaluate",
     "evaluate_part": "threads.evaluate",
     "sensitivity": "threads.evaluate",
+    "clip_scales": "threads.evaluate",
     "evaluate_export": "threads.evaluate",
     "export_int8": "threads.export",
     "transform_model": "threads.export",
@@ -124,9 +125,20 @@ SWEEP_STATISTICS = sorted(config["sweep"]["statistics"])
 # The all-shadow ratio point (t = 1) is the "all" bar of the error breakdown: always evaluated.
 SWEEP_THRESHOLDS = sorted({float(t) for t in config["sweep"]["thresholds"]} | {1.0})
 SHADOW_SIDES = sorted(set(config["sweep"]["shadow_sides"]))
+CLIPS = config["sweep"]["clip_scales"]
 SWEEP_LABELS = sorted(
-    {point_label(s, "ratio", t) for s in SWEEP_STATISTICS for t in SWEEP_THRESHOLDS}
-    | {point_label(s, "sensitivity", k) for s in SWEEP_STATISTICS for k in SHADOW_SIDES}
+    {
+        point_label(s, "ratio", t, c)
+        for s in SWEEP_STATISTICS
+        for t in SWEEP_THRESHOLDS
+        for c in CLIPS
+    }
+    | {
+        point_label(s, "sensitivity", k, c)
+        for s in SWEEP_STATISTICS
+        for k in SHADOW_SIDES
+        for c in CLIPS
+    }
     | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
 )
 SWEEP_POINTS = [f"{RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
@@ -139,6 +151,11 @@ SENSITIVITY_STATISTICS = sorted(
     }
 )
 USES_SENSITIVITY = bool(SENSITIVITY_STATISTICS)
+# MSE clip scales are measured for the statistics of the '-mse' points.
+CLIP_STATISTICS = sorted(
+    {parse_point(label)[0] for label in SWEEP_LABELS if point_clip(label) == "mse"}
+)
+CLIP_SCALES = f"{RESULTS}/clip_scales.json"
 SENSITIVITY = f"{RESULTS}/sensitivity.csv"
 BREAKDOWN_STATISTIC = "absmax" if "absmax" in SWEEP_STATISTICS else SWEEP_STATISTICS[0]
 NUM_RESAMPLES = config["sweep"]["bootstrap"]
@@ -207,6 +224,18 @@ def sensitivity_input(wildcards=None):
     if EXPORT_IS_AUTO:
         return [SENSITIVITY] if USES_SENSITIVITY else []
     return [SENSITIVITY] if parse_point(EXPORT_POINT)[1] == "sensitivity" else []
+
+
+def clip_scales_input(wildcards=None):
+    """The MSE clip scales for the export: only when its point is (or may be) a '-mse' point."""
+    if EXPORT_IS_AUTO:
+        return [CLIP_SCALES] if CLIP_STATISTICS else []
+    return [CLIP_SCALES] if point_clip(EXPORT_POINT) == "mse" else []
+
+
+def point_clip_scales_input(wildcards):
+    """The MSE clip scales only for a '-mse' point."""
+    return [CLIP_SCALES] if point_clip(wildcards.point) == "mse" else []
 
 
 def point_sensitivity_input(wildcards):

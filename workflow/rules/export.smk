@@ -7,6 +7,7 @@ rule export_int8:
         scales=f"{RESULTS}/act_scales.json",
         selection=selection_input,
         sensitivity=sensitivity_input,
+        clip_scales=clip_scales_input,
     output:
         export=f"{RESULTS}/model-int8.safetensors",
         shadow=f"{RESULTS}/shadow_layers.json",

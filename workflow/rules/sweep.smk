@@ -99,6 +99,34 @@ rule sensitivity:
         "../scripts/sensitivity.py"
 
 
+rule clip_scales:
+    input:
+        manifest=MODEL_MANIFEST,
+        samples=f"{RESULTS}/calibration.jsonl",
+        scales=f"{RESULTS}/act_scales.json",
+    output:
+        CLIP_SCALES,
+    log:
+        f"{LOGS}/clip_scales.log",
+    benchmark:
+        f"{BENCH}/clip_scales.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("clip_scales")
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=120,
+        gpu=USES_GPU,
+    params:
+        statistics=CLIP_STATISTICS,
+        num_samples=config["sensitivity"]["num_samples"],
+        seq_len=config["calibration"]["seq_len"],
+        device=config["device"],
+        dtype=config["dtype"],
+    script:
+        "../scripts/clip_scales.py"
+
+
 rule evaluate_point:
     input:
         manifest=MODEL_MANIFEST,
@@ -107,6 +135,7 @@ rule evaluate_point:
         baseline=f"{RESULTS}/sweep/float-baseline.safetensors",
         float=f"{RESULTS}/sweep/float.json",
         sensitivity=point_sensitivity_input,
+        clip_scales=point_clip_scales_input,
     output:
         f"{RESULTS}/sweep/{{point}}.json",
     log:
@@ -114,7 +143,7 @@ rule evaluate_point:
     benchmark:
         f"{BENCH}/sweep/{{point}}.tsv"
     wildcard_constraints:
-        point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)",
+        point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)(-mse)?",
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_point")

@@ -10,4 +10,5 @@ run_stage(snakemake, evaluate_point, manifest=i.manifest, samples=i.samples, act
           baseline=i.baseline, float_json=i.float, out_json=snakemake.output[0], point=point, seq_len=p.seq_len,
           batch_size=p.batch_size, device=p.device, dtype=p.dtype, num_resamples=p.num_resamples,
           sensitivity=i.sensitivity[0] if "sensitivity" in i.keys() and i.sensitivity else None,
-          part=w.part if "part" in w.keys() else "all")
+          part=w.part if "part" in w.keys() else "all",
+          clip_scales=i.clip_scales[0] if "clip_scales" in i.keys() and i.clip_scales else None)

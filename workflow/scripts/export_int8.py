@@ -6,4 +6,5 @@ run_stage(snakemake, export, manifest=snakemake.input.manifest, act_scales=snake
           out=snakemake.output.export, point=snakemake.params.point,
           selection=snakemake.input.selection[0] if snakemake.input.selection else None,
           sensitivity=snakemake.input.sensitivity[0] if snakemake.input.sensitivity else None,
+          clip_scales=snakemake.input.clip_scales[0] if snakemake.input.clip_scales else None,
           shadow_json=snakemake.output.shadow)
