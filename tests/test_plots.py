@@ -519,3 +519,19 @@ def test_plot_adapters(tmp_path):
     with pytest.raises(SystemExit):
         run_adapter("plot_quality", tmp_path, {**inputs, "breakdown": tmp_path / "absent.json"}, outputs, {"top": 25})
     assert f"error: {tmp_path / 'absent.json'}: breakdown file not found" in (tmp_path / "plot_quality.log").read_text()
+
+
+def test_sensitivity_plot_falls_back_to_the_proxy_where_a_side_was_not_measured(tmp_path):
+    from shadowquant.plots import load_sensitivity
+
+    rows = sensitivity_rows()
+    for index, row in enumerate(rows):
+        row["benefit"] = row["delta_kl"]
+        if index % 3:
+            row["delta_kl"] = None  # only every third side measured exactly
+    path = write_sensitivity(tmp_path, rows)
+    table = load_sensitivity(path)
+    assert table["delta_kl"].notna().all() and table["measured"].sum() == len(range(0, len(rows), 3))
+    out = tmp_path / "sensitivity.png"
+    plot_sensitivity(path, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

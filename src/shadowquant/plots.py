@@ -172,6 +172,10 @@ def load_sensitivity(path: str | Path):
     if not bad_side.empty:
         raise PipelineError(f"{path}: side '{bad_side['side'].iloc[0]}' of layer {bad_side['layer'].iloc[0]} is "
                             f"not valid; valid: {', '.join(SIDES)}")
+    if "benefit" in table.columns:
+        # Sides the sensitivity stage did not measure exactly carry the proxy's estimate in `benefit`.
+        table["measured"] = table["delta_kl"].notna()
+        table["delta_kl"] = table["delta_kl"].fillna(table["benefit"])
     for column in ("delta_kl", "cost"):
         bad = table[table[column].isna()]
         if not bad.empty:
@@ -688,7 +692,7 @@ def plot_sensitivity(sensitivity_csv: str | Path, out_png: str | Path, top: int 
     bars_ax.set_yticks(y, _side_labels(worst), fontsize=8)
     span = max(float(worst["delta_kl"].max()), 0.0) - min(float(worst["delta_kl"].min()), 0.0) or 1.0
     for position, row in zip(y, worst.to_dict("records")):
-        text = f"{row['delta_kl']:.3g}  ·  cost {row['cost']:,.0f}/token"
+        text = f"{row['delta_kl']:.3g}{'' if row.get('measured', True) else ' (proxy)'}  ·  cost {row['cost']:,.0f}/token"
         if "rank" in row and math.isfinite(_optional_number(row["rank"])):
             text += f"  ·  rank {int(row['rank'])}"
         bars_ax.text(max(row["delta_kl"], 0.0) + 0.01 * span, position, text, va="center", fontsize=7.5)
@@ -696,7 +700,8 @@ def plot_sensitivity(sensitivity_csv: str | Path, out_png: str | Path, top: int 
                      + 0.6 * span)
     bars_ax.axvline(0.0, color="0.3", linewidth=0.8)
     bars_ax.set_ylim(-0.7, len(worst) - 0.3)
-    bars_ax.set_xlabel("ΔKL (nats/token) when this side alone is clipped, every other side shadowed")
+    bars_ax.set_xlabel("ΔKL (nats/token) when this side alone is clipped, every other side shadowed "
+                       "(measured; '(proxy)': the Fisher estimate)")
     bars_ax.set_title(f"the {len(worst)} most sensitive of {len(table)} sides (cost: shadow elements per token; "
                       "rank: order of the greedy selection)", fontsize=10)
     bars_ax.grid(True, axis="x", alpha=0.3)
