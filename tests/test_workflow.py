@@ -28,9 +28,9 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
     results = tmp_path / f"results/tiny-{family}"
     sweep = pd.read_csv(results / "sweep.csv")
-    ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]
+    ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]  # t = 1 comes with the breakdown
     expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio], "absmax-k2-mse"] if full \
-        else ["float", *ratio]
+        else ["float", *ratio[1:]]
     assert list(sweep["point"]) == expected
     assert sweep["perplexity"].notna().all() and sweep["perplexity_ci_low"].notna().all()
     assert (sweep["perplexity_ci_low"] <= sweep["perplexity"]).all()
@@ -110,7 +110,7 @@ def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, 
 
 
 def test_budget_change_reruns_selection_only(tiny_model_dir, tiny_text_corpus, tmp_path):
-    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-budget")
+    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-budget", **{"sweep.breakdown": False})
     cfg = write_config(tmp_path, base)
     snakemake(tmp_path, cfg)
     calibration = set((tmp_path / "results/tiny-budget/calibration.jsonl").read_text().splitlines())

@@ -122,8 +122,11 @@ EXPORT_THRESHOLD = (
     else None
 )
 SWEEP_STATISTICS = sorted(config["sweep"]["statistics"])
-# The all-shadow ratio point (t = 1) is the "all" bar of the error breakdown: always evaluated.
-SWEEP_THRESHOLDS = sorted({float(t) for t in config["sweep"]["thresholds"]} | {1.0})
+# The all-shadow ratio point (t = 1) is the "all" bar of the error breakdown: evaluated with it.
+SWEEP_THRESHOLDS = sorted(
+    {float(t) for t in config["sweep"]["thresholds"]}
+    | ({1.0} if config["sweep"]["breakdown"] else set())
+)
 SHADOW_SIDES = sorted(set(config["sweep"]["shadow_sides"]))
 CLIPS = config["sweep"]["clip_scales"]
 SWEEP_LABELS = sorted(
