@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from shadowquant.atomic import atomic_path
 from shadowquant.errors import PipelineError
+from shadowquant.profiling import collate
 
 BASELINE_FORMAT = "shadowquant-float-baseline-v2"
 _BASELINE_TENSORS = ("sequence_lengths", "argmax", "hidden")
@@ -241,13 +242,7 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     try:
         for number, batch in enumerate(tqdm(batches, desc=desc, unit="batch")):
-            max_len = len(sequences[batch[0]])
-            input_ids = torch.zeros((len(batch), max_len), dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), max_len), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
-                attention_mask[row, :len(sequences[i])] = 1
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            input_ids, attention_mask = collate([sequences[i] for i in batch], 0, device)
             captured.clear()
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             if collect_baseline:

@@ -37,6 +37,7 @@ from shadowquant.atomic import atomic_path
 from shadowquant.decision import SIDES, STAT_KEYS, LayerQuant, decide_shadow_set
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import W8A8Linear, apply_w8a8, fake_quant_activation, input_step, output_step
+from shadowquant.profiling import collate
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,8 @@ def _batches(sequences: list[list[int]], batch_size: int) -> list[list[int]]:
 
 def _forward_logprobs(model: nn.Module, sequences: list[list[int]], batch: list[int]):
     """Yield (index, float32 log-probs at the predicted positions [L - 1, V]) for one right-padded batch."""
-    device = next(model.parameters()).device
-    width = len(sequences[batch[0]])
-    ids = torch.zeros((len(batch), width), dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, i in enumerate(batch):
-        ids[row, :len(sequences[i])] = torch.tensor(sequences[i], dtype=torch.long)
-        mask[row, :len(sequences[i])] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    ids, mask = collate([sequences[i] for i in batch], 0, next(model.parameters()).device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     for row, i in enumerate(batch):
         yield i, torch.log_softmax(logits[row, :len(sequences[i]) - 1].float(), dim=-1).cpu()
 
@@ -605,6 +600,22 @@ def write_sensitivity_csv(path: str | Path, rows: list[SideSensitivity]) -> None
 
 # ---------------------------------------------------------------- the workflow stage
 
+def _stage_inputs(manifest, samples, act_scales, num_samples: int, seq_len: int, device: str, dtype: str):
+    """(float model, the first `num_samples` calibration records tokenized, quantized layers, act_scales)."""
+    from shadowquant.corpus import read_jsonl_texts
+    from shadowquant.decision import load_act_scales
+    from shadowquant.families import quantized_layer_names
+    from shadowquant.models import load_model_from_manifest
+    from shadowquant.profiling import tokenize_samples
+
+    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
+    texts = read_jsonl_texts(samples)[:num_samples]
+    sequences = [s for s in tokenize_samples(tokenizer, texts, seq_len) if len(s) >= 2]
+    if not sequences:
+        raise PipelineError(f"{samples}: no calibration record has two or more tokens")
+    return model, sequences, quantized_layer_names(model, family), load_act_scales(act_scales)
+
+
 SENSITIVITY_COLUMNS = ["layer", "side", "statistic", "ratio", "clip_scale", "shadow_scale", "cost", "flop_share",
                        "proxy_kl", "delta_kl", "delta_nll", "benefit", "rank"]
 # Device cost of shadowing a side: the elements checked for outliers per token, or one per side.
@@ -633,19 +644,9 @@ def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[s
     """Per statistic: the proxy for every quantized side on the first `num_samples` calibration records, the
     full measure (clip one side alone) for the proxy's `measure_top` sides on the first `measure_samples`;
     sensitivity.csv ranked by benefit per device cost."""
-    from shadowquant.corpus import read_jsonl_texts
-    from shadowquant.decision import load_act_scales
-    from shadowquant.families import quantized_layer_names
-    from shadowquant.models import load_model_from_manifest
-    from shadowquant.profiling import tokenize_samples
 
-    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
-    texts = read_jsonl_texts(samples)[:num_samples]
-    sequences = [s for s in tokenize_samples(tokenizer, texts, seq_len) if len(s) >= 2]
-    if not sequences:
-        raise PipelineError(f"{samples}: no calibration record has two or more tokens for the sensitivity")
-    layers = quantized_layer_names(model, family)
-    scales = load_act_scales(act_scales)
+    model, sequences, layers, scales = _stage_inputs(manifest, samples, act_scales, num_samples, seq_len, device,
+                                                     dtype)
     table = []
     for statistic in statistics:
         rows, info = sensitivity_table(model, layers, sequences, scales, statistic, measure_top=measure_top,
@@ -668,19 +669,9 @@ def clip_scales_stage(manifest, samples, act_scales, out_json, statistics: list[
     """clip_scales.json: per statistic, layer and side, the MSE-optimal clip scale from a |x| histogram over
     the first `num_samples` calibration records (for the '-mse' sweep points)."""
     from shadowquant.atomic import write_json
-    from shadowquant.corpus import read_jsonl_texts
-    from shadowquant.decision import load_act_scales
-    from shadowquant.families import quantized_layer_names
-    from shadowquant.models import load_model_from_manifest
-    from shadowquant.profiling import tokenize_samples
 
-    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
-    texts = read_jsonl_texts(samples)[:num_samples]
-    sequences = [s for s in tokenize_samples(tokenizer, texts, seq_len) if len(s) >= 2]
-    if not sequences:
-        raise PipelineError(f"{samples}: no calibration record has two or more tokens for the clip scales")
-    layers = quantized_layer_names(model, family)
-    scales = load_act_scales(act_scales)
+    model, sequences, layers, scales = _stage_inputs(manifest, samples, act_scales, num_samples, seq_len, device,
+                                                     dtype)
     out: dict = {}
     for statistic in statistics:
         clips = mse_clip_scales(model, layers, sequences, scales, statistic)
