@@ -135,6 +135,8 @@ SWEEP_LABELS = sorted(
         for s in SWEEP_STATISTICS
         for t in SWEEP_THRESHOLDS
         for c in CLIPS
+        # At t <= 1 no side is clipped: the '-mse' point would repeat the 'max' one.
+        if c == "max" or t > 1
     }
     | {
         point_label(s, "sensitivity", k, c)
