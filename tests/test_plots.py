@@ -535,3 +535,19 @@ def test_sensitivity_plot_falls_back_to_the_proxy_where_a_side_was_not_measured(
     out = tmp_path / "sensitivity.png"
     plot_sensitivity(path, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mse_points_form_their_own_series(tmp_path):
+    from shadowquant.plots import _series, load_sweep
+
+    rows = [{"point": "float", "rule": "float", "statistic": "float", "clip": "", "num_shadow_sides": "",
+             "perplexity": 20.0}]
+    for clip in ("max", "mse"):
+        for k in (5, 15):
+            rows.append({"point": f"absmax-k{k}" + ("-mse" if clip == "mse" else ""), "rule": "sensitivity",
+                         "statistic": "absmax", "clip": clip, "num_shadow_sides": k, "perplexity": 25.0 - k / 10})
+    path = tmp_path / "sweep.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    table = load_sweep(path)
+    keys = [key for key, _ in _series(table[table["rule"] != "float"])]
+    assert keys == [("sensitivity", "absmax"), ("sensitivity", "absmax+mse clip")]

@@ -36,7 +36,7 @@ LOSS_LABELS = {
     "accuracy": "last-token accuracy drop below float",
 }
 RULES = ("float", "ratio", "sensitivity")
-TEXT_COLUMNS = ("point", "rule", "statistic")
+TEXT_COLUMNS = ("point", "rule", "statistic", "clip")
 SWEEP_REQUIRED = ("point", "rule", "statistic", "num_shadow_sides", "perplexity")
 SELECTION_REQUIRED = ("point", "rule", "statistic", "metric", "budget", "loss", "budget_met")
 SENSITIVITY_REQUIRED = ("layer", "side", "delta_kl", "cost")
