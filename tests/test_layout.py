@@ -63,7 +63,7 @@ def test_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("module", ["config", "decision", "manifest", "selection", "download", "errors"])
+@pytest.mark.parametrize("module", ["config", "decision", "manifest", "selection", "download", "errors", "jsonfile"])
 def test_modules_read_at_parse_time_do_not_import_torch(module):
     code = f"import sys, shadowquant.{module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -13,7 +13,6 @@ no pyplot): no display is needed and no global figure state leaks between calls.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from shadowquant.atomic import atomic_path, write_text
 from shadowquant.decision import SIDES, STAT_KEYS, threshold_label
 from shadowquant.errors import PipelineError
+from shadowquant.jsonfile import read_json_object
 from shadowquant.selection import LOSS_DESCRIPTION, METRICS, loss, loss_interval
 
 METRIC_LABELS = {
@@ -82,18 +82,7 @@ def _read_csv(path: str | Path, what: str):
 
 
 def _read_json(path: str | Path, what: str) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: {what} file not found") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as exc:
-        raise PipelineError(f"{path}: {what} file is not readable ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: expected a JSON object ({what})")
-    return data
+    return read_json_object(path, f"{what} file")
 
 
 def _require_columns(table, path, what: str, required) -> None:

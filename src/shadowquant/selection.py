@@ -15,13 +15,13 @@ point meets the budget, the point with the smallest loss is taken and the select
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
 from shadowquant.atomic import write_json
 from shadowquant.errors import PipelineError
+from shadowquant.jsonfile import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,9 @@ def select_stage(sweep_csv, out, metric: str, budget: float, point: str = "auto"
 
 def read_selection(path: str | Path) -> dict:
     """selection.json as written by select_stage, with a clear error for anything else."""
-    path = Path(path)
-    try:
-        choice = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: selection not found; run the select_point rule first") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg}); delete it and run the selection again") from None
+    choice = read_json_object(path, "selection", "delete it and run the select_point rule again")
     missing = [key for key in ("point", "rule", "statistic", "metric", "budget", "loss", "budget_met")
-               if not isinstance(choice, dict) or key not in choice]
+               if key not in choice]
     if missing:
         raise PipelineError(f"{path}: selection lacks {', '.join(missing)}; delete it and run the selection again")
     return choice

@@ -4,7 +4,6 @@ breakdown, and the sweep table. Choosing a point from the table is selection.py'
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ from shadowquant.decision import (load_act_scales, parse_point, point_clip, poin
                                   read_ranking, shadow_summary)
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import apply_w8a8
+from shadowquant.jsonfile import read_json_object
 from shadowquant.families import quantized_layer_names
 from shadowquant.metrics import evaluate, per_record, result_from_per_record, save_baseline, summarize
 from shadowquant.models import load_model_from_manifest
@@ -73,14 +73,9 @@ def quantize_model(model, family: str, decisions, part: str = "all") -> list[str
 
 
 def read_point_json(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: sweep result not found; run its evaluation first") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg}); delete it and re-run its evaluation") from None
-    if not isinstance(data, dict) or "per_record" not in data:
+    """A sweep point's (or float's) JSON with its per-record results."""
+    data = read_json_object(path, "sweep result", "delete it and re-run its evaluation")
+    if "per_record" not in data:
         raise PipelineError(f"{path}: has no per-record results (written by an older version); delete it and "
                             "re-run its evaluation")
     return data
