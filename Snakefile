@@ -31,6 +31,7 @@ localrules:
     select_calibration,
     select_evaluation,
     aggregate_sweep,
+    compare_transforms,
     select_point,
     breakdown,
     plot_sweep,

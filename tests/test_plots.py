@@ -506,18 +506,19 @@ def test_plot_adapters(tmp_path):
     plots = tmp_path / "plots"
     run_adapter("plot_sweep", tmp_path, {"sweep": sweep, "selection": selection},
                 {"threshold": plots / "sweep_threshold.png", "shadow": plots / "sweep_shadow.png",
-                 "table": plots / "sweep.html"})
+                 "table": plots / "sweep.html"}, {"variant": "none"})
     inputs = {"sweep": sweep, "selection": selection, "sensitivity": write_sensitivity(tmp_path, sensitivity_rows()),
               "breakdown": write_breakdown(tmp_path)}
     outputs = {"fronts": plots / "fronts.png", "sensitivity": plots / "sensitivity.png",
                "breakdown": plots / "breakdown.png", "table": plots / "sensitivity.html"}
-    run_adapter("plot_quality", tmp_path, inputs, outputs, {"top": 25})
+    run_adapter("plot_quality", tmp_path, inputs, outputs, {"top": 25, "variant": "none"})
     for name in ("sweep_threshold", "sweep_shadow", "fronts", "sensitivity", "breakdown"):
         assert (plots / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
     assert (plots / "sensitivity.html").read_text().count("<tr") == 1 + 420
     # A bad input ends the rule with the one-line error in its log.
     with pytest.raises(SystemExit):
-        run_adapter("plot_quality", tmp_path, {**inputs, "breakdown": tmp_path / "absent.json"}, outputs, {"top": 25})
+        run_adapter("plot_quality", tmp_path, {**inputs, "breakdown": tmp_path / "absent.json"}, outputs,
+                    {"top": 25, "variant": "none"})
     assert f"error: {tmp_path / 'absent.json'}: breakdown file not found" in (tmp_path / "plot_quality.log").read_text()
 
 
@@ -551,3 +552,12 @@ def test_mse_points_form_their_own_series(tmp_path):
     table = load_sweep(path)
     keys = [key for key, _ in _series(table[table["rule"] != "float"])]
     assert keys == [("sensitivity", "absmax"), ("sensitivity", "absmax+mse clip")]
+
+
+def test_a_variants_figures_mark_the_selection_only_when_it_chose_that_variant(tmp_path):
+    from shadowquant.plots import selection_for_variant
+
+    selection = write_selection(tmp_path, budget=0.05)  # a single-variant selection: transform 'none'
+    assert selection_for_variant(selection, "none") == selection
+    assert selection_for_variant(selection, "rotate") is None
+    assert selection_for_variant(None, "none") is None

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from shadowquant.errors import PipelineError
-from shadowquant.selection import choose, loss, read_selection, resolve_export_point, select_stage
+from shadowquant.selection import (choose, loss, read_selection, resolve_export_point, select_stage,
+                                   selected_variant)
 
 COLUMNS = ["point", "rule", "statistic", "accuracy", "perplexity", "perplexity_increase", "kl", "agreement",
            "num_shadow_sides", "shadow_flop_fraction"]
@@ -94,3 +95,69 @@ def test_select_stage_writes_a_selection_the_export_resolves(tmp_path):
     with pytest.raises(PipelineError, match="bad.json: selection lacks point"):
         read_selection(tmp_path / "bad.json")
     assert math.isclose(read_selection(out)["budget"], 0.05)
+
+
+# A rotated variant of the same model: its own float (equal within tolerance) and better W8A8 points.
+ROTATED = table(
+    ("absmax-t1", 0.50, 20.3, 0.015, 0.04, 0.96, 40, 0.30),
+    ("absmax-t16", 0.49, 20.8, 0.040, 0.06, 0.93, 10, 0.05),
+    ("absmax-k10", 0.49, 20.9, 0.045, 0.07, 0.93, 10, 0.04),
+    ("absmax-k5", 0.48, 21.6, 0.080, 0.09, 0.91, 5, 0.01),
+    ("absmax-t10000000", 0.40, 40.0, 1.000, 1.00, 0.60, 0, 0.0),
+)
+
+
+def write_variants(tmp_path):
+    paths = []
+    for name, sweep in (("none", SWEEP), ("rotate", ROTATED)):
+        paths.append(tmp_path / f"{name}.csv")
+        sweep.to_csv(paths[-1], index=False)
+    return paths
+
+
+@pytest.mark.parametrize("budget,expected", [
+    (0.10, ("rotate", "absmax-k5")),  # 5 sides only qualify after rotation
+    (0.05, ("rotate", "absmax-k10")),  # 10 sides both; rotate's k10 (0.045) qualifies, none's (0.05) too: FLOPs tie
+    (0.02, ("rotate", "absmax-t1")),
+    (0.01, ("rotate", "absmax-t1")),  # missed everywhere: the smallest loss, which is rotate's
+])
+def test_the_selection_chooses_across_transform_variants(tmp_path, budget, expected):
+    out = tmp_path / "selection.json"
+    choice = select_stage(write_variants(tmp_path), out, "perplexity", budget, variants=["none", "rotate"])
+    assert (choice["transform"], choice["point"]) == expected
+    assert choice["budget_met"] == (budget >= 0.015)
+    assert choice["candidates"] == 10
+    assert read_selection(out)["transform"] == expected[0]
+
+
+def test_each_point_is_measured_against_its_own_variants_float(tmp_path):
+    rotated = ROTATED.drop(columns=["perplexity_increase"])  # loss from perplexity / its own float
+    rotated.loc[0, "perplexity"] = 10.0  # a (wrong) float of 10 makes every rotated point 2x worse
+    paths = write_variants(tmp_path)
+    rotated.to_csv(paths[1], index=False)
+    choice = select_stage(paths, tmp_path / "s.json", "perplexity", 0.05, variants=["none", "rotate"])
+    assert choice["transform"] == "none"
+
+
+def test_a_variant_without_float_row_or_an_unknown_variant_is_refused(tmp_path):
+    paths = write_variants(tmp_path)
+    ROTATED.iloc[1:].to_csv(paths[1], index=False)
+    with pytest.raises(PipelineError, match="no float row for rotate"):
+        select_stage(paths, tmp_path / "s.json", "perplexity", 0.05, variants=["none", "rotate"])
+    with pytest.raises(PipelineError, match="2 sweep tables for 1 transform variants"):
+        select_stage(paths, tmp_path / "s.json", "perplexity", 0.05, variants=["none"])
+    with pytest.raises(PipelineError, match="export.transform 'smooth' is not a swept variant; swept: none, rotate"):
+        select_stage(write_variants(tmp_path), tmp_path / "s.json", "perplexity", 0.05, variants=["none", "rotate"],
+                     transform="smooth")
+
+
+def test_the_exported_variant_is_the_named_one_or_the_selections(tmp_path):
+    out = tmp_path / "selection.json"
+    select_stage(write_variants(tmp_path), out, "perplexity", 0.10, variants=["none", "rotate"])
+    assert selected_variant(["none", "rotate"], None, out) == 1
+    assert selected_variant(["none", "rotate"], "none", out) == 0
+    assert selected_variant(["rotate"], None, None) == 0
+    with pytest.raises(PipelineError, match="set export.transform"):
+        selected_variant(["none", "rotate"], None, None)
+    with pytest.raises(PipelineError, match="export.transform 'smooth' is not a swept variant"):
+        selected_variant(["none", "rotate"], "smooth", None)

@@ -161,27 +161,50 @@ def test_editing_a_local_model_reruns_fetch_and_profiling(tiny_model_dir, tiny_t
     assert {"fetch_model", "profile"} <= set(jobs), jobs
 
 
-def test_a_transformed_model_exports_the_same_tensor_names(tiny_model_dir, tiny_text_corpus, tmp_path):
-    """transform.steps builds the rotated/equalized float model once; the mllm keeps the untransformed names."""
-    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-plain", **{"export.point": "absmax-t4"})
-    snakemake(tmp_path, write_config(tmp_path, base), "results/tiny-plain/model.mllm")
-    rotated = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-rotated",
-                          **{"export.point": "absmax-t4", "transform.steps": ["equalize", "rotate"]})
-    snakemake(tmp_path, write_config(tmp_path, rotated, "rotated.yaml"), "results/tiny-rotated/model.mllm")
-    manifest = json.loads((tmp_path / "resources/models/tiny-rotated/transformed/manifest.json").read_text())
-    assert manifest["transform"]["transforms"] == ["rotate", "equalize"]  # the fixed order
-    plain = read_mllm(tmp_path / "results/tiny-plain/model.mllm")
-    transformed = read_mllm(tmp_path / "results/tiny-rotated/model.mllm")
+def test_transform_variants_are_swept_compared_and_selected_across(tiny_model_dir, tiny_text_corpus, tmp_path):
+    """Two variants, each profiled and swept in its own results directory; the selection chooses across them,
+    transforms.csv compares them, and either variant's export keeps the untransformed tensor names."""
+    variants = ["none", "rotate+equalize"]
+    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-tf",
+                       **{"transform.variants": variants, "sweep.thresholds": [4], "sweep.shadow_sides": []})
+    snakemake(tmp_path, write_config(tmp_path, base))
+    runs = {"none": tmp_path / "results/tiny-tf", "rotate+equalize": tmp_path / "results/tiny-tf.rotate+equalize"}
+    for run in runs.values():
+        assert list(pd.read_csv(run / "sweep.csv")["point"]) == ["float", "absmax-t1", "absmax-t4"]
+        assert (run / "plots/sweep_shadow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((tmp_path / "resources/models/tiny-tf/transformed/rotate+equalize/manifest.json")
+                          .read_text())
+    assert manifest["transform"]["transforms"] == ["rotate", "equalize"]
+    selection = json.loads((runs["none"] / "selection.json").read_text())
+    assert selection["transform"] in variants
+    table = pd.read_csv(runs["none"] / "transforms.csv")
+    assert list(table["transform"]) == variants
+    assert table["exported"].sum() == 1
+    assert table.loc[table["exported"], "transform"].item() == selection["transform"]
+    assert table["weights_only"].notna().all() and table["all_shadow_sides"].notna().all()
+    # The transformed float model is exact: its float perplexity matches the original's.
+    assert table["float_perplexity"].iloc[1] == pytest.approx(table["float_perplexity"].iloc[0], rel=1e-3)
+    first = read_mllm(runs["none"] / "model.mllm")
+
+    # An explicit export of the other variant reruns the export only, never profiling or the sweep.
+    other = next(v for v in variants if v != selection["transform"])
+    forced = write_config(tmp_path, {**base, "export": {"point": "absmax-t4", "transform": other}}, "forced.yaml")
+    jobs = planned_jobs(snakemake(tmp_path, forced, "-n", "model.mllm"))
+    assert "export_int8" in jobs and not {"profile", "evaluate_point", "transform_model"} & set(jobs), jobs
+    snakemake(tmp_path, forced, "model.mllm")
+    second = read_mllm(runs["none"] / "model.mllm")
+    plain, transformed = (first, second) if other == "rotate+equalize" else (second, first)
     extra = {"lm_head.weight"} if manifest["transform"]["untied_lm_head"] else set()
     assert set(transformed.names) == set(plain.names) | extra
     for name in plain.names:
         assert transformed.entry(name).dtype == plain.entry(name).dtype
+        assert transformed.entry(name).shape == plain.entry(name).shape
 
 
 def test_a_transform_the_family_does_not_support_is_refused_in_one_line(tiny_model_dir, tiny_text_corpus, tmp_path):
-    cfg = tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt-rot", **{"transform.steps": ["rotate"]})
-    proc = snakemake(tmp_path, write_config(tmp_path, cfg), "resources/models/tiny-opt-rot/transformed/manifest.json",
-                     check=False)
+    cfg = tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt-rot", **{"transform.variants": ["rotate"]})
+    proc = snakemake(tmp_path, write_config(tmp_path, cfg),
+                     "resources/models/tiny-opt-rot/transformed/rotate/manifest.json", check=False)
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
     assert errors and "opt" in errors[0] and "rotate" in errors[0], errors

@@ -116,6 +116,7 @@ def migrate_deprecated(cfg: dict[str, Any], source: str = "config") -> list[str]
       a statistic alone restricts `sweep.statistics` to it (the sweep then chooses the point).
     - `sweep.max_accuracy_drop` -> `sweep.budget` (same number; for `metric: perplexity` the budget is
       now a relative increase).
+    - `transform.steps` (one transform) -> `transform.variants` (each variant swept, the selection chooses).
     """
     messages = []
     export = cfg.get("export") if isinstance(cfg.get("export"), dict) else None
@@ -147,7 +148,40 @@ def migrate_deprecated(cfg: dict[str, Any], source: str = "config") -> list[str]
         sweep.setdefault("budget", drop)
         messages.append("config key 'sweep.max_accuracy_drop' is deprecated; use sweep.budget (for metric "
                         "perplexity it is a relative increase: 0.05 = 5 % over float)")
+    transform = cfg.get("transform") if isinstance(cfg.get("transform"), dict) else None
+    if transform is not None and "steps" in transform:
+        steps = transform.pop("steps")
+        if not isinstance(steps, list) or not all(isinstance(step, str) for step in steps):
+            raise PipelineError(f"{source}: config key 'transform.steps' = {steps!r} is not valid: expected a list "
+                                "of rotate, equalize, smooth (deprecated: use transform.variants)")
+        variant = "+".join(steps) or "none"
+        transform.setdefault("variants", [variant])
+        messages.append(f"config key 'transform.steps' is deprecated; use transform.variants: [{variant}]")
     return messages
+
+
+TRANSFORM_ORDER = ("rotate", "equalize", "smooth")
+
+
+def _check_transform_variants(cfg: dict[str, Any], source: str) -> None:
+    """Each variant's steps in the fixed order, each at most once ('none' stands alone); an explicit export
+    names its variant when there are several."""
+    variants = cfg["transform"]["variants"]
+    export = cfg["export"]
+    if export["transform"] is not None and export["transform"] not in variants:
+        raise PipelineError(f"{source}: config key 'export.transform' = {export['transform']!r} is not valid: "
+                            f"expected one of transform.variants ({', '.join(variants)}) or null")
+    if export["point"] != "auto" and export["transform"] is None and len(variants) > 1:
+        raise PipelineError(f"{source}: config key 'export.transform' is needed: export.point is explicit and "
+                            f"{len(variants)} transform variants are swept; set it to one of {', '.join(variants)}")
+    for variant in variants:
+        if variant == "none":
+            continue
+        steps = variant.split("+")
+        ordered = [step for step in TRANSFORM_ORDER if step in steps]
+        if steps != ordered:
+            raise PipelineError(f"{source}: config key 'transform.variants' item {variant!r} is not valid: steps are "
+                                f"applied in the order rotate, equalize, smooth, each once; write {'+'.join(ordered)!r}")
 
 
 def validate_config(config: dict[str, Any], source: str = "config") -> dict[str, Any]:
@@ -168,6 +202,7 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
     if bad is not None:
         raise PipelineError(f"{source}: config key '{_key_name(bad[0])}' = {bad[1]!r} is not valid: "
                             "expected a finite number")
+    _check_transform_variants(cfg, source)
     return cfg
 
 

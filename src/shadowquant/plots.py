@@ -132,6 +132,13 @@ def load_sweep(path: str | Path):
     return table
 
 
+def selection_for_variant(selection_json: str | Path | None, variant: str) -> str | Path | None:
+    """The selection to mark in a transform variant's figures: None when it chose another variant."""
+    if selection_json is None:
+        return None
+    return selection_json if load_selection(selection_json).get("transform", "none") == variant else None
+
+
 def load_selection(path: str | Path) -> dict:
     """selection.json, checked for the keys the figures use."""
     data = _read_json(path, "selection")

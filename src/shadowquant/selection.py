@@ -7,6 +7,10 @@ Every metric is turned into a *loss* against float, so one budget key fits them 
 - agreement: `1 - agreement`, the share of positions whose top-1 token differs from float's;
 - accuracy: `accuracy_float - accuracy`, the absolute drop of last-token accuracy.
 
+With several transform variants (`transform.variants`) the tables are stacked with a `transform` column and
+every point's loss is taken against its own variant's float row (the transforms are exact, so the floats
+agree); the choice is then across variants as well.
+
 A point is within budget when its loss is at most `sweep.budget`. Among those the cheapest on the
 device wins: fewest shadow sides, then the smaller shadow FLOP share, then the smaller loss. When no
 point meets the budget, the point with the smallest loss is taken and the selection says so
@@ -79,25 +83,38 @@ def loss_interval(row, float_row, metric: str) -> tuple[float | None, float | No
     return (None if low is None else reference - low), (None if high is None else reference - high)
 
 
-def choose(table, metric: str, budget: float, point: str | None = None) -> dict:
-    """The selection of the module docstring; `point` (a label such as 'absmax-t152') forces that point."""
+def choose(table, metric: str, budget: float, point: str | None = None, transform: str | None = None) -> dict:
+    """The selection of the module docstring; `point` (a label such as 'absmax-t152') forces that point,
+    `transform` restricts a stacked table (column `transform`) to that variant."""
     if metric not in METRICS:
         raise PipelineError(f"unknown selection metric '{metric}'; valid: {', '.join(METRICS)}")
-    floats = table[table["point"] == "float"]
-    if floats.empty:
-        raise PipelineError("sweep table has no float row; re-run the float evaluation")
-    float_row = floats.iloc[0].to_dict()
+    table = table.copy()
+    if "transform" not in table.columns:
+        table["transform"] = "none"
+    table["transform"] = table["transform"].astype(str)
+    if transform is not None:
+        variants = sorted(set(table["transform"]))
+        table = table[table["transform"] == transform]
+        if table.empty:
+            raise PipelineError(f"export.transform '{transform}' is not a swept variant; swept: {', '.join(variants)}")
+    floats = {}
+    for row in table[table["point"] == "float"].to_dict("records"):
+        floats.setdefault(row["transform"], row)
     points = table[table["point"] != "float"]
+    missing = sorted(set(points["transform"]) - set(floats))
+    if not floats or missing:
+        raise PipelineError(f"sweep table has no float row{' for ' + ', '.join(missing) if missing else ''}; "
+                            "re-run the float evaluation")
     if point is not None:
         points = points[points["point"] == point]
         if points.empty:
-            valid = ", ".join(table.loc[table["point"] != "float", "point"])
+            valid = ", ".join(sorted(set(table.loc[table["point"] != "float", "point"])))
             raise PipelineError(f"export.point '{point}' is not a point of the sweep; swept points: {valid}")
     if points.empty:
         raise PipelineError("the sweep table has no W8A8 point; add sweep.thresholds or sweep.shadow_sides")
     rows = []
     for row in points.to_dict("records"):
-        value = loss(row, float_row, metric)
+        value = loss(row, floats[row["transform"]], metric)
         rows.append((row, value))
     known = [(row, value) for row, value in rows if value is not None]
     if not known:
@@ -106,10 +123,11 @@ def choose(table, metric: str, budget: float, point: str | None = None) -> dict:
 
     def cost_key(item):
         row, value = item
-        return (int(row["num_shadow_sides"]), float(row.get("shadow_flop_fraction") or 0.0), value, row["point"])
+        return (int(row["num_shadow_sides"]), float(row.get("shadow_flop_fraction") or 0.0), value, row["point"],
+                row["transform"])
 
     if point is not None:
-        best, best_loss = known[0]
+        best, best_loss = min(known, key=lambda item: (item[1], *cost_key(item)))
         reason = f"forced by export.point = {point}"
     elif within:
         best, best_loss = min(within, key=cost_key)
@@ -119,11 +137,13 @@ def choose(table, metric: str, budget: float, point: str | None = None) -> dict:
         best, best_loss = min(known, key=lambda item: (item[1], *cost_key(item)))
         reason = (f"BUDGET MISSED: no point keeps the {LOSS_DESCRIPTION[metric]} within {budget:g}; taking the most "
                   f"accurate point ({best_loss:.4g}); raise sweep.budget or add shadow sides / smaller thresholds")
+    float_row = floats[best["transform"]]
     low, high = loss_interval(best, float_row, metric)
     threshold = _number(best.get("threshold"))
     shadow_budget = _number(best.get("shadow_budget"))
     return {
-        "point": str(best["point"]), "rule": str(best["rule"]), "statistic": str(best["statistic"]),
+        "point": str(best["point"]), "transform": str(best["transform"]), "rule": str(best["rule"]),
+        "statistic": str(best["statistic"]),
         "threshold": threshold, "shadow_budget": None if shadow_budget is None else int(shadow_budget),
         "metric": metric, "budget": float(budget), "loss": float(best_loss), "loss_ci_low": low, "loss_ci_high": high,
         "budget_met": bool(best_loss <= budget + 1e-12), "float_value": _number(float_row.get(metric)),
@@ -133,13 +153,31 @@ def choose(table, metric: str, budget: float, point: str | None = None) -> dict:
     }
 
 
-def select_stage(sweep_csv, out, metric: str, budget: float, point: str = "auto") -> dict:
+def stack_sweeps(sweep_csvs, variants):
+    """The sweep tables of the transform variants as one table with a `transform` column."""
     import pandas as pd
 
-    table = pd.read_csv(sweep_csv)
-    choice = choose(table, metric, budget, None if point == "auto" else point)
+    sweep_csvs, variants = list(sweep_csvs), list(variants)
+    if len(sweep_csvs) != len(variants):
+        raise PipelineError(f"{len(sweep_csvs)} sweep tables for {len(variants)} transform variants "
+                            f"({', '.join(variants)}); give one table per variant")
+    tables = []
+    for path, variant in zip(sweep_csvs, variants):
+        table = pd.read_csv(path)
+        table.insert(0, "transform", variant)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def select_stage(sweep_csvs, out, metric: str, budget: float, point: str = "auto", variants=("none",),
+                 transform: str | None = None) -> dict:
+    """selection.json from one sweep table per transform variant (`sweep_csvs` in the order of `variants`)."""
+    if isinstance(sweep_csvs, (str, Path)):
+        sweep_csvs = [sweep_csvs]
+    table = stack_sweeps(sweep_csvs, variants)
+    choice = choose(table, metric, budget, None if point == "auto" else point, transform)
     write_json(out, choice)
-    log.info("selected %s: %s", choice["point"], choice["reason"])
+    log.info("selected %s (transform %s): %s", choice["point"], choice["transform"], choice["reason"])
     if not choice["budget_met"]:
         log.warning("the selected point misses the budget: %s %.4g > %g", metric, choice["loss"], budget)
     return choice
@@ -153,6 +191,22 @@ def read_selection(path: str | Path) -> dict:
     if missing:
         raise PipelineError(f"{path}: selection lacks {', '.join(missing)}; delete it and run the selection again")
     return choice
+
+
+def selected_variant(variants, transform: str | None, selection: str | Path | None) -> int:
+    """Index into `variants` of the exported model's transform: `export.transform`, else the selection's,
+    else the only variant."""
+    variants = list(variants)
+    if transform is None and selection is not None:
+        transform = read_selection(selection).get("transform", "none")
+    if transform is None:
+        if len(variants) != 1:
+            raise PipelineError(f"export.point is explicit and {len(variants)} transform variants are swept "
+                                f"({', '.join(variants)}); set export.transform to one of them")
+        return 0
+    if transform not in variants:
+        raise PipelineError(f"export.transform '{transform}' is not a swept variant; valid: {', '.join(variants)}")
+    return variants.index(transform)
 
 
 def resolve_export_point(point: str, selection: str | Path | None) -> str:

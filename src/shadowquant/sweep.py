@@ -4,8 +4,10 @@ breakdown, and the sweep table. Choosing a point from the table is selection.py'
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import time
 from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_json
@@ -101,34 +103,78 @@ def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json
                    sensitivity=None, part: str = "all", clip_scales=None) -> dict:
     """One sweep point (or one part of the error breakdown): quantize, evaluate against the float baseline,
     and summarize with bootstrap intervals paired with the float run on the same records."""
-    statistic, rule, value = parse_point(point)
-    model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
-    names = quantized_layer_names(model, family)
-    ranking = read_ranking(sensitivity, statistic) if sensitivity is not None else None
-    clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None else None
-    decisions = point_decisions(load_act_scales(act_scales), point, ranking=ranking, source=str(act_scales),
-                                clip_scales=clips)
-    quantize_model(model, family, decisions, part)
-    sequences = evaluation_sequences(tokenizer, samples, seq_len)
-    label = point if part == "all" else f"{point} {part} only"
-    result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, desc=label)
-    float_result = result_from_per_record(read_point_json(float_json)["per_record"], source=str(float_json))
-    metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
-    counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
-    metrics.update(
-        point=point, rule=rule, statistic=statistic, clip=point_clip(point), part=part,
-        threshold=value if rule == "ratio" else None, shadow_budget=int(value) if rule == "sensitivity" else None,
-        num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
-        num_shadow_sides=counts["num_shadow_sides"],
-        shadow_flop_fraction=shadow_flop_fraction(model, names, decisions),
-        shadow_inputs=counts["shadow_inputs"], shadow_outputs=counts["shadow_outputs"],
-        per_record=per_record(result),
-    )
+    metrics = evaluate_points(manifest, samples, act_scales, baseline, float_json, [point], seq_len,
+                              batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
+                              sensitivity=sensitivity, part=part, clip_scales=clip_scales)[0]
     write_json(out_json, metrics)
-    log.info("%s: perplexity %.4f (%+.2f %%), KL %.4f, agreement %.4f, %d shadow sides", label,
-             metrics["perplexity"], 100 * (metrics["perplexity_increase"] or 0.0), metrics["kl"] or 0.0,
-             metrics["agreement"] or 0.0, metrics["num_shadow_sides"])
     return metrics
+
+
+def evaluate_point_group(manifest, samples, act_scales, baseline, float_json, out_json, points: list[str],
+                         seq_len: int, batch_size: int = 4, device: str = "auto", dtype: str = "auto",
+                         num_resamples: int = 1000, sensitivity=None, clip_scales=None) -> list[dict]:
+    """A group of sweep points evaluated with one model load, written as {"points": [...]} for split_point."""
+    results = evaluate_points(manifest, samples, act_scales, baseline, float_json, list(points), seq_len,
+                              batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
+                              sensitivity=sensitivity, clip_scales=clip_scales)
+    write_json(out_json, {"points": results})
+    return results
+
+
+def split_point(group_json, point: str, out_json) -> dict:
+    """One point's result out of a group file, as the one-point job would have written it."""
+    group = read_json_object(group_json, "sweep point group", "delete it and run the sweep again")
+    matches = [entry for entry in group.get("points", []) if isinstance(entry, dict) and entry.get("point") == point]
+    if len(matches) != 1:
+        raise PipelineError(f"{group_json}: has no result for point {point}; delete it and run the sweep again")
+    write_json(out_json, matches[0])
+    return matches[0]
+
+
+def evaluate_points(manifest, samples, act_scales, baseline, float_json, points: list[str], seq_len: int,
+                    batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
+                    sensitivity=None, part: str = "all", clip_scales=None) -> list[dict]:
+    """Sweep points with one model load (`sweep.points_per_job`): each point quantizes a fresh copy of the
+    float model, so every result equals the one-point job's. Worth it where loading dominates (a
+    billion-parameter model on a GPU evaluates a point in seconds but loads in tens of seconds)."""
+    if not points:
+        raise PipelineError("no sweep point to evaluate")
+    started = time.perf_counter()
+    float_model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
+    log.info("model loaded in %.1f s", time.perf_counter() - started)
+    names = quantized_layer_names(float_model, family)
+    scales = load_act_scales(act_scales)
+    sequences = evaluation_sequences(tokenizer, samples, seq_len)
+    float_result = result_from_per_record(read_point_json(float_json)["per_record"], source=str(float_json))
+    results = []
+    for index, point in enumerate(points):
+        statistic, rule, value = parse_point(point)
+        ranking = read_ranking(sensitivity, statistic) if sensitivity is not None else None
+        clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None else None
+        decisions = point_decisions(scales, point, ranking=ranking, source=str(act_scales), clip_scales=clips)
+        # The last point may quantize the loaded model itself; the others each take a copy.
+        model = float_model if index == len(points) - 1 else copy.deepcopy(float_model)
+        quantize_model(model, family, decisions, part)
+        label = point if part == "all" else f"{point} {part} only"
+        result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, desc=label)
+        metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
+        counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
+        metrics.update(
+            point=point, rule=rule, statistic=statistic, clip=point_clip(point), part=part,
+            threshold=value if rule == "ratio" else None,
+            shadow_budget=int(value) if rule == "sensitivity" else None,
+            num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
+            num_shadow_sides=counts["num_shadow_sides"],
+            shadow_flop_fraction=shadow_flop_fraction(model, names, decisions),
+            shadow_inputs=counts["shadow_inputs"], shadow_outputs=counts["shadow_outputs"],
+            per_record=per_record(result),
+        )
+        log.info("%s: perplexity %.4f (%+.2f %%), KL %.4f, agreement %.4f, %d shadow sides", label,
+                 metrics["perplexity"], 100 * (metrics["perplexity_increase"] or 0.0), metrics["kl"] or 0.0,
+                 metrics["agreement"] or 0.0, metrics["num_shadow_sides"])
+        results.append(metrics)
+        del model
+    return results
 
 
 def aggregate(float_json, point_jsons: list, out_csv) -> None:

@@ -546,10 +546,13 @@ def save_transformed(model: nn.Module, tokenizer, out_dir, family: str, summary:
 # ---------------------------------------------------------------- the workflow stage
 
 
-def transform_stage(manifest, out_manifest, transforms: list[str], seed: int = 0, alpha: float = DEFAULT_ALPHA,
-                    samples=None, num_samples: int = 16, seq_len: int = 256) -> dict:
+def transform_stage(manifest, out_manifest, transforms: list[str], seed: int = 0,
+                    alpha: float | str = DEFAULT_ALPHA, samples=None, num_samples: int = 16,
+                    seq_len: int = 256) -> dict:
     """The transformed float model as an artefact: a model directory beside `out_manifest` and its manifest,
-    which the rest of the workflow uses in place of the fetched model (same names and shapes)."""
+    which the rest of the workflow uses in place of the fetched model (same names and shapes).
+
+    `alpha` 'auto' searches smooth's strength over ALPHA_GRID on the calibration samples (search_alpha)."""
     from shadowquant.atomic import write_json
     from shadowquant.corpus import read_jsonl_texts
     from shadowquant.manifest import read_manifest
@@ -564,7 +567,18 @@ def transform_stage(manifest, out_manifest, transforms: list[str], seed: int = 0
             raise PipelineError("transform 'smooth' needs calibration samples; none were given")
         texts = read_jsonl_texts(samples)[:num_samples]
         calibration = [s for s in tokenize_samples(tokenizer, texts, seq_len) if len(s) >= 2]
+    alpha_search = None
+    if alpha == "auto":
+        if "smooth" in transforms:
+            alpha, scores = search_alpha(model, family, list(transforms), calibration, seed=seed)
+            alpha_search = {str(a): nll for a, nll in scores.items()}
+            log.info("alpha search (calibration W8A8 NLL per token): %s -> alpha %g",
+                     ", ".join(f"{a}: {nll:.4f}" for a, nll in scores.items()), alpha)
+        else:
+            alpha = DEFAULT_ALPHA  # unused without 'smooth'
     summary = apply_transforms(model, family, list(transforms), seed=seed, calibration=calibration, alpha=alpha)
+    if alpha_search is not None:
+        summary["alpha_search"] = alpha_search
     out_dir = Path(out_manifest).parent / "hf"
     save_transformed(model, tokenizer, out_dir, family, summary)
     info = inspect_model_dir(out_dir, family)

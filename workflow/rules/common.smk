@@ -1,4 +1,5 @@
 # Configuration, validated once, and the paths every rule shares.
+import re
 import sys
 from pathlib import Path
 
@@ -24,20 +25,53 @@ except PipelineError as exc:
     sys.exit(f"error: {exc}")
 
 NAME = config["model"]["name"]
+# What the selection and the export produce (and the calibration and evaluation samples).
 RESULTS = f"results/{NAME}"
 LOGS = f"logs/{NAME}"
 BENCH = f"benchmarks/{NAME}"
 FETCHED_MANIFEST = f"resources/models/{NAME}/manifest.json"
-TRANSFORMS = config["transform"]["steps"]
-# MODEL_MANIFEST is how every later step reads the model (the fetched one, or its exact transform).
-MODEL_MANIFEST = (
-    f"resources/models/{NAME}/transformed/manifest.json"
-    if TRANSFORMS
-    else FETCHED_MANIFEST
-)
-MODEL_DIR = f"resources/models/{NAME}/hf"
 PYDOC_CORPUS = "resources/datasets/builtin/pydoc.jsonl"
-CHECKPOINTS = f"resources/checkpoints/{NAME}"
+
+# Each transform variant (an exact transform of the float model, or 'none') is profiled and swept on
+# its own, as a "run" named <name> ('none') or <name>.<variant>; the selection chooses across them.
+VARIANTS = config["transform"]["variants"]
+RUNS = {(NAME if v == "none" else f"{NAME}.{v}"): v for v in VARIANTS}
+RUN_OF_VARIANT = {v: run for run, v in RUNS.items()}
+# Per-run paths, with the {run} wildcard.
+RUN_RESULTS = "results/{run}"
+RUN_LOGS = "logs/{run}"
+RUN_BENCH = "benchmarks/{run}"
+RUN_CHECKPOINTS = "resources/checkpoints/{run}"
+
+
+def transformed_manifest(variant):
+    return f"resources/models/{NAME}/transformed/{variant}/manifest.json"
+
+
+def variant_manifest(variant):
+    """How every step after the fetch reads a variant's model: the fetched one, or its exact transform."""
+    return FETCHED_MANIFEST if variant == "none" else transformed_manifest(variant)
+
+
+def run_manifest(wildcards):
+    return variant_manifest(RUNS[wildcards.run])
+
+
+def per_run(path):
+    """A per-run path pattern ('{run}' in it) for every variant, in the order of transform.variants."""
+    return [path.replace("{run}", run) for run in RUNS]
+
+
+def any_of(values):
+    """A wildcard constraint matching exactly these values (and nothing when there are none)."""
+    return "|".join(re.escape(v) for v in values) or "(?!)"
+
+
+wildcard_constraints:
+    run=any_of(RUNS),
+    variant=any_of(v for v in VARIANTS if v != "none"),
+
+
 # One software environment for every rule (--use-conda); the same list as pyproject.toml.
 CONDA_ENV = "../../environment.yml"
 # Between-workflow caching (snakemake --cache) of the dataset fetch and profiling. The model
@@ -146,7 +180,7 @@ SWEEP_LABELS = sorted(
     }
     | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
 )
-SWEEP_POINTS = [f"{RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
+SWEEP_POINTS = [f"{RUN_RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
 # Sensitivity is measured when some point needs its ranking.
 SENSITIVITY_STATISTICS = sorted(
     {
@@ -160,8 +194,8 @@ USES_SENSITIVITY = bool(SENSITIVITY_STATISTICS)
 CLIP_STATISTICS = sorted(
     {parse_point(label)[0] for label in SWEEP_LABELS if point_clip(label) == "mse"}
 )
-CLIP_SCALES = f"{RESULTS}/clip_scales.json"
-SENSITIVITY = f"{RESULTS}/sensitivity.csv"
+CLIP_SCALES = f"{RUN_RESULTS}/clip_scales.json"
+SENSITIVITY = f"{RUN_RESULTS}/sensitivity.csv"
 BREAKDOWN_STATISTIC = "absmax" if "absmax" in SWEEP_STATISTICS else SWEEP_STATISTICS[0]
 NUM_RESAMPLES = config["sweep"]["bootstrap"]
 
@@ -215,7 +249,11 @@ def model_mem_mb(wildcards, input, attempt):
     """Memory for a job that holds the model: its float32 size twice over plus headroom, more on retry."""
     import json
 
-    params = json.loads(Path(input.manifest).read_text()).get("num_parameters", 0)
+    manifests = input.manifests if hasattr(input, "manifests") else [input.manifest]
+    params = max(
+        json.loads(Path(path).read_text()).get("num_parameters", 0)
+        for path in manifests
+    )
     return int((params * 4 * 2) / 2**20 + 2000) * attempt
 
 
@@ -224,28 +262,51 @@ def selection_input(wildcards=None):
     return [f"{RESULTS}/selection.json"] if EXPORT_IS_AUTO else []
 
 
+# The variants the export may take its model from (in the order of transform.variants): all of them
+# when the selection chooses, else export.transform (or the only variant).
+EXPORT_VARIANTS = (
+    VARIANTS if EXPORT_IS_AUTO else [config["export"]["transform"] or VARIANTS[0]]
+)
+
+
+def export_inputs(path):
+    """A per-run path for each variant the export may use."""
+    return [path.replace("{run}", RUN_OF_VARIANT[v]) for v in EXPORT_VARIANTS]
+
+
 def sensitivity_input(wildcards=None):
-    """The sensitivity ranking for the export: only when its point is (or may be) a sensitivity point."""
+    """The sensitivity rankings for the export: only when its point is (or may be) a sensitivity point."""
     if EXPORT_IS_AUTO:
-        return [SENSITIVITY] if USES_SENSITIVITY else []
-    return [SENSITIVITY] if parse_point(EXPORT_POINT)[1] == "sensitivity" else []
+        return export_inputs(SENSITIVITY) if USES_SENSITIVITY else []
+    if parse_point(EXPORT_POINT)[1] == "sensitivity":
+        return export_inputs(SENSITIVITY)
+    return []
 
 
 def clip_scales_input(wildcards=None):
     """The MSE clip scales for the export: only when its point is (or may be) a '-mse' point."""
     if EXPORT_IS_AUTO:
-        return [CLIP_SCALES] if CLIP_STATISTICS else []
-    return [CLIP_SCALES] if point_clip(EXPORT_POINT) == "mse" else []
+        return export_inputs(CLIP_SCALES) if CLIP_STATISTICS else []
+    return export_inputs(CLIP_SCALES) if point_clip(EXPORT_POINT) == "mse" else []
+
+
+def in_run(path, wildcards):
+    """A per-run path pattern for the job's run (input functions get no wildcard expansion)."""
+    return path.replace("{run}", wildcards.run)
 
 
 def point_clip_scales_input(wildcards):
     """The MSE clip scales only for a '-mse' point."""
-    return [CLIP_SCALES] if point_clip(wildcards.point) == "mse" else []
+    return (
+        [in_run(CLIP_SCALES, wildcards)] if point_clip(wildcards.point) == "mse" else []
+    )
 
 
 def point_sensitivity_input(wildcards):
     """The ranking only for a sensitivity point ("absmax-k15"): ratio points never wait for it."""
-    return [SENSITIVITY] if parse_point(wildcards.point)[1] == "sensitivity" else []
+    if parse_point(wildcards.point)[1] == "sensitivity":
+        return [in_run(SENSITIVITY, wildcards)]
+    return []
 
 
 def default_targets():
@@ -253,25 +314,29 @@ def default_targets():
         "model.mllm",
         f"{RESULTS}/model.mllm",
         f"{RESULTS}/model-int8.safetensors",
-        f"{RESULTS}/act_scales.csv",
-        f"{RESULTS}/sweep.csv",
         f"{RESULTS}/selection.json",
         f"{RESULTS}/evaluation.json",
         f"{RESULTS}/evaluation.md",
-        f"{RESULTS}/plots/sweep_threshold.png",
-        f"{RESULTS}/plots/sweep_shadow.png",
-        f"{RESULTS}/plots/outlier_ratios.png",
         f"{RESULTS}/evaluation.html",
     ]
+    per_run_targets = [
+        f"{RUN_RESULTS}/act_scales.csv",
+        f"{RUN_RESULTS}/sweep.csv",
+        f"{RUN_RESULTS}/plots/sweep_threshold.png",
+        f"{RUN_RESULTS}/plots/sweep_shadow.png",
+        f"{RUN_RESULTS}/plots/outlier_ratios.png",
+    ]
     if config["sweep"]["breakdown"]:
-        targets.append(f"{RESULTS}/breakdown.json")
+        per_run_targets.append(f"{RUN_RESULTS}/breakdown.json")
+        targets += [f"{RESULTS}/transforms.csv", f"{RESULTS}/transforms.md"]
     if USES_SENSITIVITY and config["sweep"]["breakdown"]:
-        targets += [
-            f"{RESULTS}/plots/fronts.png",
-            f"{RESULTS}/plots/sensitivity.png",
-            f"{RESULTS}/plots/breakdown.png",
-            f"{RESULTS}/plots/sensitivity.html",
+        per_run_targets += [
+            f"{RUN_RESULTS}/plots/fronts.png",
+            f"{RUN_RESULTS}/plots/sensitivity.png",
+            f"{RUN_RESULTS}/plots/breakdown.png",
+            f"{RUN_RESULTS}/plots/sensitivity.html",
         ]
+    targets += [path for pattern in per_run_targets for path in per_run(pattern)]
     if config["export"]["pth"]:
         targets.append(f"{RESULTS}/model-int8.pth")
     return targets

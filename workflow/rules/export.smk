@@ -3,8 +3,9 @@
 
 rule export_int8:
     input:
-        manifest=MODEL_MANIFEST,
-        scales=f"{RESULTS}/act_scales.json",
+        # Per variant the export may come from; the script takes the selected (or named) one's.
+        manifests=[variant_manifest(v) for v in EXPORT_VARIANTS],
+        scales=export_inputs(f"{RUN_RESULTS}/act_scales.json"),
         selection=selection_input,
         sensitivity=sensitivity_input,
         clip_scales=clip_scales_input,
@@ -23,6 +24,8 @@ rule export_int8:
         runtime=60,
     params:
         point=EXPORT_POINT,
+        variants=EXPORT_VARIANTS,
+        transform=config["export"]["transform"],
     script:
         "../scripts/export_int8.py"
 

@@ -88,13 +88,15 @@ rule select_calibration:
 rule transform_model:
     input:
         manifest=FETCHED_MANIFEST,
-        samples=f"{RESULTS}/calibration.jsonl" if "smooth" in TRANSFORMS else [],
+        samples=lambda wildcards: (
+            [f"{RESULTS}/calibration.jsonl"] if "smooth" in wildcards.variant else []
+        ),
     output:
-        manifest=f"resources/models/{NAME}/transformed/manifest.json",
+        manifest=transformed_manifest("{variant}"),
     log:
-        f"{LOGS}/transform_model.log",
+        f"{LOGS}/transform_model-{{variant}}.log",
     benchmark:
-        f"{BENCH}/transform_model.tsv"
+        f"{BENCH}/transform_model-{{variant}}.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("transform_model")
@@ -102,7 +104,7 @@ rule transform_model:
         mem_mb=model_mem_mb,
         runtime=120,
     params:
-        steps=TRANSFORMS,
+        steps=lambda wildcards: wildcards.variant.split("+"),
         seed=config["transform"]["seed"],
         alpha=config["transform"]["alpha"],
         num_samples=min(16, config["calibration"]["num_samples"]),

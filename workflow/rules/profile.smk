@@ -15,15 +15,15 @@ if PROFILE_SHARDS == 1:
 
     rule profile:
         input:
-            manifest=MODEL_MANIFEST,
+            manifest=run_manifest,
             samples=f"{RESULTS}/calibration.jsonl",
         output:
-            scales=f"{RESULTS}/act_scales.json",
-            table=f"{RESULTS}/act_scales.csv",
+            scales=f"{RUN_RESULTS}/act_scales.json",
+            table=f"{RUN_RESULTS}/act_scales.csv",
         log:
-            f"{LOGS}/profile.log",
+            f"{RUN_LOGS}/profile.log",
         benchmark:
-            f"{BENCH}/profile.tsv"
+            f"{RUN_BENCH}/profile.tsv"
         cache: CACHE_MODE
         conda:
             CONDA_ENV
@@ -34,7 +34,7 @@ if PROFILE_SHARDS == 1:
             gpu=USES_GPU,
         params:
             **PROFILE_PARAMS,
-            checkpoint_dir=f"{CHECKPOINTS}/profile",
+            checkpoint_dir=f"{RUN_CHECKPOINTS}/profile",
         script:
             "../scripts/profile.py"
 
@@ -42,14 +42,14 @@ else:
 
     rule profile_shard:
         input:
-            manifest=MODEL_MANIFEST,
+            manifest=run_manifest,
             samples=f"{RESULTS}/calibration.jsonl",
         output:
-            shard=f"{RESULTS}/profile-shards/shard-{{shard}}-of-{PROFILE_SHARDS}.safetensors",
+            shard=f"{RUN_RESULTS}/profile-shards/shard-{{shard}}-of-{PROFILE_SHARDS}.safetensors",
         log:
-            f"{LOGS}/profile_shard-{{shard}}.log",
+            f"{RUN_LOGS}/profile_shard-{{shard}}.log",
         benchmark:
-            f"{BENCH}/profile_shard-{{shard}}.tsv"
+            f"{RUN_BENCH}/profile_shard-{{shard}}.tsv"
         wildcard_constraints:
             shard=r"\d+",
         conda:
@@ -62,23 +62,26 @@ else:
         params:
             **PROFILE_PARAMS,
             shards=PROFILE_SHARDS,
-            checkpoint_dir=lambda wildcards: f"{CHECKPOINTS}/profile-shard-{wildcards.shard}",
+            checkpoint_dir=lambda wildcards: (
+                f"resources/checkpoints/{wildcards.run}/profile-shard-{wildcards.shard}"
+            ),
         script:
             "../scripts/profile_shard.py"
 
     rule merge_profile:
         input:
             shards=expand(
-                f"{RESULTS}/profile-shards/shard-{{shard}}-of-{PROFILE_SHARDS}.safetensors",
+                f"{RUN_RESULTS}/profile-shards/shard-{{shard}}-of-{PROFILE_SHARDS}.safetensors",
                 shard=range(PROFILE_SHARDS),
+                allow_missing=True,
             ),
         output:
-            scales=f"{RESULTS}/act_scales.json",
-            table=f"{RESULTS}/act_scales.csv",
+            scales=f"{RUN_RESULTS}/act_scales.json",
+            table=f"{RUN_RESULTS}/act_scales.csv",
         log:
-            f"{LOGS}/merge_profile.log",
+            f"{RUN_LOGS}/merge_profile.log",
         benchmark:
-            f"{BENCH}/merge_profile.tsv"
+            f"{RUN_BENCH}/merge_profile.tsv"
         conda:
             CONDA_ENV
         threads: 1

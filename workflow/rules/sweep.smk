@@ -42,15 +42,15 @@ rule select_evaluation:
 
 rule evaluate_float:
     input:
-        manifest=MODEL_MANIFEST,
+        manifest=run_manifest,
         samples=f"{RESULTS}/evaluation.jsonl",
     output:
-        metrics=f"{RESULTS}/sweep/float.json",
-        baseline=f"{RESULTS}/sweep/float-baseline.safetensors",
+        metrics=f"{RUN_RESULTS}/sweep/float.json",
+        baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
     log:
-        f"{LOGS}/sweep/float.log",
+        f"{RUN_LOGS}/sweep/float.log",
     benchmark:
-        f"{BENCH}/sweep/float.tsv"
+        f"{RUN_BENCH}/sweep/float.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_float")
@@ -70,15 +70,15 @@ rule evaluate_float:
 
 rule sensitivity:
     input:
-        manifest=MODEL_MANIFEST,
+        manifest=run_manifest,
         samples=f"{RESULTS}/calibration.jsonl",
-        scales=f"{RESULTS}/act_scales.json",
+        scales=f"{RUN_RESULTS}/act_scales.json",
     output:
         SENSITIVITY,
     log:
-        f"{LOGS}/sensitivity.log",
+        f"{RUN_LOGS}/sensitivity.log",
     benchmark:
-        f"{BENCH}/sensitivity.tsv"
+        f"{RUN_BENCH}/sensitivity.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("sensitivity")
@@ -101,15 +101,15 @@ rule sensitivity:
 
 rule clip_scales:
     input:
-        manifest=MODEL_MANIFEST,
+        manifest=run_manifest,
         samples=f"{RESULTS}/calibration.jsonl",
-        scales=f"{RESULTS}/act_scales.json",
+        scales=f"{RUN_RESULTS}/act_scales.json",
     output:
         CLIP_SCALES,
     log:
-        f"{LOGS}/clip_scales.log",
+        f"{RUN_LOGS}/clip_scales.log",
     benchmark:
-        f"{BENCH}/clip_scales.tsv"
+        f"{RUN_BENCH}/clip_scales.tsv"
     conda:
         CONDA_ENV
     threads: rule_threads("clip_scales")
@@ -129,19 +129,19 @@ rule clip_scales:
 
 rule evaluate_point:
     input:
-        manifest=MODEL_MANIFEST,
+        manifest=run_manifest,
         samples=f"{RESULTS}/evaluation.jsonl",
-        scales=f"{RESULTS}/act_scales.json",
-        baseline=f"{RESULTS}/sweep/float-baseline.safetensors",
-        float=f"{RESULTS}/sweep/float.json",
+        scales=f"{RUN_RESULTS}/act_scales.json",
+        baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
+        float=f"{RUN_RESULTS}/sweep/float.json",
         sensitivity=point_sensitivity_input,
         clip_scales=point_clip_scales_input,
     output:
-        f"{RESULTS}/sweep/{{point}}.json",
+        f"{RUN_RESULTS}/sweep/{{point}}.json",
     log:
-        f"{LOGS}/sweep/{{point}}.log",
+        f"{RUN_LOGS}/sweep/{{point}}.log",
     benchmark:
-        f"{BENCH}/sweep/{{point}}.tsv"
+        f"{RUN_BENCH}/sweep/{{point}}.tsv"
     wildcard_constraints:
         point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)(-mse)?",
     conda:
@@ -163,17 +163,17 @@ rule evaluate_point:
 
 rule evaluate_part:
     input:
-        manifest=MODEL_MANIFEST,
+        manifest=run_manifest,
         samples=f"{RESULTS}/evaluation.jsonl",
-        scales=f"{RESULTS}/act_scales.json",
-        baseline=f"{RESULTS}/sweep/float-baseline.safetensors",
-        float=f"{RESULTS}/sweep/float.json",
+        scales=f"{RUN_RESULTS}/act_scales.json",
+        baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
+        float=f"{RUN_RESULTS}/sweep/float.json",
     output:
-        f"{RESULTS}/sweep/parts/{{statistic}}-{{part}}.json",
+        f"{RUN_RESULTS}/sweep/parts/{{statistic}}-{{part}}.json",
     log:
-        f"{LOGS}/sweep/parts/{{statistic}}-{{part}}.log",
+        f"{RUN_LOGS}/sweep/parts/{{statistic}}-{{part}}.log",
     benchmark:
-        f"{BENCH}/sweep/parts/{{statistic}}-{{part}}.tsv"
+        f"{RUN_BENCH}/sweep/parts/{{statistic}}-{{part}}.tsv"
     wildcard_constraints:
         statistic="signed|absmax",
         part="weights|inputs|outputs",
@@ -196,15 +196,15 @@ rule evaluate_part:
 
 rule breakdown:
     input:
-        float=f"{RESULTS}/sweep/float.json",
-        weights=f"{RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-weights.json",
-        inputs=f"{RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-inputs.json",
-        outputs=f"{RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-outputs.json",
-        all=f"{RESULTS}/sweep/{BREAKDOWN_STATISTIC}-t1.json",
+        float=f"{RUN_RESULTS}/sweep/float.json",
+        weights=f"{RUN_RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-weights.json",
+        inputs=f"{RUN_RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-inputs.json",
+        outputs=f"{RUN_RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-outputs.json",
+        all=f"{RUN_RESULTS}/sweep/{BREAKDOWN_STATISTIC}-t1.json",
     output:
-        f"{RESULTS}/breakdown.json",
+        f"{RUN_RESULTS}/breakdown.json",
     log:
-        f"{LOGS}/breakdown.log",
+        f"{RUN_LOGS}/breakdown.log",
     conda:
         CONDA_ENV
     threads: 1
@@ -217,12 +217,12 @@ rule breakdown:
 
 rule aggregate_sweep:
     input:
-        float=f"{RESULTS}/sweep/float.json",
+        float=f"{RUN_RESULTS}/sweep/float.json",
         points=SWEEP_POINTS,
     output:
-        f"{RESULTS}/sweep.csv",
+        f"{RUN_RESULTS}/sweep.csv",
     log:
-        f"{LOGS}/aggregate_sweep.log",
+        f"{RUN_LOGS}/aggregate_sweep.log",
     conda:
         CONDA_ENV
     threads: 1
@@ -235,7 +235,8 @@ rule aggregate_sweep:
 
 rule select_point:
     input:
-        f"{RESULTS}/sweep.csv",
+        # One sweep table per transform variant, in the order of transform.variants.
+        per_run(f"{RUN_RESULTS}/sweep.csv"),
     output:
         f"{RESULTS}/selection.json",
     log:
@@ -250,16 +251,19 @@ rule select_point:
         metric=config["sweep"]["metric"],
         budget=config["sweep"]["budget"],
         point=EXPORT_POINT,
+        variants=VARIANTS,
+        transform=config["export"]["transform"],
     script:
         "../scripts/select_point.py"
 
 
 rule evaluate_export:
     input:
-        manifest=MODEL_MANIFEST,
+        # Per variant the export may come from; the script takes the exported one's.
+        manifests=[variant_manifest(v) for v in EXPORT_VARIANTS],
         export=f"{RESULTS}/model-int8.safetensors",
-        float=f"{RESULTS}/sweep/float.json",
-        sweep=f"{RESULTS}/sweep.csv",
+        floats=export_inputs(f"{RUN_RESULTS}/sweep/float.json"),
+        sweeps=export_inputs(f"{RUN_RESULTS}/sweep.csv"),
         selection=selection_input,
     output:
         metrics=f"{RESULTS}/evaluation.json",
@@ -282,9 +286,40 @@ rule evaluate_export:
         gpu=USES_GPU,
     params:
         point=EXPORT_POINT,
+        variants=EXPORT_VARIANTS,
+        transform=config["export"]["transform"],
         prompts=config["evaluation"]["prompts"],
         max_new_tokens=config["evaluation"]["max_new_tokens"],
         device=config["device"],
         dtype=config["dtype"],
     script:
         "../scripts/evaluate_export.py"
+
+
+rule compare_transforms:
+    input:
+        sweeps=per_run(f"{RUN_RESULTS}/sweep.csv"),
+        breakdowns=per_run(f"{RUN_RESULTS}/breakdown.json"),
+        selection=f"{RESULTS}/selection.json",
+    output:
+        table=f"{RESULTS}/transforms.csv",
+        summary=f"{RESULTS}/transforms.md",
+        page=report(
+            f"{RESULTS}/transforms.html",
+            caption="../report/transforms.rst",
+            category="Quantization quality",
+        ),
+    log:
+        f"{LOGS}/compare_transforms.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        variants=VARIANTS,
+        metric=config["sweep"]["metric"],
+        budget=config["sweep"]["budget"],
+    script:
+        "../scripts/compare_transforms.py"

@@ -1,10 +1,18 @@
 # Thin adapter: rule evaluate_export -> shadowquant.final_evaluation.evaluate_export
 from shadowquant.adapter import run_stage
 from shadowquant.final_evaluation import evaluate_export
+from shadowquant.selection import selected_variant
 
-p = snakemake.params
-run_stage(snakemake, evaluate_export, manifest=snakemake.input.manifest, export=snakemake.input.export,
-          float_json=snakemake.input.float, sweep_csv=snakemake.input.sweep, out_json=snakemake.output.metrics,
-          out_md=snakemake.output.summary, out_html=snakemake.output.page, point=p.point,
-          selection=snakemake.input.selection[0] if snakemake.input.selection else None, prompts=list(p.prompts),
+i, p = snakemake.input, snakemake.params
+selection = i.selection[0] if i.selection else None
+
+
+def evaluate_selected_variant(**kwargs):
+    n = selected_variant(p.variants, p.transform, selection)
+    return evaluate_export(manifest=i.manifests[n], float_json=i.floats[n], sweep_csv=i.sweeps[n], **kwargs)
+
+
+out = snakemake.output
+run_stage(snakemake, evaluate_selected_variant, export=i.export, out_json=out.metrics, out_md=out.summary,
+          out_html=out.page, point=p.point, selection=selection, prompts=list(p.prompts),
           max_new_tokens=p.max_new_tokens, device=p.device, dtype=p.dtype)

@@ -1,10 +1,18 @@
-# Thin adapter: rule export_int8 -> shadowquant.stages.export
+# Thin adapter: rule export_int8 -> shadowquant.stages.export (of the selected transform variant)
 from shadowquant.adapter import run_stage
+from shadowquant.selection import selected_variant
 from shadowquant.stages import export
 
-run_stage(snakemake, export, manifest=snakemake.input.manifest, act_scales=snakemake.input.scales,
-          out=snakemake.output.export, point=snakemake.params.point,
-          selection=snakemake.input.selection[0] if snakemake.input.selection else None,
-          sensitivity=snakemake.input.sensitivity[0] if snakemake.input.sensitivity else None,
-          clip_scales=snakemake.input.clip_scales[0] if snakemake.input.clip_scales else None,
+i, p = snakemake.input, snakemake.params
+selection = i.selection[0] if i.selection else None
+
+
+def export_selected_variant(**kwargs):
+    n = selected_variant(p.variants, p.transform, selection)
+    return export(manifest=i.manifests[n], act_scales=i.scales[n],
+                  sensitivity=i.sensitivity[n] if i.sensitivity else None,
+                  clip_scales=i.clip_scales[n] if i.clip_scales else None, **kwargs)
+
+
+run_stage(snakemake, export_selected_variant, out=snakemake.output.export, point=p.point, selection=selection,
           shadow_json=snakemake.output.shadow)

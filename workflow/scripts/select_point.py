@@ -3,5 +3,5 @@ from shadowquant.adapter import run_stage
 from shadowquant.selection import select_stage
 
 p = snakemake.params
-run_stage(snakemake, select_stage, sweep_csv=snakemake.input[0], out=snakemake.output[0], metric=p.metric,
-          budget=p.budget, point=p.point)
+run_stage(snakemake, select_stage, sweep_csvs=list(snakemake.input), out=snakemake.output[0], metric=p.metric,
+          budget=p.budget, point=p.point, variants=list(p.variants), transform=p.transform)
