@@ -92,6 +92,13 @@ def test_default_config_dry_run(tmp_path):
             "convert_mllm", "primary_model"} <= set(jobs)
 
 
+def test_points_per_job_groups_the_sweep_into_fewer_jobs(tiny_model_dir, tiny_text_corpus, tmp_path):
+    cfg = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-groups", **{"sweep.points_per_job": 2})
+    jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, cfg), "-n"))
+    # absmax-t1, -t4, -t10000000 and -k2: two jobs of two points, split into four point files.
+    assert jobs["evaluate_point_group"] == 2 and jobs["split_point"] == 4 and "evaluate_point" not in jobs
+
+
 def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, tmp_path):
     """Dequantized int8 weights are the per-tensor fake-quantized float weights."""
     from shadowquant.fakequant import dequantized_linear_from_export, fake_quant_weight

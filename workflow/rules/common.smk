@@ -101,6 +101,7 @@ THREADS_CONFIG_KEYS = {
     "profile_shard": "threads.profile",
     "evaluate_float": "threads.evaluate",
     "evaluate_point": "threads.evaluate",
+    "evaluate_point_group": "threads.evaluate",
     "evaluate_part": "threads.evaluate",
     "sensitivity": "threads.evaluate",
     "clip_scales": "threads.evaluate",
@@ -181,6 +182,13 @@ SWEEP_LABELS = sorted(
     | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
 )
 SWEEP_POINTS = [f"{RUN_RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
+# sweep.points_per_job > 1: the points in groups, each evaluated by one job with one model load.
+POINTS_PER_JOB = config["sweep"]["points_per_job"]
+POINT_GROUPS = [
+    SWEEP_LABELS[i : i + POINTS_PER_JOB]
+    for i in range(0, len(SWEEP_LABELS), POINTS_PER_JOB)
+]
+GROUP_OF_POINT = {label: g for g, group in enumerate(POINT_GROUPS) for label in group}
 # Sensitivity is measured when some point needs its ranking.
 SENSITIVITY_STATISTICS = sorted(
     {
@@ -300,6 +308,33 @@ def point_clip_scales_input(wildcards):
     return (
         [in_run(CLIP_SCALES, wildcards)] if point_clip(wildcards.point) == "mse" else []
     )
+
+
+def point_group_file(wildcards):
+    """The group file a point of a multi-point sweep job is split from."""
+    group = GROUP_OF_POINT.get(wildcards.point)
+    if group is None:
+        raise ValueError(f"{wildcards.point} is not a point of the configured sweep")
+    return in_run(
+        f"{RUN_RESULTS}/sweep/groups/group-{group}-of-{len(POINT_GROUPS)}.json",
+        wildcards,
+    )
+
+
+def group_sensitivity_input(wildcards):
+    """The ranking when some point of the group is a sensitivity point."""
+    points = POINT_GROUPS[int(wildcards.group)]
+    if any(parse_point(p)[1] == "sensitivity" for p in points):
+        return [in_run(SENSITIVITY, wildcards)]
+    return []
+
+
+def group_clip_scales_input(wildcards):
+    """The MSE clip scales when some point of the group is a '-mse' point."""
+    points = POINT_GROUPS[int(wildcards.group)]
+    if any(point_clip(p) == "mse" for p in points):
+        return [in_run(CLIP_SCALES, wildcards)]
+    return []
 
 
 def point_sensitivity_input(wildcards):

@@ -11,6 +11,12 @@ PROFILE_PARAMS = dict(
 )
 
 
+def merge_mem_mb(wildcards, input, attempt):
+    """The shards' statistics held at once (histograms dominate), twice over plus headroom; more on retry."""
+    size = sum(Path(path).stat().st_size for path in input.shards)
+    return int(2 * size / 2**20 + 1000) * attempt
+
+
 if PROFILE_SHARDS == 1:
 
     rule profile:
@@ -86,7 +92,7 @@ else:
             CONDA_ENV
         threads: 1
         resources:
-            mem_mb=4000,  # every shard's statistics, no model
+            mem_mb=merge_mem_mb,  # every shard's statistics, no model
             runtime=30,
             gpu=0,
         script:

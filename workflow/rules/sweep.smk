@@ -127,38 +127,96 @@ rule clip_scales:
         "../scripts/clip_scales.py"
 
 
-rule evaluate_point:
-    input:
-        manifest=run_manifest,
-        samples=f"{RESULTS}/evaluation.jsonl",
-        scales=f"{RUN_RESULTS}/act_scales.json",
-        baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
-        float=f"{RUN_RESULTS}/sweep/float.json",
-        sensitivity=point_sensitivity_input,
-        clip_scales=point_clip_scales_input,
-    output:
-        f"{RUN_RESULTS}/sweep/{{point}}.json",
-    log:
-        f"{RUN_LOGS}/sweep/{{point}}.log",
-    benchmark:
-        f"{RUN_BENCH}/sweep/{{point}}.tsv"
-    wildcard_constraints:
-        point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)(-mse)?",
-    conda:
-        CONDA_ENV
-    threads: rule_threads("evaluate_point")
-    resources:
-        mem_mb=model_mem_mb,
-        runtime=120,
-        gpu=USES_GPU,
-    params:
-        seq_len=config["evaluation"]["seq_len"],
-        batch_size=config["evaluation"]["batch_size"],
-        device=config["device"],
-        dtype=config["dtype"],
-        num_resamples=NUM_RESAMPLES,
-    script:
-        "../scripts/evaluate_point.py"
+if POINTS_PER_JOB == 1:
+
+    rule evaluate_point:
+        input:
+            manifest=run_manifest,
+            samples=f"{RESULTS}/evaluation.jsonl",
+            scales=f"{RUN_RESULTS}/act_scales.json",
+            baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
+            float=f"{RUN_RESULTS}/sweep/float.json",
+            sensitivity=point_sensitivity_input,
+            clip_scales=point_clip_scales_input,
+        output:
+            f"{RUN_RESULTS}/sweep/{{point}}.json",
+        log:
+            f"{RUN_LOGS}/sweep/{{point}}.log",
+        benchmark:
+            f"{RUN_BENCH}/sweep/{{point}}.tsv"
+        wildcard_constraints:
+            point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)(-mse)?",
+        conda:
+            CONDA_ENV
+        threads: rule_threads("evaluate_point")
+        resources:
+            mem_mb=model_mem_mb,
+            runtime=120,
+            gpu=USES_GPU,
+        params:
+            seq_len=config["evaluation"]["seq_len"],
+            batch_size=config["evaluation"]["batch_size"],
+            device=config["device"],
+            dtype=config["dtype"],
+            num_resamples=NUM_RESAMPLES,
+        script:
+            "../scripts/evaluate_point.py"
+
+else:
+
+    # sweep.points_per_job > 1: a group of points per job (one model load), split into the per-point files.
+    rule evaluate_point_group:
+        input:
+            manifest=run_manifest,
+            samples=f"{RESULTS}/evaluation.jsonl",
+            scales=f"{RUN_RESULTS}/act_scales.json",
+            baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
+            float=f"{RUN_RESULTS}/sweep/float.json",
+            sensitivity=group_sensitivity_input,
+            clip_scales=group_clip_scales_input,
+        output:
+            f"{RUN_RESULTS}/sweep/groups/group-{{group}}-of-{len(POINT_GROUPS)}.json",
+        log:
+            f"{RUN_LOGS}/sweep/groups/group-{{group}}-of-{len(POINT_GROUPS)}.log",
+        benchmark:
+            f"{RUN_BENCH}/sweep/groups/group-{{group}}-of-{len(POINT_GROUPS)}.tsv"
+        wildcard_constraints:
+            group=r"\d+",
+        conda:
+            CONDA_ENV
+        threads: rule_threads("evaluate_point_group")
+        resources:
+            mem_mb=model_mem_mb,
+            runtime=120 * POINTS_PER_JOB,
+            gpu=USES_GPU,
+        params:
+            points=lambda wildcards: POINT_GROUPS[int(wildcards.group)],
+            seq_len=config["evaluation"]["seq_len"],
+            batch_size=config["evaluation"]["batch_size"],
+            device=config["device"],
+            dtype=config["dtype"],
+            num_resamples=NUM_RESAMPLES,
+        script:
+            "../scripts/evaluate_point_group.py"
+
+    rule split_point:
+        input:
+            point_group_file,
+        output:
+            f"{RUN_RESULTS}/sweep/{{point}}.json",
+        log:
+            f"{RUN_LOGS}/sweep/{{point}}.log",
+        wildcard_constraints:
+            point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)(-mse)?",
+        localrule: True
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            mem_mb=500,
+            runtime=5,
+        script:
+            "../scripts/split_point.py"
 
 
 rule evaluate_part:
