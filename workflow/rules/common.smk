@@ -265,6 +265,12 @@ def model_mem_mb(wildcards, input, attempt):
     return int((params * 4 * 2) / 2**20 + 2000) * attempt
 
 
+def merge_mem_mb(wildcards, input, attempt):
+    """The shards' statistics held at once (histograms dominate), twice over plus headroom; more on retry."""
+    size = sum(Path(path).stat().st_size for path in input.shards)
+    return int(2 * size / 2**20 + 1000) * attempt
+
+
 def selection_input(wildcards=None):
     """The selection is an input of the export only when the point is left to "auto"."""
     return [f"{RESULTS}/selection.json"] if EXPORT_IS_AUTO else []

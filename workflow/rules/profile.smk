@@ -11,12 +11,6 @@ PROFILE_PARAMS = dict(
 )
 
 
-def merge_mem_mb(wildcards, input, attempt):
-    """The shards' statistics held at once (histograms dominate), twice over plus headroom; more on retry."""
-    size = sum(Path(path).stat().st_size for path in input.shards)
-    return int(2 * size / 2**20 + 1000) * attempt
-
-
 if PROFILE_SHARDS == 1:
 
     rule profile:
