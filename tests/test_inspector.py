@@ -203,3 +203,14 @@ def test_cli_truncated_real_file_exits_2(tmp_path, capsys):
     capsys.readouterr()  # drop the writer's progress bar
     assert main([str(path)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {path}: ")
+
+
+def test_the_report_says_how_lm_head_is_stored(tmp_path):
+    embedding = torch.zeros(4, 2)
+    for names, expected in (({"model.embed_tokens.weight": embedding}, "no lm_head.weight stored"),
+                            ({"model.embed_tokens.weight": embedding, "lm_head.weight": embedding},
+                             "its own tensor (lm_head.weight)")):
+        path = tmp_path / "m.mllm"
+        write_mllm_v1(path, names)
+        report = inspect_mllm(path)
+        assert expected in report.head and f"lm_head: {report.head}" in format_report(report)

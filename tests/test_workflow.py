@@ -192,6 +192,7 @@ def test_transform_variants_are_swept_compared_and_selected_across(tiny_model_di
     # The transformed float model is exact: its float perplexity matches the original's.
     assert table["float_perplexity"].iloc[1] == pytest.approx(table["float_perplexity"].iloc[0], rel=1e-3)
     first = read_mllm(runs["none"] / "model.mllm")
+    reports = [(runs["none"] / "inspect.txt").read_text()]
 
     # An explicit export of the other variant reruns the export only, never profiling or the sweep.
     other = next(v for v in variants if v != selection["transform"])
@@ -200,7 +201,11 @@ def test_transform_variants_are_swept_compared_and_selected_across(tiny_model_di
     assert "export_int8" in jobs and not {"profile", "evaluate_point", "transform_model"} & set(jobs), jobs
     snakemake(tmp_path, forced, "model.mllm")
     second = read_mllm(runs["none"] / "model.mllm")
+    reports.append((runs["none"] / "inspect.txt").read_text())
     plain, transformed = (first, second) if other == "rotate+equalize" else (second, first)
+    plain_report, transformed_report = reports if other == "rotate+equalize" else reports[::-1]
+    assert "note: exact transform before quantization: rotate+equalize" in transformed_report
+    assert "note:" not in plain_report and "lm_head: " in plain_report
     extra = {"lm_head.weight"} if manifest["transform"]["untied_lm_head"] else set()
     assert set(transformed.names) == set(plain.names) | extra
     for name in plain.names:

@@ -67,6 +67,8 @@ class InspectReport:
     dtypes: dict[int, DtypeStat]
     linears: list[LinearInfo]
     problems: list[Problem] = field(default_factory=list)
+    head: str = ""  # how the output projection is stored: its own lm_head.weight, or tied to the embeddings
+    notes: list[str] = field(default_factory=list)  # how the file was made (e.g. the transform), from the export
 
     @property
     def quantized_linears(self) -> list[LinearInfo]:
@@ -91,6 +93,8 @@ class InspectReport:
             "quantized_linear_count": len(self.quantized_linears),
             "linears": [asdict(linear) for linear in self.linears],
             "problems": [asdict(problem) for problem in self.problems],
+            "head": self.head,
+            "notes": list(self.notes),
             "ok": self.ok,
         }
 
@@ -226,6 +230,11 @@ def inspect_mllm(
     linears = [checker.check(prefix) for prefix in find_linear_prefixes(mllm)]
     if expected_shapes is not None:
         _check_expected(mllm, expected_shapes, expected_dtypes, problems)
+    names = [entry.name for entry in mllm.entries]
+    if any(name.endswith("lm_head.weight") for name in names):
+        head = "its own tensor (lm_head.weight), not tied to the embeddings"
+    else:
+        head = "no lm_head.weight stored (tied to the embeddings)"
     return InspectReport(
         path=str(path),
         version=mllm.version,
@@ -236,6 +245,7 @@ def inspect_mllm(
         dtypes=dtypes,
         linears=linears,
         problems=problems,
+        head=head,
     )
 
 
@@ -270,6 +280,9 @@ def format_report(report: InspectReport) -> str:
     lines.append(
         f"  quantized Linears: {len(quantized)} ({sum(linear.has_bias for linear in quantized)} with bias)"
     )
+    if report.head:
+        lines.append(f"  lm_head: {report.head}")
+    lines.extend(f"  note: {note}" for note in report.notes)
     float_heads = [linear.prefix for linear in report.linears if not linear.weight_quantized]
     if float_heads:
         lines.append(f"  float-weight Linears with activation scales: {', '.join(float_heads)}")

@@ -21,6 +21,7 @@ from shadowquant.errors import PipelineError
 from shadowquant.export import int8_state_dict, save_export, save_export_pth
 from shadowquant.families import linear_layer_names
 from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
+from shadowquant.manifest import read_manifest
 from shadowquant.mllm import convert_safetensors_to_mllm
 from shadowquant.models import fetch_model as fetch, load_model_from_manifest
 from shadowquant.profile_stage import load_profiling_inputs, make_checkpoint
@@ -117,19 +118,24 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
     ranking = read_ranking(sensitivity, statistic) if rule == "sensitivity" and sensitivity is not None else None
     clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None and point_clip(point) == "mse" else None
     model, _, family = load_model_from_manifest(manifest, device="cpu", dtype="checkpoint")
+    transform = read_manifest(manifest).get("transform") or {}
+    variant = "+".join(transform.get("transforms", [])) or "none"
+    untied = bool(transform.get("untied_lm_head"))
     names = linear_layer_names(model)
     decisions = point_decisions(load_act_scales(act_scales), point, layers=names, ranking=ranking,
                                 source=str(act_scales), clip_scales=clips)
     tensors = int8_state_dict(model.state_dict(), decisions, names)
     meta = {"format": "shadowquant-int8", "family": family, "point": point, "statistic": statistic,
             "rule": rule, "threshold": threshold_label(value) if rule == "ratio" else "",
-            "shadow_budget": str(int(value)) if rule == "sensitivity" else "", "clip": point_clip(point)}
+            "shadow_budget": str(int(value)) if rule == "sensitivity" else "", "clip": point_clip(point),
+            "transform": variant, "untied_lm_head": "true" if untied else "false"}
     save_export(tensors, out, metadata=meta)
     if shadow_json is not None:
         summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
-        summary["point"] = point
+        summary.update(point=point, transform=variant, untied_lm_head=untied)
         write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
-    log.info("exported %d tensors (point %s) to %s", len(tensors), point, out)
+    log.info("exported %d tensors (point %s, transform %s) to %s%s", len(tensors), point, variant, out,
+             "; lm_head.weight is its own tensor: the transform untied it from the embeddings" if untied else "")
 
 
 # --- stage 4: conversion ----------------------------------------------------
@@ -141,6 +147,7 @@ def convert(export_path: str | Path, out: str | Path, report: str | Path | None 
         convert_safetensors_to_mllm(export_path, tmp, version=version)
         result = inspect_mllm(tmp, expected_shapes=shapes, expected_dtypes=codes)
         result.path = str(out)
+        result.notes.extend(export_notes(export_path))
         text = format_report(result)
         log.info("inspection of %s:\n%s", out, text)
         if result.problems:  # never publish a model file the runtime would reject
@@ -151,6 +158,21 @@ def convert(export_path: str | Path, out: str | Path, report: str | Path | None 
                                 "clip_output tensors: re-run the int8 export")
     if report is not None:
         write_text(report, text + "\n")
+
+
+def export_notes(export_path: str | Path) -> list[str]:
+    """What the inspector's report should say about how the export was made (its transform)."""
+    from safetensors import safe_open
+
+    with safe_open(str(export_path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    variant = meta.get("transform", "none")
+    if variant == "none":
+        return []
+    note = f"exact transform before quantization: {variant}"
+    if meta.get("untied_lm_head") == "true":
+        note += " (it untied lm_head from the embeddings: lm_head.weight is stored as its own tensor)"
+    return [note]
 
 
 def export_pth(export_path: str | Path, out: str | Path) -> None:
