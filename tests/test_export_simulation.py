@@ -62,3 +62,26 @@ def test_mse_weight_range_and_per_side_shadow_set_export_reproduces_simulation(f
     assert torch.equal(a, b)
     # The search changed some weight scale (else this test would not tell "mse" from "max").
     assert any(float(export[f"{n}.weight.scale"]) != float(max_export[f"{n}.weight.scale"]) for n in names)
+
+
+@pytest.mark.parametrize("family,transforms", [("llama", ["rotate", "equalize"]), ("qwen2", ["rotate"])])
+def test_a_transformed_models_export_reproduces_its_simulated_logits(family, transforms, tiny_model_dir,
+                                                                     tiny_text_corpus, tmp_path):
+    from shadowquant.transforms import apply_transforms, save_transformed
+
+    model, tokenizer, fam = load_model(tiny_model_dir(family), device="cpu", dtype="float32")
+    summary = apply_transforms(model, fam, transforms, seed=3)
+    transformed_dir = save_transformed(model, tokenizer, tmp_path / "transformed", fam, summary)
+    texts = [json.loads(line)["text"] for line in tiny_text_corpus.read_text().splitlines()[:6]]
+    simulated, tokenizer, fam = load_model(transformed_dir, device="cpu", dtype="float32")
+    sequences = tokenize_samples(tokenizer, texts, 40)
+    scales = profile_model(simulated, sequences, tokenizer.pad_token_id, batch_size=2, progress=False)
+    decisions = decide(scales, 4.0, "absmax")
+    export = int8_state_dict(simulated.state_dict(), decisions, linear_names(simulated))
+    names = quantized_layer_names(simulated, fam)
+    rebuilt, _, _ = load_model(transformed_dir, device="cpu", dtype="float32")
+    apply_w8a8_from_export(rebuilt, export, names)
+    apply_w8a8(simulated, decisions, names)
+    ids = torch.tensor([sequences[0]])
+    with torch.inference_mode():
+        assert torch.equal(simulated(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
