@@ -640,7 +640,7 @@ def ranked_rows(rows: list[SideSensitivity], statistic: str, cost: str = "elemen
 
 def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[str], num_samples: int, seq_len: int,
                       measure_top: int = 40, measure_samples: int = 4, cost: str = "elements", batch_size: int = 4,
-                      device: str = "auto", dtype: str = "auto") -> list[dict]:
+                      device: str = "auto", dtype: str = "auto", weight_range: str = "max") -> list[dict]:
     """Per statistic: the proxy for every quantized side on the first `num_samples` calibration records, the
     full measure (clip one side alone) for the proxy's `measure_top` sides on the first `measure_samples`;
     sensitivity.csv ranked by benefit per device cost."""
@@ -650,7 +650,8 @@ def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[s
     table = []
     for statistic in statistics:
         rows, info = sensitivity_table(model, layers, sequences, scales, statistic, measure_top=measure_top,
-                                       measure_sequences=measure_samples, batch_size=batch_size)
+                                       measure_sequences=measure_samples, batch_size=batch_size,
+                                       weight_range=weight_range)
         log.info("%s: proxy on %d records in %.1f s, %d sides measured on %d records in %.1f s, proxy/measure "
                  "rank correlation %s", statistic, info["proxy_sequences"], info["proxy_seconds"],
                  info["measured_sides"], info["measure_sequences"], info["measure_seconds"],

@@ -111,8 +111,10 @@ def decide(act_scales: str | Path, out: str | Path, point: str, sensitivity: str
 
 def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point: str = "auto",
            selection: str | Path | None = None, sensitivity: str | Path | None = None,
-           shadow_json: str | Path | None = None, clip_scales: str | Path | None = None) -> None:
-    """Int8 export of an explicit sweep point, or of the point the selection chose."""
+           shadow_json: str | Path | None = None, clip_scales: str | Path | None = None,
+           weight_range: str = "max") -> None:
+    """Int8 export of an explicit sweep point, or of the point the selection chose, with the weight clip
+    range the sweep used."""
     point = resolve_export_point(point, selection)
     statistic, rule, value = parse_point(point)
     ranking = read_ranking(sensitivity, statistic) if rule == "sensitivity" and sensitivity is not None else None
@@ -124,15 +126,15 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
     names = linear_layer_names(model)
     decisions = point_decisions(load_act_scales(act_scales), point, layers=names, ranking=ranking,
                                 source=str(act_scales), clip_scales=clips)
-    tensors = int8_state_dict(model.state_dict(), decisions, names)
+    tensors = int8_state_dict(model.state_dict(), decisions, names, weight_range=weight_range)
     meta = {"format": "shadowquant-int8", "family": family, "point": point, "statistic": statistic,
             "rule": rule, "threshold": threshold_label(value) if rule == "ratio" else "",
             "shadow_budget": str(int(value)) if rule == "sensitivity" else "", "clip": point_clip(point),
-            "transform": variant, "untied_lm_head": "true" if untied else "false"}
+            "transform": variant, "untied_lm_head": "true" if untied else "false", "weight_range": weight_range}
     save_export(tensors, out, metadata=meta)
     if shadow_json is not None:
         summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
-        summary.update(point=point, transform=variant, untied_lm_head=untied)
+        summary.update(point=point, transform=variant, untied_lm_head=untied, weight_range=weight_range)
         write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
     log.info("exported %d tensors (point %s, transform %s) to %s%s", len(tensors), point, variant, out,
              "; lm_head.weight is its own tensor: the transform untied it from the embeddings" if untied else "")

@@ -25,7 +25,7 @@ from shadowquant.profiling import tokenize_samples
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("accuracy", "perplexity", "perplexity_increase", "kl", "agreement")
-SWEEP_COLUMNS = ["point", "rule", "statistic", "clip", "threshold", "shadow_budget",
+SWEEP_COLUMNS = ["point", "rule", "statistic", "clip", "weight_range", "threshold", "shadow_budget",
                  *[f"{m}{suffix}" for m in METRIC_KEYS for suffix in ("", "_ci_low", "_ci_high")],
                  "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction",
                  "num_samples", "num_tokens"]
@@ -65,12 +65,12 @@ def shadow_flop_fraction(model, layer_names: list[str], decisions) -> float:
     return shadow / total if total else 0.0
 
 
-def quantize_model(model, family: str, decisions, part: str = "all") -> list[str]:
+def quantize_model(model, family: str, decisions, part: str = "all", weight_range: str = "max") -> list[str]:
     """Replace the family's quantized Linears by simulated W8A8 ones (lm_head stays float)."""
     if part not in PARTS:
         raise PipelineError(f"unknown breakdown part '{part}'; valid: {', '.join(PARTS)}")
     names = quantized_layer_names(model, family)
-    apply_w8a8(model, decisions, names, **PARTS[part])
+    apply_w8a8(model, decisions, names, **PARTS[part], weight_range=weight_range)
     return names
 
 
@@ -100,23 +100,25 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
 
 def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json, point: str, seq_len: int,
                    batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
-                   sensitivity=None, part: str = "all", clip_scales=None) -> dict:
+                   sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max") -> dict:
     """One sweep point (or one part of the error breakdown): quantize, evaluate against the float baseline,
     and summarize with bootstrap intervals paired with the float run on the same records."""
     metrics = evaluate_points(manifest, samples, act_scales, baseline, float_json, [point], seq_len,
                               batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
-                              sensitivity=sensitivity, part=part, clip_scales=clip_scales)[0]
+                              sensitivity=sensitivity, part=part, clip_scales=clip_scales,
+                              weight_range=weight_range)[0]
     write_json(out_json, metrics)
     return metrics
 
 
 def evaluate_point_group(manifest, samples, act_scales, baseline, float_json, out_json, points: list[str],
                          seq_len: int, batch_size: int = 4, device: str = "auto", dtype: str = "auto",
-                         num_resamples: int = 1000, sensitivity=None, clip_scales=None) -> list[dict]:
+                         num_resamples: int = 1000, sensitivity=None, clip_scales=None,
+                         weight_range: str = "max") -> list[dict]:
     """A group of sweep points evaluated with one model load, written as {"points": [...]} for split_point."""
     results = evaluate_points(manifest, samples, act_scales, baseline, float_json, list(points), seq_len,
                               batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
-                              sensitivity=sensitivity, clip_scales=clip_scales)
+                              sensitivity=sensitivity, clip_scales=clip_scales, weight_range=weight_range)
     write_json(out_json, {"points": results})
     return results
 
@@ -133,7 +135,7 @@ def split_point(group_json, point: str, out_json) -> dict:
 
 def evaluate_points(manifest, samples, act_scales, baseline, float_json, points: list[str], seq_len: int,
                     batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
-                    sensitivity=None, part: str = "all", clip_scales=None) -> list[dict]:
+                    sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max") -> list[dict]:
     """Sweep points with one model load (`sweep.points_per_job`): each point quantizes a fresh copy of the
     float model, so every result equals the one-point job's. Worth it where loading dominates (a
     billion-parameter model on a GPU evaluates a point in seconds but loads in tens of seconds)."""
@@ -154,14 +156,14 @@ def evaluate_points(manifest, samples, act_scales, baseline, float_json, points:
         decisions = point_decisions(scales, point, ranking=ranking, source=str(act_scales), clip_scales=clips)
         # The last point may quantize the loaded model itself; the others each take a copy.
         model = float_model if index == len(points) - 1 else copy.deepcopy(float_model)
-        quantize_model(model, family, decisions, part)
+        quantize_model(model, family, decisions, part, weight_range)
         label = point if part == "all" else f"{point} {part} only"
         result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, desc=label)
         metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
         counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
         metrics.update(
             point=point, rule=rule, statistic=statistic, clip=point_clip(point), part=part,
-            threshold=value if rule == "ratio" else None,
+            weight_range=weight_range, threshold=value if rule == "ratio" else None,
             shadow_budget=int(value) if rule == "sensitivity" else None,
             num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
             num_shadow_sides=counts["num_shadow_sides"],

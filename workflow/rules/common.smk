@@ -104,6 +104,7 @@ THREADS_CONFIG_KEYS = {
     "evaluate_point_group": "threads.evaluate",
     "evaluate_part": "threads.evaluate",
     "sensitivity": "threads.evaluate",
+    "choose_weight_range": "threads.evaluate",
     "clip_scales": "threads.evaluate",
     "evaluate_export": "threads.evaluate",
     "export_int8": "threads.export",
@@ -314,6 +315,15 @@ def point_clip_scales_input(wildcards):
     return (
         [in_run(CLIP_SCALES, wildcards)] if point_clip(wildcards.point) == "mse" else []
     )
+
+
+WEIGHT_RANGE = config["sweep"]["weight_range"]
+WEIGHT_RANGE_CHOICE = f"{RUN_RESULTS}/weight_range.json"
+
+
+def weight_range_input(wildcards):
+    """The run's measured weight range choice, when sweep.weight_range is 'auto'."""
+    return [in_run(WEIGHT_RANGE_CHOICE, wildcards)] if WEIGHT_RANGE == "auto" else []
 
 
 def point_group_file(wildcards):

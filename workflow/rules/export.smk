@@ -9,6 +9,9 @@ rule export_int8:
         selection=selection_input,
         sensitivity=sensitivity_input,
         clip_scales=clip_scales_input,
+        weight_range=(
+            export_inputs(WEIGHT_RANGE_CHOICE) if WEIGHT_RANGE == "auto" else []
+        ),
     output:
         export=f"{RESULTS}/model-int8.safetensors",
         shadow=f"{RESULTS}/shadow_layers.json",
@@ -26,6 +29,7 @@ rule export_int8:
         point=EXPORT_POINT,
         variants=EXPORT_VARIANTS,
         transform=config["export"]["transform"],
+        weight_range=WEIGHT_RANGE,
     script:
         "../scripts/export_int8.py"
 

@@ -40,6 +40,32 @@ rule select_evaluation:
         "../scripts/select_samples.py"
 
 
+rule choose_weight_range:
+    input:
+        manifest=run_manifest,
+        samples=f"{RESULTS}/calibration.jsonl",
+    output:
+        WEIGHT_RANGE_CHOICE,
+    log:
+        f"{RUN_LOGS}/choose_weight_range.log",
+    benchmark:
+        f"{RUN_BENCH}/choose_weight_range.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("choose_weight_range")
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=60,
+        gpu=USES_GPU,
+    params:
+        num_samples=config["sensitivity"]["num_samples"],
+        seq_len=config["sensitivity"]["seq_len"],
+        device=config["device"],
+        dtype=config["dtype"],
+    script:
+        "../scripts/choose_weight_range.py"
+
+
 rule evaluate_float:
     input:
         manifest=run_manifest,
@@ -73,6 +99,7 @@ rule sensitivity:
         manifest=run_manifest,
         samples=f"{RESULTS}/calibration.jsonl",
         scales=f"{RUN_RESULTS}/act_scales.json",
+        weight_range=weight_range_input,
     output:
         SENSITIVITY,
     log:
@@ -87,6 +114,7 @@ rule sensitivity:
         runtime=240,
         gpu=USES_GPU,
     params:
+        weight_range=WEIGHT_RANGE,
         statistics=SENSITIVITY_STATISTICS,
         num_samples=config["sensitivity"]["num_samples"],
         seq_len=config["sensitivity"]["seq_len"],
@@ -138,6 +166,7 @@ if POINTS_PER_JOB == 1:
             float=f"{RUN_RESULTS}/sweep/float.json",
             sensitivity=point_sensitivity_input,
             clip_scales=point_clip_scales_input,
+            weight_range=weight_range_input,
         output:
             f"{RUN_RESULTS}/sweep/{{point}}.json",
         log:
@@ -154,6 +183,7 @@ if POINTS_PER_JOB == 1:
             runtime=120,
             gpu=USES_GPU,
         params:
+            weight_range=WEIGHT_RANGE,
             seq_len=config["evaluation"]["seq_len"],
             batch_size=config["evaluation"]["batch_size"],
             device=config["device"],
@@ -174,6 +204,7 @@ else:
             float=f"{RUN_RESULTS}/sweep/float.json",
             sensitivity=group_sensitivity_input,
             clip_scales=group_clip_scales_input,
+            weight_range=weight_range_input,
         output:
             f"{RUN_RESULTS}/sweep/groups/group-{{group}}-of-{len(POINT_GROUPS)}.json",
         log:
@@ -190,6 +221,7 @@ else:
             runtime=120 * POINTS_PER_JOB,
             gpu=USES_GPU,
         params:
+            weight_range=WEIGHT_RANGE,
             points=lambda wildcards: POINT_GROUPS[int(wildcards.group)],
             seq_len=config["evaluation"]["seq_len"],
             batch_size=config["evaluation"]["batch_size"],
@@ -226,6 +258,7 @@ rule evaluate_part:
         scales=f"{RUN_RESULTS}/act_scales.json",
         baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
         float=f"{RUN_RESULTS}/sweep/float.json",
+        weight_range=weight_range_input,
     output:
         f"{RUN_RESULTS}/sweep/parts/{{statistic}}-{{part}}.json",
     log:
@@ -243,6 +276,7 @@ rule evaluate_part:
         runtime=120,
         gpu=USES_GPU,
     params:
+        weight_range=WEIGHT_RANGE,
         seq_len=config["evaluation"]["seq_len"],
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],

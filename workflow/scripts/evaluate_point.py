@@ -2,11 +2,19 @@
 from shadowquant.adapter import run_stage
 from shadowquant.decision import point_label
 from shadowquant.sweep import evaluate_point
+from shadowquant.weight_range import resolve_weight_range
 
 p, w, i = snakemake.params, snakemake.wildcards, snakemake.input
 # A breakdown part is the all-shadow ratio point (t = 1) with only that part quantized.
 point = w.point if "point" in w.keys() else point_label(w.statistic, "ratio", 1)
-run_stage(snakemake, evaluate_point, manifest=i.manifest, samples=i.samples, act_scales=i.scales,
+
+
+def evaluate_with_weight_range(**kwargs):
+    weight_range = resolve_weight_range(p.weight_range, i.weight_range[0] if i.weight_range else None)
+    return evaluate_point(weight_range=weight_range, **kwargs)
+
+
+run_stage(snakemake, evaluate_with_weight_range, manifest=i.manifest, samples=i.samples, act_scales=i.scales,
           baseline=i.baseline, float_json=i.float, out_json=snakemake.output[0], point=point, seq_len=p.seq_len,
           batch_size=p.batch_size, device=p.device, dtype=p.dtype, num_resamples=p.num_resamples,
           sensitivity=i.sensitivity[0] if "sensitivity" in i.keys() and i.sensitivity else None,
