@@ -37,14 +37,19 @@ def test_sweep_by_hand(tiny_model_dir, tiny_text_corpus, tmp_path):
                "--out", tmp_path / "sensitivity.csv", "--num-samples", 2, "--seq-len", 12, "--device", "cpu") == 0
     assert run("clip-scales", "--manifest", manifest, "--samples", tmp_path / "cal.jsonl", "--act-scales", scales,
                "--out", tmp_path / "clip_scales.json", "--num-samples", 2, "--seq-len", 12, "--device", "cpu") == 0
+    assert run("choose-weight-range", "--manifest", manifest, "--samples", tmp_path / "cal.jsonl",
+               "--out", tmp_path / "weight_range.json", "--num-samples", 2, "--seq-len", 12, "--device", "cpu") == 0
+    weight_range = json.loads((tmp_path / "weight_range.json").read_text())["weight_range"]
     points = []
     for point in ("absmax-t4", "absmax-k3", "absmax-k3-mse"):
         points.append(tmp_path / f"{point}.json")
         assert run("evaluate-point", *common, "--act-scales", scales, "--baseline", tmp_path / "baseline.safetensors",
                    "--float-json", tmp_path / "float.json", "--out-json", points[-1], "--point", point,
-                   "--sensitivity", tmp_path / "sensitivity.csv", "--clip-scales", tmp_path / "clip_scales.json") == 0
+                   "--sensitivity", tmp_path / "sensitivity.csv", "--clip-scales", tmp_path / "clip_scales.json",
+                   "--weight-range", weight_range) == 0
     assert json.loads(points[1].read_text())["num_shadow_sides"] == 3
     assert json.loads(points[2].read_text())["clip"] == "mse"
+    assert json.loads(points[2].read_text())["weight_range"] == weight_range
     assert run("aggregate-sweep", "--float-json", tmp_path / "float.json", "--out", tmp_path / "sweep.csv",
                *points) == 0
     assert list(pd.read_csv(tmp_path / "sweep.csv")["point"]) == ["float", "absmax-t4", "absmax-k3", "absmax-k3-mse"]
@@ -53,7 +58,7 @@ def test_sweep_by_hand(tiny_model_dir, tiny_text_corpus, tmp_path):
     chosen = json.loads((tmp_path / "selection.json").read_text())["point"]
     assert run("export", "--manifest", manifest, "--act-scales", scales, "--out", tmp_path / "int8.safetensors",
                "--point", chosen, "--sensitivity", tmp_path / "sensitivity.csv",
-               "--clip-scales", tmp_path / "clip_scales.json") == 0
+               "--clip-scales", tmp_path / "clip_scales.json", "--weight-range", weight_range) == 0
     assert run("decide", "--act-scales", scales, "--out", tmp_path / "decision.json", "--point", "absmax-k3",
                "--sensitivity", tmp_path / "sensitivity.csv") == 0
     assert json.loads((tmp_path / "decision.json").read_text())["num_shadow_sides"] == 3

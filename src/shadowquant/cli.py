@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
     s.add_argument("--clip-scales", default=None, help="clip_scales.json, for '-mse' points")
     s.add_argument("--shadow-json", default=None, help="also write the shadow sides summary here")
+    s.add_argument("--weight-range", choices=["max", "mse"], default="max",
+                   help="per-tensor int8 weight clip range (the workflow's weight_range.json says which)")
 
     s = sub.add_parser("evaluate-float", help="float metrics and the baseline every sweep point compares with")
     _evaluation_args(s)
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cost", choices=["elements", "sides"], default="elements")
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto")
+    s.add_argument("--weight-range", choices=["max", "mse"], default="max",
+                   help="per-tensor int8 weight clip range (the workflow's weight_range.json says which)")
 
     s = sub.add_parser("clip-scales", help="MSE-optimal clip scales of every quantized side (clip_scales.json)")
     s.add_argument("--manifest", required=True)
@@ -121,14 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
     s.add_argument("--clip-scales", default=None, help="clip_scales.json, for '-mse' points")
     s.add_argument("--part", choices=["all", "weights", "inputs", "outputs"], default="all")
+    s.add_argument("--weight-range", choices=["max", "mse"], default="max",
+                   help="per-tensor int8 weight clip range (the workflow's weight_range.json says which)")
+
+    s = sub.add_parser("choose-weight-range", help="int8 weight clip range (max or mse) by weights-only perplexity")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--samples", required=True, help="calibration.jsonl; the first --num-samples records are used")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-samples", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
 
     s = sub.add_parser("aggregate-sweep", help="the sweep table from float.json and point JSONs")
     s.add_argument("--float-json", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("points", nargs="+")
 
-    s = sub.add_parser("select", help="choose the exported point from sweep.csv")
-    s.add_argument("--sweep", required=True)
+    s = sub.add_parser("select", help="choose the exported point from sweep.csv (one per transform variant)")
+    s.add_argument("--sweep", required=True, nargs="+", help="sweep.csv of each variant, in --variants order")
+    s.add_argument("--variants", nargs="+", default=["none"], help="transform variant of each --sweep table")
     s.add_argument("--out", required=True)
     s.add_argument("--metric", choices=["perplexity", "kl", "agreement", "accuracy"], default="perplexity")
     s.add_argument("--budget", type=float, default=0.05)
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             stages.decide(args.act_scales, args.out, args.point, args.sensitivity)
         elif args.command == "export":
             stages.export(args.manifest, args.act_scales, args.out, args.point, sensitivity=args.sensitivity,
-                          shadow_json=args.shadow_json, clip_scales=args.clip_scales)
+                          shadow_json=args.shadow_json, clip_scales=args.clip_scales, weight_range=args.weight_range)
         elif args.command == "evaluate-float":
             from shadowquant.sweep import evaluate_float
 
@@ -185,13 +201,18 @@ def main(argv: list[str] | None = None) -> int:
 
             sensitivity_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
                               args.num_samples, args.seq_len, args.measure_top, args.measure_samples, args.cost,
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype, weight_range=args.weight_range)
+        elif args.command == "choose-weight-range":
+            from shadowquant.weight_range import weight_range_stage
+
+            weight_range_stage(args.manifest, args.samples, args.out, args.num_samples, args.seq_len,
+                               device=args.device, dtype=args.dtype)
         elif args.command == "evaluate-point":
             from shadowquant.sweep import evaluate_point
 
             evaluate_point(args.manifest, args.samples, args.act_scales, args.baseline, args.float_json,
                            args.out_json, args.point, args.seq_len, args.batch_size, args.device, args.dtype,
-                           args.bootstrap, args.sensitivity, args.part, args.clip_scales)
+                           args.bootstrap, args.sensitivity, args.part, args.clip_scales, args.weight_range)
         elif args.command == "clip-scales":
             from shadowquant.sensitivity import clip_scales_stage
 
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "select":
             from shadowquant.selection import select_stage
 
-            select_stage(args.sweep, args.out, args.metric, args.budget)
+            select_stage(args.sweep, args.out, args.metric, args.budget, variants=args.variants)
         elif args.command == "convert":
             stages.convert(args.export, args.out, version=args.version)
         elif args.command == "tiny-model":
