@@ -311,3 +311,20 @@ def test_full_range_scales_are_nearly_float_tiny_scales_are_not():
     with torch.no_grad():
         tiny_logits = apply_w8a8(tiny_llama(), tiny, names)(ids).logits
     assert (tiny_logits - float_logits).abs().max() / float_logits.abs().max() > 5 * rel
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_coarse_to_fine_mse_search_finds_the_full_grids_minimum(seed):
+    from shadowquant.fakequant import INT8_MAX, MSE_GRID_LOW, MSE_GRID_STEPS, mse_weight_step
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(96, 64, generator=generator) * torch.rand(96, 1, generator=generator) * 3
+    weight = weight.pow(3) if seed % 2 else weight  # heavy tails clip further
+    magnitudes = weight.abs().flatten()
+    fractions = torch.linspace(MSE_GRID_LOW, 1.0, MSE_GRID_STEPS, dtype=torch.float64)
+    steps = (magnitudes.max().double() * fractions).float() / INT8_MAX
+    steps[-1] = magnitudes.max() / INT8_MAX
+    errors = [float(((torch.round(magnitudes / s).clamp(max=INT8_MAX) * s).double() - magnitudes.double())
+                    .pow(2).sum()) for s in steps]
+    best = max(i for i, e in enumerate(errors) if e == min(errors))
+    assert float(mse_weight_step(weight)) == float(steps[best])

@@ -35,12 +35,11 @@ def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQu
                 quantized_params.add(key)
     for key, tensor in state.items():
         if key in quantized_params:
-            t = tensor.detach()
             is_weight = key.endswith(".weight")
-            if is_weight:
-                t = t.t()  # [out, in] -> [in, out]: QNN runs Linear as a 1x1 Conv2d
-            q, scale = quantize_per_tensor(t, weight_range if is_weight else "max")
-            out[key] = q.contiguous()
+            # Quantized in the simulation's [out, in] layout (the same "mse" search order), then
+            # transposed to [in, out]: QNN runs Linear as a 1x1 Conv2d.
+            q, scale = quantize_per_tensor(tensor.detach(), weight_range if is_weight else "max")
+            out[key] = (q.t() if is_weight else q).contiguous()
             out[f"{key}.scale"] = scale
         else:
             # Clone so tied tensors (embeddings / lm_head) become separate, as safetensors requires.
