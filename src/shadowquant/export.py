@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from shadowquant.atomic import atomic_path
 from shadowquant.decision import LayerQuant
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import quantize_per_tensor  # one definition for export and simulation
+from shadowquant.fakequant import layer_weight_range, quantize_per_tensor  # one definition for both
 
 def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant],
                     profiled: Iterable[str], weight_range: str = "max") -> dict[str, torch.Tensor]:
@@ -38,7 +38,8 @@ def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQu
             is_weight = key.endswith(".weight")
             # Quantized in the simulation's [out, in] layout (the same "mse" search order), then
             # transposed to [in, out]: QNN runs Linear as a 1x1 Conv2d.
-            q, scale = quantize_per_tensor(tensor.detach(), weight_range if is_weight else "max")
+            layer_range = layer_weight_range(weight_range, key.removesuffix(".weight")) if is_weight else "max"
+            q, scale = quantize_per_tensor(tensor.detach(), layer_range)
             out[key] = (q.t() if is_weight else q).contiguous()
             out[f"{key}.scale"] = scale
         else:

@@ -20,6 +20,7 @@ unrounded step `scale / 127` (what the mllm runtime uses when it does not round)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +81,31 @@ MSE_GRID_LOW = 0.5
 MSE_COARSE_STRIDE = 9  # the coarse pass of the search scores every 9th candidate
 
 
-def _check_weight_range(weight_range: str) -> None:
+def _check_weight_range(weight_range) -> None:
+    """'max', 'mse', a precomputed 'mse' step (a float, for one tensor) or {layer: step} (a whole model's)."""
+    if isinstance(weight_range, Mapping):
+        if not all(isinstance(v, (int, float)) and v > 0 for v in weight_range.values()):
+            raise PipelineError("precomputed weight steps must be positive numbers")
+        return
+    if isinstance(weight_range, float) and weight_range > 0:
+        return
     if weight_range not in WEIGHT_RANGES:
         raise PipelineError(f"weight_range {weight_range!r} is not valid; valid values: {', '.join(WEIGHT_RANGES)}")
+
+
+def layer_weight_range(weight_range, layer: str):
+    """One layer's weight range out of a model-level one: a precomputed step map gives that layer's step."""
+    if isinstance(weight_range, Mapping):
+        if layer not in weight_range:
+            raise PipelineError(f"no precomputed weight step for layer {layer}; the steps belong to another model: "
+                                "delete weight_range.json and run the choose_weight_range rule again")
+        return float(weight_range[layer])
+    return weight_range
+
+
+def weight_range_name(weight_range) -> str:
+    """'max' or 'mse' (precomputed steps are 'mse' steps)."""
+    return weight_range if isinstance(weight_range, str) else "mse"
 
 
 def mse_weight_step(t32: torch.Tensor) -> torch.Tensor:
@@ -129,7 +152,10 @@ def quantize_per_tensor(t: torch.Tensor, weight_range: str = "max") -> tuple[tor
     """
     _check_weight_range(weight_range)
     t32 = t.detach().float()
-    if weight_range == "max":
+    if isinstance(weight_range, float):  # an "mse" step computed before (weight_range.json)
+        scale = torch.tensor(weight_range, dtype=torch.float32)
+        q = torch.round(t32 / scale).clamp_(-INT8_MAX, INT8_MAX)
+    elif weight_range == "max":
         scale = t32.abs().max().clamp(min=SCALE_FLOOR) / INT8_MAX
         q = torch.round(t32 / scale)
     else:
@@ -290,7 +316,8 @@ def apply_w8a8(model: nn.Module, decisions: dict[str, LayerQuant], layer_names: 
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, W8A8Linear.from_linear(
-            module, decisions[name], quantize_weights, quantize_inputs, quantize_outputs, weight_range))
+            module, decisions[name], quantize_weights, quantize_inputs, quantize_outputs,
+            layer_weight_range(weight_range, name) if quantize_weights else "max"))
     return model
 
 

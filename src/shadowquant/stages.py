@@ -19,6 +19,7 @@ from shadowquant.decision import (load_act_scales, parse_point, point_clip, poin
                                   read_ranking, shadow_summary, threshold_label)
 from shadowquant.errors import PipelineError
 from shadowquant.export import int8_state_dict, save_export, save_export_pth
+from shadowquant.fakequant import weight_range_name
 from shadowquant.families import linear_layer_names
 from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
 from shadowquant.manifest import read_manifest
@@ -130,11 +131,13 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
     meta = {"format": "shadowquant-int8", "family": family, "point": point, "statistic": statistic,
             "rule": rule, "threshold": threshold_label(value) if rule == "ratio" else "",
             "shadow_budget": str(int(value)) if rule == "sensitivity" else "", "clip": point_clip(point),
-            "transform": variant, "untied_lm_head": "true" if untied else "false", "weight_range": weight_range}
+            "transform": variant, "untied_lm_head": "true" if untied else "false",
+            "weight_range": weight_range_name(weight_range)}
     save_export(tensors, out, metadata=meta)
     if shadow_json is not None:
         summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
-        summary.update(point=point, transform=variant, untied_lm_head=untied, weight_range=weight_range)
+        summary.update(point=point, transform=variant, untied_lm_head=untied,
+                       weight_range=weight_range_name(weight_range))
         write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
     log.info("exported %d tensors (point %s, transform %s) to %s%s", len(tensors), point, variant, out,
              "; lm_head.weight is its own tensor: the transform untied it from the embeddings" if untied else "")

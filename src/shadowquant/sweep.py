@@ -15,7 +15,7 @@ from shadowquant.corpus import read_jsonl_texts
 from shadowquant.decision import (load_act_scales, parse_point, point_clip, point_decisions, read_clip_scales,
                                   read_ranking, shadow_summary)
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import apply_w8a8
+from shadowquant.fakequant import apply_w8a8, weight_range_name
 from shadowquant.jsonfile import read_json_object
 from shadowquant.families import quantized_layer_names
 from shadowquant.metrics import evaluate, per_record, result_from_per_record, save_baseline, summarize
@@ -163,7 +163,7 @@ def evaluate_points(manifest, samples, act_scales, baseline, float_json, points:
         counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
         metrics.update(
             point=point, rule=rule, statistic=statistic, clip=point_clip(point), part=part,
-            weight_range=weight_range, threshold=value if rule == "ratio" else None,
+            weight_range=weight_range_name(weight_range), threshold=value if rule == "ratio" else None,
             shadow_budget=int(value) if rule == "sensitivity" else None,
             num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
             num_shadow_sides=counts["num_shadow_sides"],
