@@ -6,7 +6,8 @@ One row per variant of `transform.variants`, from its sweep table and error brea
 - `weights_only`: perplexity increase with int8 weights and float activations (breakdown part 'weights');
 - `all_shadow`: the W8A8 point with every side shadowed (breakdown part 'all', the t = 1 point);
 - `selected`: the point the selection rule would choose within this variant, its shadow sides and loss;
-- `exported`: whether the selection across variants chose this variant's point.
+- `exported`: whether the selection across variants chose this variant's point;
+- `weight_range`: the int8 weight clip range the variant was swept with (`max` or `mse`).
 
 Every increase comes with its 95 % bootstrap interval, paired with the variant's own float.
 """
@@ -23,7 +24,7 @@ from shadowquant.selection import choose, read_selection, stack_sweeps
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["transform", "float_perplexity",
+COLUMNS = ["transform", "weight_range", "float_perplexity",
            "weights_only", "weights_only_ci_low", "weights_only_ci_high",
            "all_shadow", "all_shadow_ci_low", "all_shadow_ci_high", "all_shadow_sides",
            "selected_point", "selected_sides", "selected", "selected_ci_low", "selected_ci_high",
@@ -62,6 +63,7 @@ def comparison_table(sweep_csvs, breakdown_jsons, variants, selection_json, metr
         all_shadow = _part_increase(breakdown, "all", breakdown_path)
         rows.append({
             "transform": variant,
+            "weight_range": chosen.get("weight_range") if isinstance(chosen.get("weight_range"), str) else "max",
             "float_perplexity": float(float_rows.iloc[0]["perplexity"]) if not float_rows.empty else math.nan,
             "weights_only": weights[0], "weights_only_ci_low": weights[1], "weights_only_ci_high": weights[2],
             "all_shadow": all_shadow[0], "all_shadow_ci_low": all_shadow[1], "all_shadow_ci_high": all_shadow[2],
@@ -96,15 +98,16 @@ def comparison_markdown(table, metric: str, budget: float) -> str:
         f"'Selected' is the point the selection ({metric} loss within {budget:g}) takes within each variant; "
         "the exported model is marked.",
         "",
-        "| transform | float ppl | weights only | all shadow | selected (shadow sides) | KL | top-1 agreement |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| transform | weight range | float ppl | weights only | all shadow | selected (shadow sides) | KL | "
+        "top-1 agreement |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in table.to_dict("records"):
         mark = " **(exported)**" if row["exported"] else ""
         missed = "" if row["selected_budget_met"] else ", budget missed"
         all_sides = f" ({row['all_shadow_sides']} sides)" if row["all_shadow_sides"] is not None else ""
         lines.append(
-            f"| {row['transform']}{mark} | {row['float_perplexity']:.3f} | "
+            f"| {row['transform']}{mark} | {row['weight_range']} | {row['float_perplexity']:.3f} | "
             f"{_percent(row['weights_only'], row['weights_only_ci_low'], row['weights_only_ci_high'])} | "
             f"{_percent(row['all_shadow'], row['all_shadow_ci_low'], row['all_shadow_ci_high'])}{all_sides} | "
             f"{_percent(row['selected'], row['selected_ci_low'], row['selected_ci_high'])} "
