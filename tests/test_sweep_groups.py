@@ -12,10 +12,12 @@ from shadowquant.sweep import evaluate_float, evaluate_point, evaluate_point_gro
 @pytest.fixture
 def swept(tiny_model_dir, tiny_text_corpus, tmp_path):
     manifest, scales = tmp_path / "manifest.json", tmp_path / "act_scales.json"
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(tiny_text_corpus.read_text().splitlines(keepends=True)[:12]))
     fetch_model(str(tiny_model_dir("llama")), manifest)
-    profile(manifest, tiny_text_corpus, scales, tmp_path / "act_scales.csv", seq_len=24, batch_size=4,
+    profile(manifest, samples, scales, tmp_path / "act_scales.csv", seq_len=24, batch_size=4,
             device="cpu", dtype="float32", progress=False)
-    common = dict(manifest=manifest, samples=tiny_text_corpus, seq_len=24, batch_size=4, device="cpu",
+    common = dict(manifest=manifest, samples=samples, seq_len=24, batch_size=4, device="cpu",
                   dtype="float32")
     evaluate_float(out_json=tmp_path / "float.json", out_baseline=tmp_path / "baseline.safetensors",
                    num_resamples=20, **common)

@@ -21,7 +21,7 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     # The sensitivity front, the breakdown and their plots run for one family (llama), the rest of the
     # workflow for all eight.
     full = family == "llama"
-    overrides = ({"sweep.clip_scales": ["max", "mse"]} if full
+    overrides = ({"sweep.clip_scales": ["max", "mse"], "sweep.weight_range": "auto"} if full
                  else {"sweep.shadow_sides": [], "sweep.breakdown": False})
     cfg = write_config(tmp_path, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}",
                                              **{"model.type": family}, **overrides))
@@ -39,6 +39,8 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     selection = json.loads((results / "selection.json").read_text())
     assert selection["point"] in set(sweep["point"]) - {"float"}
     if full:
+        chosen = json.loads((results / "weight_range.json").read_text())["weight_range"]
+        assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
         breakdown = json.loads((results / "breakdown.json").read_text())
         assert set(breakdown["parts"]) == {"float", "weights", "inputs", "outputs", "all"}
         for plot in ("fronts.png", "sensitivity.png", "breakdown.png"):
@@ -173,7 +175,8 @@ def test_transform_variants_are_swept_compared_and_selected_across(tiny_model_di
     transforms.csv compares them, and either variant's export keeps the untransformed tensor names."""
     variants = ["none", "rotate+equalize"]
     base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-tf",
-                       **{"transform.variants": variants, "sweep.thresholds": [4], "sweep.shadow_sides": []})
+                       **{"transform.variants": variants, "sweep.thresholds": [4], "sweep.shadow_sides": [],
+                          "sweep.weight_range": "auto"})
     snakemake(tmp_path, write_config(tmp_path, base))
     runs = {"none": tmp_path / "results/tiny-tf", "rotate+equalize": tmp_path / "results/tiny-tf.rotate+equalize"}
     for run in runs.values():
