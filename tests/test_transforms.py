@@ -166,7 +166,8 @@ def test_gemma2_offers_only_equalization():
     config = transformers.Gemma2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                                        num_key_value_heads=1, head_dim=8, vocab_size=32)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with pytest.raises(PipelineError, match=r"'rotate' is not supported for family 'gemma'.*gemma2.*: equalize$"):
+    with pytest.raises(PipelineError, match=r"'rotate' is not supported for family 'gemma'.*gemma2.*: equalize; "
+                                            r"set config key transform.variants to \[none, equalize\]$"):
         apply_transforms(model, "gemma", ["rotate"])
     ids = torch.arange(3, 20).view(1, -1)
     with torch.no_grad():

@@ -170,8 +170,10 @@ def check_transforms(model: nn.Module, family: str, transforms: list[str]) -> li
         if name not in valid:
             reason = _UNSUPPORTED_REASON.get(family, f"model_type {model.config.model_type!r}: its norms on the "
                                              "attention and MLP outputs do not commute with it")
+            others = "".join(f", {v}" for v in valid)
             raise PipelineError(f"transform {name!r} is not supported for family {family!r} ({reason}); "
-                                f"valid transforms for {family}: {', '.join(valid) or 'none'}")
+                                f"valid transforms for {family}: {', '.join(valid) or 'none'}; set config key "
+                                f"transform.variants to [none{others}]")
     return [name for name in TRANSFORM_ORDER if name in transforms]
 
 
