@@ -21,7 +21,9 @@ def _config(model_dir, corpus, shards, dtype):
     }
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# The rules' wiring does not depend on the dtype; tests/test_shards.py proves the byte-identical merge for
+# float32 and bfloat16 in process.
+@pytest.mark.parametrize("dtype", ["float32"])
 def test_two_shards_merge_to_the_unsharded_act_scales(dtype, tiny_model_dir, tiny_text_corpus, tmp_path):
     runs = {}
     for shards in (1, 2):
