@@ -148,11 +148,15 @@ def evaluate_points(manifest, samples, act_scales, baseline, float_json, points:
     scales = load_act_scales(act_scales)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     float_result = result_from_per_record(read_point_json(float_json)["per_record"], source=str(float_json))
+    # The ranking and clip scales are read once per statistic, not once per point.
+    rankings, clip_tables = {}, {}
     results = []
     for index, point in enumerate(points):
         statistic, rule, value = parse_point(point)
-        ranking = read_ranking(sensitivity, statistic) if sensitivity is not None else None
-        clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None else None
+        if statistic not in rankings:
+            rankings[statistic] = read_ranking(sensitivity, statistic) if sensitivity is not None else None
+            clip_tables[statistic] = read_clip_scales(clip_scales, statistic) if clip_scales is not None else None
+        ranking, clips = rankings[statistic], clip_tables[statistic]
         decisions = point_decisions(scales, point, ranking=ranking, source=str(act_scales), clip_scales=clips)
         # The last point may quantize the loaded model itself; the others each take a copy.
         model = float_model if index == len(points) - 1 else copy.deepcopy(float_model)
