@@ -36,18 +36,20 @@ def threshold_label(threshold: float) -> str:
     return str(int(t)) if t.is_integer() else repr(t)
 
 
-# A sweep point: the ratio rule at threshold t ("absmax-t16"), or the k most valuable shadow sides of the
-# measured sensitivity ranking ("absmax-k15").
-RULES = {"t": "ratio", "k": "sensitivity"}
+# A sweep point: the ratio rule at threshold t ("absmax-t16"), the k most valuable shadow sides of the
+# measured sensitivity ranking ("absmax-k15", runtime profile ideal), or the k most valuable shadow layers
+# of the measured layer ranking ("absmax-l2", NPU runtime profiles: runtime_decision.py).
+RULES = {"t": "ratio", "k": "sensitivity", "l": "layers"}
+LETTERS = {rule: letter for letter, rule in RULES.items()}
 # A "-mse" suffix clips the clipped sides at their MSE-optimal scale instead of their maximum.
-POINT_PATTERN = re.compile(r"^(signed|absmax)-(t|k)([0-9]+(?:\.[0-9]+)?)(-mse)?$")
+POINT_PATTERN = re.compile(r"^(signed|absmax)-(t|k|l)([0-9]+(?:\.[0-9]+)?)(-mse)?$")
 CLIPS = ("max", "mse")
 
 
 def point_label(statistic: str, rule: str, value: float, clip: str = "max") -> str:
     """'absmax-t16' for the ratio rule at t = 16, 'absmax-k15' for 15 sensitivity-chosen shadow sides;
     'absmax-k15-mse' clips the other sides at their MSE-optimal scale."""
-    letter = {"ratio": "t", "sensitivity": "k"}[rule]
+    letter = LETTERS[rule]
     suffix = "" if clip == "max" else f"-{clip}"
     return f"{statistic}-{letter}{threshold_label(value) if rule == 'ratio' else int(value)}{suffix}"
 
@@ -61,10 +63,11 @@ def point_clip(label: str) -> str:
 def parse_point(label: str) -> tuple[str, str, float]:
     """(statistic, rule, value) of a point label; a one-line error names the valid forms."""
     match = POINT_PATTERN.match(str(label))
-    if not match or (match[2] == "k" and "." in match[3]):
+    if not match or (match[2] in "kl" and "." in match[3]) or (match[2] == "l" and match[4]):
         raise PipelineError(f"point '{label}' is not valid: expected '<statistic>-t<threshold>' (e.g. absmax-t152, "
-                            "the ratio rule) or '<statistic>-k<shadow sides>' (e.g. absmax-k15, sensitivity-chosen), "
-                            "statistic signed or absmax, optionally followed by -mse")
+                            "the ratio rule), '<statistic>-k<shadow sides>' (e.g. absmax-k15, sensitivity-chosen; "
+                            "statistic signed or absmax, either optionally followed by -mse) or 'absmax-l<shadow "
+                            "layers>' (e.g. absmax-l2, NPU runtime profiles)")
     return match[1], RULES[match[2]], float(match[3])
 
 
@@ -223,6 +226,9 @@ def point_decisions(act_scales: dict, point: str, layers: list[str] | None = Non
         shadow = [(n, side) for n, q in decisions.items() for side, clip in (("input", q.clip_input),
                                                                               ("output", q.clip_output)) if not clip]
         return decide_shadow_set(act_scales, statistic, shadow, layers=layers, source=source, clip_scales=clip_scales)
+    if rule == "layers":
+        raise PipelineError(f"point '{point}' is a set of shadow layers, which only an NPU runtime profile runs; "
+                            "with runtime.profile ideal use absmax-k<sides> or absmax-t<threshold>")
     if ranking is None:
         raise PipelineError(f"point '{point}' needs the sensitivity ranking (sensitivity.csv); none was given")
     k = int(value)

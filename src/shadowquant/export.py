@@ -12,6 +12,8 @@ from shadowquant.atomic import atomic_path
 from shadowquant.decision import LayerQuant
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import layer_weight_range, quantize_per_tensor  # one definition for both
+from shadowquant.runtime import RuntimeProfile
+from shadowquant.runtime_linear import int32_bias, runtime_step, side_scale
 
 def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant],
                     profiled: Iterable[str], weight_range: str = "max") -> dict[str, torch.Tensor]:
@@ -51,6 +53,59 @@ def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQu
         out[f"{layer}.output_scale"] = torch.tensor(q.output_scale, dtype=torch.float32)
         out[f"{layer}.clip_input"] = torch.tensor(q.clip_input, dtype=torch.bool)
         out[f"{layer}.clip_output"] = torch.tensor(q.clip_output, dtype=torch.bool)
+    return out
+
+
+def runtime_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant], quantized: Iterable[str],
+                       profile: RuntimeProfile, shadow_layers, weight_range="max",
+                       tied_head: bool = False) -> dict[str, torch.Tensor]:
+    """The export tensors an NPU runtime profile's model loads (runtime.loaded_tensors), from the float state.
+
+    Int8 weights `[in, out]` with `weight.scale` (as for ideal); every Linear's `input_scale` is the
+    range its quantizer reads (the shared one for k/v/gate), `output_scale` its own; the bias as the
+    profile stores it (int32 + `bias.scale` = input step * weight step, or float32); clip flags only for
+    the shadow role of the shadow layers, the only place the runtime reads them; lm_head.weight only
+    where the C++ model reads it (never for a tied head under a 'tied-or-own' profile).
+    """
+    quantized = list(quantized)
+    missing = [n for n in quantized if n not in decisions]
+    if missing:
+        raise PipelineError(f"no scales for layers {', '.join(missing[:5])}; the act_scales do not match this model")
+    shadow_layers = frozenset(shadow_layers)
+    specs = {layer: profile.spec(layer, shadow_layers) for layer in quantized}
+    inputs = {layer: side_scale(decisions, layer, "input", specs[layer].input) for layer in quantized}
+    out: dict[str, torch.Tensor] = {}
+    weight_scales = {}
+    for layer in quantized:
+        key = f"{layer}.weight"
+        if key not in state:
+            raise PipelineError(f"the model has no {key}; the layer list does not belong to this model")
+        q, scale = quantize_per_tensor(state[key].detach(), layer_weight_range(weight_range, layer))
+        out[key], out[f"{key}.scale"] = q.t().contiguous(), scale
+        weight_scales[layer] = scale
+    for key, tensor in state.items():
+        layer, _, kind = key.rpartition(".")
+        if layer in specs and kind == "weight":
+            continue
+        if layer in specs and kind == "bias":
+            if profile.bias == "none":
+                raise PipelineError(f"{key}: runtime profile '{profile.name}' loads no bias; choose qwen-npu, "
+                                    "qwen-npu-rotated or ideal for a model with biases")
+            if profile.bias == "int32":
+                step = runtime_step(inputs[layer], specs[layer].input.bits)
+                out[key], out[f"{key}.scale"] = int32_bias(tensor, step, weight_scales[layer])
+            else:
+                out[key] = tensor.detach().float().clone().contiguous()
+            continue
+        if key == "lm_head.weight" and tied_head and profile.lm_head == "tied-or-own":
+            continue  # the C++ model multiplies by the tied embedding itself
+        out[key] = tensor.detach().clone().contiguous()
+    for layer in quantized:
+        out[f"{layer}.input_scale"] = torch.tensor(inputs[layer], dtype=torch.float32)
+        out[f"{layer}.output_scale"] = torch.tensor(decisions[layer].output_scale, dtype=torch.float32)
+        if specs[layer].shadow:
+            out[f"{layer}.clip_input"] = torch.tensor(decisions[layer].clip_input, dtype=torch.bool)
+            out[f"{layer}.clip_output"] = torch.tensor(decisions[layer].clip_output, dtype=torch.bool)
     return out
 
 

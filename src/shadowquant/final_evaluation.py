@@ -15,6 +15,8 @@ from shadowquant.errors import PipelineError
 from shadowquant.fakequant import apply_w8a8_from_export
 from shadowquant.families import quantized_layer_names
 from shadowquant.models import load_model_from_manifest
+from shadowquant.runtime import IDEAL, get_profile
+from shadowquant.runtime_linear import apply_runtime_from_export
 from shadowquant.selection import read_selection, resolve_export_point
 from shadowquant.sweep import read_point_json
 
@@ -65,14 +67,33 @@ def _selection_line(result: dict) -> str:
             f"{choice['loss']:.4g} against a budget of {choice['budget']:g}, {verdict}.")
 
 
+def export_metadata(export) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(export), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def _shadow_line(q: dict) -> str:
+    """What runs on the CPU: the shadow layers and measured CPU share (NPU runtime), or the shadow sides (ideal)."""
+    runtime = q.get("runtime") or IDEAL
+    if runtime != IDEAL and q.get("cpu_share") is not None:
+        layers = q.get("shadow_layers")
+        layers = "none" if layers in (None, "") else ", ".join(str(layers).split())
+        return (f"Runtime profile {runtime}: shadow layers {layers}; the shadow ops run "
+                f"{100 * q['cpu_share']:.3f} % of the quantized Linear multiply-adds on the CPU (measured).")
+    return (f"Runtime profile ideal (no phone runs it): {int(q['num_shadow_inputs'])} shadow inputs, "
+            f"{int(q['num_shadow_outputs'])} shadow outputs; {q['shadow_flop_fraction']:.1%} of quantized Linear "
+            "FLOPs need shadow execution.")
+
+
 def markdown_summary(result: dict) -> str:
     q, f = result["w8a8"], result["float"]
     lines = [
         f"# W8A8 evaluation of {result['model']}",
         "",
         _selection_line(result),
-        f"{int(q['num_shadow_inputs'])} shadow inputs, {int(q['num_shadow_outputs'])} shadow outputs; "
-        f"{q['shadow_flop_fraction']:.1%} of quantized Linear FLOPs need shadow execution.",
+        _shadow_line(q),
         "",
         f"Evaluated on {f['num_samples']} held-out records ({f['num_tokens']} predicted tokens); brackets are "
         "95 % bootstrap intervals over records (the increase is paired with float on the same records).",
@@ -104,8 +125,7 @@ def html_summary(result: dict) -> str:
         "<style>body{font-family:sans-serif;font-size:13px;margin:1em} td,th{padding:2px 10px;"
         "border-bottom:1px solid #ddd}</style></head><body>"
         f"<h3>W8A8 evaluation of {html.escape(result['model'])}</h3>"
-        f"<p>{selection} {int(q['num_shadow_inputs'])} shadow inputs, {int(q['num_shadow_outputs'])} shadow "
-        f"outputs, {q['shadow_flop_fraction']:.1%} of quantized Linear FLOPs with shadow inputs. "
+        f"<p>{selection} {html.escape(_shadow_line(q))} "
         f"{f['num_samples']} held-out records, {f['num_tokens']} predicted tokens; brackets: 95 % bootstrap "
         "intervals.</p>"
         f"<table><tr><th>metric</th><th>float</th><th>W8A8</th></tr>{rows}</table>"
@@ -129,8 +149,14 @@ def evaluate_export(manifest, export, float_json, sweep_csv, out_json, out_md, p
     float_metrics = {k: v for k, v in read_point_json(float_json).items() if k != "per_record"}
     model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
     float_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
-    apply_w8a8_from_export(model, load_file(str(export), device=str(next(model.parameters()).device)),
-                           quantized_layer_names(model, family))
+    tensors = load_file(str(export), device=str(next(model.parameters()).device))
+    meta = export_metadata(export)
+    profile = get_profile(meta.get("runtime", IDEAL), family)
+    if profile.ideal:
+        apply_w8a8_from_export(model, tensors, quantized_layer_names(model, family))
+    else:
+        shadow = {int(i) for i in meta.get("shadow_layers", "").split()}
+        apply_runtime_from_export(model, tensors, quantized_layer_names(model, family), profile, shadow)
     w8a8_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
     result = {
         "model": Path(manifest).parent.name, "point": point, "float": float_metrics, "w8a8": w8a8,

@@ -207,17 +207,51 @@ def _check_expected(
             problems.append(Problem(name, f"{entry.numel} elements, expected {math.prod(shape)} for shape {tuple(shape)}"))
 
 
+def _check_runtime(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> list[LinearInfo]:
+    """Every tensor the runtime profile's C++ model loads: present, with its dtype and the byte size the op
+    allocates (mllm's loader rejects another size and skips a missing name silently); scales positive,
+    clip flags 0 or 1 and only where runtime.json names a shadow layer."""
+    from shadowquant.runtime import get_profile, layer_index, loaded_tensors
+
+    try:
+        profile = get_profile(str(runtime.get("runtime")))
+        expected = loaded_tensors(profile, runtime["cpp_config"], runtime.get("shadow_layers", []))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
+    checker = _LinearChecker(mllm, problems)
+    for name, (code, size) in expected.items():
+        if not checker.exists(name) or not checker.dtype_is(name, (code,)):
+            continue
+        entry = mllm.entry(name)
+        if entry.size != size:
+            checker.bad(name, f"{entry.size} bytes, the runtime allocates {size} (its loader would reject it)")
+        elif name.endswith(ACTIVATION_SCALE_SUFFIXES + (".weight.scale", ".bias.scale")):
+            checker.positive_scale(name)
+        elif name.endswith(CLIP_FLAG_SUFFIXES):
+            checker.clip_flag(name)
+    shadow = set(runtime.get("shadow_layers", []))
+    for entry in mllm.entries:
+        if entry.name.endswith(CLIP_FLAG_SUFFIXES) and layer_index(entry.name) not in shadow:
+            checker.bad(entry.name, f"clip flag of layer {layer_index(entry.name)}, which runtime.json's shadow "
+                                    f"layers {sorted(shadow)} do not name")
+    return [LinearInfo(name[: -len(".weight")], True, f"{name[: -len('.weight')]}.bias" in mllm)
+            for name, (code, _) in expected.items() if name.endswith(".weight") and code == DTYPE_INT8]
+
+
 def inspect_mllm(
     path: str | os.PathLike,
     expected_shapes: dict[str, tuple[int, ...]] | None = None,
     expected_dtypes: dict[str, int] | None = None,
+    runtime: dict | None = None,
 ) -> InspectReport:
     """Inspect an mllm file; raises PipelineError if it is truncated or not an mllm file.
 
     `expected_shapes` (name -> shape, e.g. from the safetensors export) adds a
     check that every listed tensor exists with that shape (element count for
     v1, which stores no shapes); `expected_dtypes` (name -> stored dtype code)
-    likewise checks dtypes.
+    likewise checks dtypes. `runtime` (runtime.json of an NPU runtime profile)
+    checks the file against what that profile's C++ model loads instead of the
+    original tools' per-Linear contract.
     """
     mllm = read_mllm(path)
     dtypes: dict[int, DtypeStat] = {}
@@ -226,8 +260,11 @@ def inspect_mllm(
         stat.count += 1
         stat.bytes += entry.size
     problems: list[Problem] = []
-    checker = _LinearChecker(mllm, problems)
-    linears = [checker.check(prefix) for prefix in find_linear_prefixes(mllm)]
+    if runtime is not None and runtime.get("runtime", "ideal") != "ideal":
+        linears = _check_runtime(mllm, runtime, problems)
+    else:
+        checker = _LinearChecker(mllm, problems)
+        linears = [checker.check(prefix) for prefix in find_linear_prefixes(mllm)]
     if expected_shapes is not None:
         _check_expected(mllm, expected_shapes, expected_dtypes, problems)
     names = [entry.name for entry in mllm.entries]
@@ -246,6 +283,9 @@ def inspect_mllm(
         linears=linears,
         problems=problems,
         head=head,
+        notes=[f"checked against runtime profile {runtime['runtime']}: every tensor its C++ model loads, with "
+               f"the byte size it allocates; shadow layers {runtime.get('shadow_layers', [])}"]
+        if runtime is not None and runtime.get("runtime", "ideal") != "ideal" else [],
     )
 
 
@@ -258,6 +298,21 @@ def expectations_from_safetensors(path: str | os.PathLike, version: int) -> tupl
     except PipelineError as exc:
         raise PipelineError(f"{Path(path)}: {exc}") from None
     return shapes, codes
+
+
+def read_runtime_json(path: str | os.PathLike) -> dict:
+    """runtime.json written by the int8 export."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: runtime.json not found (the int8 export writes it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PipelineError(f"{path}: not valid JSON; re-run the int8 export") from None
+    if not isinstance(data, dict) or "runtime" not in data:
+        raise PipelineError(f"{path}: expected a JSON object with a 'runtime' key (written by the int8 export)")
+    return data
 
 
 def _megabytes(n: int) -> str:
@@ -302,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("path", help="mllm model file (v1 or v2)")
     parser.add_argument("--export", metavar="SAFETENSORS", help="int8 export it was converted from: check every tensor is there with its shape and dtype")
+    parser.add_argument("--runtime", metavar="JSON", help="runtime.json of the export (default: runtime.json beside "
+                        "the model file, if there is one): check what that runtime profile's C++ model loads")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     args = parser.parse_args(argv)
     try:
@@ -309,7 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.export:
             version = read_mllm(args.path).version
             expected_shapes, expected_dtypes = expectations_from_safetensors(args.export, version)
-        report = inspect_mllm(args.path, expected_shapes, expected_dtypes)
+        runtime_path = Path(args.runtime) if args.runtime else Path(args.path).with_name("runtime.json")
+        runtime = read_runtime_json(runtime_path) if args.runtime or runtime_path.is_file() else None
+        report = inspect_mllm(args.path, expected_shapes, expected_dtypes, runtime)
     except PipelineError as exc:
         message = str(exc)
         # Reader messages already start with the file; others get the inspected path.

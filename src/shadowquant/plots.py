@@ -35,8 +35,8 @@ LOSS_LABELS = {
     "agreement": "top-1 disagreement with float",
     "accuracy": "last-token accuracy drop below float",
 }
-RULES = ("float", "ratio", "sensitivity")
-TEXT_COLUMNS = ("point", "rule", "statistic", "clip")
+RULES = ("float", "ratio", "sensitivity", "layers")
+TEXT_COLUMNS = ("point", "rule", "statistic", "clip", "runtime", "shadow_layers")
 SWEEP_REQUIRED = ("point", "rule", "statistic", "num_shadow_sides", "perplexity")
 SELECTION_REQUIRED = ("point", "rule", "statistic", "metric", "budget", "loss", "budget_met")
 SENSITIVITY_REQUIRED = ("layer", "side", "delta_kl", "cost")
@@ -47,10 +47,11 @@ BREAKDOWN_LABELS = {"weights": "weights only\n(int8 per tensor)", "inputs": "inp
 BREAKDOWN_COLOURS = {"weights": "tab:purple", "inputs": "tab:blue", "outputs": "tab:orange", "all": "0.35"}
 # Colour per (rule, statistic); a statistic also sets marker and line style, so the series stay apart in grey.
 SERIES_COLOURS = {("ratio", "absmax"): "tab:blue", ("ratio", "signed"): "tab:cyan",
-                  ("sensitivity", "absmax"): "tab:red", ("sensitivity", "signed"): "tab:orange"}
+                  ("sensitivity", "absmax"): "tab:red", ("sensitivity", "signed"): "tab:orange",
+                  ("layers", "absmax"): "tab:red"}
 STATISTIC_STYLE = {"absmax": ("s", "-"), "signed": ("o", "--")}
-RULE_NAMES = {"ratio": "ratio rule (seed)", "sensitivity": "sensitivity rule"}
-SIDE_COLOURS = {"input": "tab:blue", "output": "tab:orange"}
+RULE_NAMES = {"ratio": "ratio rule (seed)", "sensitivity": "sensitivity rule", "layers": "measured layer front"}
+SIDE_COLOURS = {"input": "tab:blue", "output": "tab:orange", "layer": "tab:red"}
 FALLBACK_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:pink")
 KIND_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p")
 MISSED_COLOUR = "#c00000"
@@ -164,10 +165,11 @@ def load_sensitivity(path: str | Path):
     if table.empty:
         raise PipelineError(f"{path}: sensitivity table has no row; nothing to plot")
     _coerce_numeric(table, ("layer", "side", "statistic"))
-    bad_side = table[~table["side"].isin(SIDES)]
+    # 'layer': a row of the layer ranking of an NPU runtime profile (a whole shadow layer).
+    bad_side = table[~table["side"].isin(SIDES + ("layer",))]
     if not bad_side.empty:
         raise PipelineError(f"{path}: side '{bad_side['side'].iloc[0]}' of layer {bad_side['layer'].iloc[0]} is "
-                            f"not valid; valid: {', '.join(SIDES)}")
+                            f"not valid; valid: {', '.join(SIDES)}, layer")
     if "benefit" in table.columns:
         # Sides the sensitivity stage did not measure exactly carry the proxy's estimate in `benefit`.
         table["measured"] = table["delta_kl"].notna()
@@ -269,10 +271,15 @@ def selection_note(selection: dict) -> str:
     low, high = (_optional_number(selection.get(k)) for k in ("loss_ci_low", "loss_ci_high"))
     if math.isfinite(low) and math.isfinite(high):
         value += f" [95 % CI {format_loss(metric, low)}, {format_loss(metric, high)}]"
-    cost = f"{int(selection.get('num_shadow_sides', 0) or 0)} shadow sides"
-    flops = _optional_number(selection.get("shadow_flop_fraction"))
-    if math.isfinite(flops):
-        cost += f", {flops:.1%} of Linear FLOPs with a shadow"
+    cpu_share = _optional_number(selection.get("cpu_share"))
+    if math.isfinite(cpu_share):  # an NPU runtime profile
+        cost = (f"{int(selection.get('num_shadow_layers') or 0)} shadow layers, {100 * cpu_share:.3g} % of Linear "
+                f"multiply-adds on the CPU ({selection.get('runtime')})")
+    else:
+        cost = f"{int(selection.get('num_shadow_sides', 0) or 0)} shadow sides"
+        flops = _optional_number(selection.get("shadow_flop_fraction"))
+        if math.isfinite(flops):
+            cost += f", {flops:.1%} of Linear FLOPs with a shadow"
     point = f"{selection['point']} ({selection['rule']} rule)"
     budget = format_loss(metric, float(selection["budget"]))
     if selection["budget_met"]:
@@ -310,7 +317,8 @@ def _titled_panels(count: int, heading: str, selection: dict | None, height: flo
 
 
 def _sweep_heading(table, what: str) -> str:
-    text = f"Simulated W8A8 sweep: {what}"
+    runtimes = sorted(set(table["runtime"].dropna())) if "runtime" in table.columns else []
+    text = f"Simulated {'/'.join(runtimes) + ' runtime' if runtimes else 'W8A8'} sweep: {what}"
     details = [f"{int(table[c].dropna().iloc[0])} {unit}" for c, unit in (("num_samples", "records"),
                                                                           ("num_tokens", "tokens"))
               if c in table.columns and table[c].notna().any()]
@@ -560,6 +568,8 @@ def plot_sweep_vs_threshold(sweep_csv: str | Path, selection_json: str | Path | 
 # ----------------------------------------------------------------------------- sweep vs shadow cost
 
 def _cost_column(points) -> tuple[str, str]:
+    if "cpu_share" in points.columns and points["cpu_share"].notna().all():
+        return "cpu_share", "share of quantized Linear multiply-adds run by the CPU shadow ops (measured)"
     if "shadow_flop_fraction" in points.columns and points["shadow_flop_fraction"].notna().all():
         return "shadow_flop_fraction", "share of quantized Linear FLOPs with a CPU shadow"
     return "num_shadow_sides", "shadow sides (Linear inputs/outputs with CPU shadow execution)"
@@ -618,7 +628,12 @@ def plot_sweep_vs_shadow(sweep_csv: str | Path, selection_json: str | Path | Non
             ax.axhline(bound, color="tab:green", linewidth=1.3,
                        label=f"budget bound: {LOSS_DESCRIPTION[metric]} ≤ "
                              f"{format_loss(metric, float(selection['budget']))}")
-        if cost == "shadow_flop_fraction":
+        if cost == "cpu_share":
+            ax.set_xscale("symlog", linthresh=1e-4, linscale=0.5)
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
+            ax.set_xlim(-2e-5, 1.3 * max(1e-4, float(points[cost].max())))
+            ax.set_xlabel(cost_label + " (log above 0.01 %)")
+        elif cost == "shadow_flop_fraction":
             ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
             ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
             ax.set_xlim(-0.002, 1.3 * max(0.01, float(points[cost].max())))
@@ -642,24 +657,26 @@ def plot_fronts(sweep_csv: str | Path, selection_json: str | Path | None, out_pn
     float_row = _float_row(table)
     points = table[table["rule"] != "float"]
     metrics = _loss_metrics(table, selection)
-    heading = _sweep_heading(table, "Pareto fronts, loss against float vs shadow sides (lower left is better)")
+    layers = "num_shadow_layers" in points.columns and points["num_shadow_layers"].notna().all()
+    count, unit = ("num_shadow_layers", "shadow layers") if layers else ("num_shadow_sides", "shadow sides")
+    axis_label = ("shadow layers (down_proj with the CPU shadow op; log above 1)" if layers
+                  else "shadow sides (Linear inputs/outputs kept in float on the CPU; log above 1)")
+    heading = _sweep_heading(table, f"Pareto fronts, loss against float vs {unit} (lower left is better)")
     fig, body, axes = _titled_panels(len(metrics), heading, selection, height=5.2)
     for ax, metric in zip(axes, metrics):
         drawn, note = [], ""
         for index, ((rule, statistic), group) in enumerate(_series(points)):
             values, low, high = _losses(group, float_row, metric)
-            _draw_series(ax, group["num_shadow_sides"], values, low, high, _series_style(rule, statistic, index),
-                         band=False)
+            _draw_series(ax, group[count], values, low, high, _series_style(rule, statistic, index), band=False)
             drawn.extend(values)
             note += _undrawn_note(group, values)
-        _symlog_count_axis(ax, points["num_shadow_sides"],
-                           "shadow sides (Linear inputs/outputs kept in float on the CPU; log above 1)")
+        _symlog_count_axis(ax, points[count], axis_label)
         _style_loss_axis(ax, metric, drawn)
         _draw_float_and_budget(ax, metric, selection)
         if selected is not None:
             value = _losses(selected.to_frame().T, float_row, metric)[0][0]
-            _mark_selected(ax, float(selected["num_shadow_sides"]), value, selection)
-        ax.set_title(f"{LOSS_LABELS[metric]} vs shadow sides{note}", fontsize=10)
+            _mark_selected(ax, float(selected[count]), value, selection)
+        ax.set_title(f"{LOSS_LABELS[metric]} vs {unit}{note}", fontsize=10)
     _shared_legend(body, axes)
     _save(fig, out_png)
 
@@ -696,18 +713,28 @@ def plot_sensitivity(sensitivity_csv: str | Path, out_png: str | Path, top: int 
                      + 0.6 * span)
     bars_ax.axvline(0.0, color="0.3", linewidth=0.8)
     bars_ax.set_ylim(-0.7, len(worst) - 0.3)
-    bars_ax.set_xlabel("ΔKL (nats/token) when this side alone is clipped, every other side shadowed "
-                       "(measured; '(proxy)': the Fisher estimate)")
-    bars_ax.set_title(f"the {len(worst)} most sensitive of {len(table)} sides (cost: shadow elements per token; "
-                      "rank: order of the greedy selection)", fontsize=10)
+    layer_ranking = bool((table["side"] == "layer").all())
+    if layer_ranking:  # an NPU runtime profile ranks whole shadow layers
+        bars_ax.set_xlabel("ΔKL (nats/token) saved when this layer alone is a shadow layer (its down_proj shadow "
+                           "op), every other layer clamped (measured)")
+        bars_ax.set_title(f"the {len(worst)} most valuable of {len(table)} shadow layers (cost: measured CPU share; "
+                          "rank: order of the layer front)", fontsize=10)
+    else:
+        bars_ax.set_xlabel("ΔKL (nats/token) when this side alone is clipped, every other side shadowed "
+                           "(measured; '(proxy)': the Fisher estimate)")
+        bars_ax.set_title(f"the {len(worst)} most sensitive of {len(table)} sides (cost: shadow elements per token; "
+                          "rank: order of the greedy selection)", fontsize=10)
     bars_ax.grid(True, axis="x", alpha=0.3)
-    for side in SIDES:
-        bars_ax.barh([np.nan], [np.nan], color=SIDE_COLOURS[side], label=f"{side} side")
+    for side in ("layer",) if layer_ranking else SIDES:
+        bars_ax.barh([np.nan], [np.nan], color=SIDE_COLOURS[side], label=f"{side} side" if side != "layer"
+                     else "shadow layer")
     bars_ax.legend(loc="lower right", fontsize=9)
     _draw_depth_panel(depth_ax, table)
     statistics = sorted(set(table["statistic"])) if "statistic" in table.columns else []
-    fig.suptitle("Sensitivity per Linear side" + (f" ({', '.join(statistics)} statistic)" if statistics else "")
-                 + ": which sides need a shadow", fontsize=10)
+    fig.suptitle(("Sensitivity per shadow layer" if layer_ranking else "Sensitivity per Linear side")
+                 + (f" ({', '.join(statistics)} statistic)" if statistics else "")
+                 + (": which layers need a shadow op" if layer_ranking else ": which sides need a shadow"),
+                 fontsize=10)
     _save(fig, out_png)
 
 
@@ -718,7 +745,9 @@ def _draw_depth_panel(ax, table) -> None:
     depths = [layer_depth(name) for name in table["layer"]]
     known = sorted({d for d in depths if d is not None})
     bottom = np.zeros(len(known))
-    for side in SIDES:
+    for side in SIDES + ("layer",):
+        if not (table["side"] == side).any():
+            continue
         sums = np.array([table.loc[[d == depth and s == side for d, s in zip(depths, table["side"])],
                                    "delta_kl"].sum() for depth in known])
         ax.bar(known, sums, bottom=bottom, color=SIDE_COLOURS[side], width=0.8, label=side)

@@ -12,7 +12,10 @@ every point's loss is taken against its own variant's float row (the transforms 
 agree); the choice is then across variants as well.
 
 A point is within budget when its loss is at most `sweep.budget`. Among those the cheapest on the
-device wins: fewest shadow sides, then the smaller shadow FLOP share, then the smaller loss. When no
+device wins. Under an NPU runtime profile (the table has a `cpu_share` column: the measured share of
+Linear multiply-adds the shadow op runs on the CPU) that is the smallest CPU share, then the fewest
+shadow layers, then the smaller loss; under the ideal profile the fewest shadow sides, then the
+smaller shadow FLOP share, then the smaller loss. When no
 point meets the budget, the point with the smallest loss is taken and the selection says so
 (`budget_met: false`), so a run still produces a model, and the report shows the miss plainly.
 """
@@ -123,20 +126,33 @@ def choose(table, metric: str, budget: float, point: str | None = None, transfor
 
     def cost_key(item):
         row, value = item
+        cpu_share = _number(row.get("cpu_share"))
+        if cpu_share is not None:  # an NPU runtime profile
+            return (cpu_share, int(_number(row.get("num_shadow_layers")) or 0), value, row["point"], row["transform"])
         return (int(row["num_shadow_sides"]), float(row.get("shadow_flop_fraction") or 0.0), value, row["point"],
                 row["transform"])
+
+    runtime_table = any(_number(row.get("cpu_share")) is not None for row, _ in rows)
 
     if point is not None:
         best, best_loss = min(known, key=lambda item: (item[1], *cost_key(item)))
         reason = f"forced by export.point = {point}"
     elif within:
         best, best_loss = min(within, key=cost_key)
-        reason = (f"fewest shadow sides ({int(best['num_shadow_sides'])}) among {len(within)} of {len(rows)} points "
-                  f"whose {LOSS_DESCRIPTION[metric]} is at most {budget:g}; ties broken by shadow FLOPs, then loss")
+        if runtime_table:
+            reason = (f"smallest CPU share ({100 * float(best['cpu_share']):.3g} % of Linear multiply-adds, "
+                      f"{int(_number(best.get('num_shadow_layers')) or 0)} shadow layers) among {len(within)} of "
+                      f"{len(rows)} points whose {LOSS_DESCRIPTION[metric]} is at most {budget:g}; ties broken by "
+                      "shadow layers, then loss")
+        else:
+            reason = (f"fewest shadow sides ({int(best['num_shadow_sides'])}) among {len(within)} of {len(rows)} "
+                      f"points whose {LOSS_DESCRIPTION[metric]} is at most {budget:g}; ties broken by shadow FLOPs, "
+                      "then loss")
     else:
         best, best_loss = min(known, key=lambda item: (item[1], *cost_key(item)))
         reason = (f"BUDGET MISSED: no point keeps the {LOSS_DESCRIPTION[metric]} within {budget:g}; taking the most "
-                  f"accurate point ({best_loss:.4g}); raise sweep.budget or add shadow sides / smaller thresholds")
+                  f"accurate point ({best_loss:.4g}); raise sweep.budget or add shadow "
+                  f"{'layers' if runtime_table else 'sides'} / smaller thresholds")
     float_row = floats[best["transform"]]
     low, high = loss_interval(best, float_row, metric)
     threshold = _number(best.get("threshold"))
@@ -148,9 +164,21 @@ def choose(table, metric: str, budget: float, point: str | None = None, transfor
         "metric": metric, "budget": float(budget), "loss": float(best_loss), "loss_ci_low": low, "loss_ci_high": high,
         "budget_met": bool(best_loss <= budget + 1e-12), "float_value": _number(float_row.get(metric)),
         "selected_value": _number(best.get(metric)), "num_shadow_sides": int(best["num_shadow_sides"]),
-        "shadow_flop_fraction": _number(best.get("shadow_flop_fraction")), "reason": reason,
+        "shadow_flop_fraction": _number(best.get("shadow_flop_fraction")),
+        "runtime": str(best.get("runtime") or "ideal"), "cpu_share": _number(best.get("cpu_share")),
+        "num_shadow_layers": None if _number(best.get("num_shadow_layers")) is None
+        else int(_number(best.get("num_shadow_layers"))),
+        "shadow_layers": (_layer_list(best.get("shadow_layers")) or []) if _number(best.get("cpu_share")) is not None
+        else None, "reason": reason,
         "candidates": len(rows), "within_budget": len(within),
     }
+
+
+def _layer_list(value) -> list[int] | None:
+    """The shadow layers of a sweep row ("1 11 29" in the CSV), or None for an ideal-profile row."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return [int(v) for v in str(value).split()]
 
 
 def stack_sweeps(sweep_csvs, variants):

@@ -18,15 +18,17 @@ from shadowquant.atomic import atomic_path, write_json, write_text
 from shadowquant.decision import (load_act_scales, parse_point, point_clip, point_decisions, read_clip_scales,
                                   read_ranking, shadow_summary, threshold_label)
 from shadowquant.errors import PipelineError
-from shadowquant.export import int8_state_dict, save_export, save_export_pth
+from shadowquant.export import int8_state_dict, runtime_state_dict, save_export, save_export_pth
 from shadowquant.fakequant import weight_range_name
-from shadowquant.families import linear_layer_names
-from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm
+from shadowquant.families import linear_layer_names, quantized_layer_names
+from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm, read_runtime_json
 from shadowquant.manifest import read_manifest
 from shadowquant.mllm import convert_safetensors_to_mllm
 from shadowquant.models import fetch_model as fetch, load_model_from_manifest
 from shadowquant.profile_stage import load_profiling_inputs, make_checkpoint
 from shadowquant.profiling import act_scales_table, profile_model
+from shadowquant.runtime import IDEAL, SHADOW_MAX_POSITIONS, cpp_config, get_profile
+from shadowquant.runtime_decision import read_runtime_scales, runtime_decisions, shadow_layers_of_point
 from shadowquant.selection import resolve_export_point
 
 log = logging.getLogger(__name__)
@@ -113,44 +115,87 @@ def decide(act_scales: str | Path, out: str | Path, point: str, sensitivity: str
 def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point: str = "auto",
            selection: str | Path | None = None, sensitivity: str | Path | None = None,
            shadow_json: str | Path | None = None, clip_scales: str | Path | None = None,
-           weight_range: str = "max") -> None:
+           weight_range: str = "max", runtime: str = IDEAL, runtime_scales: str | Path | None = None,
+           runtime_json: str | Path | None = None) -> None:
     """Int8 export of an explicit sweep point, or of the point the selection chose, with the weight clip
-    range the sweep used."""
+    range the sweep used, for the runtime profile the sweep simulated (runtime.json says how to run it)."""
     point = resolve_export_point(point, selection)
     statistic, rule, value = parse_point(point)
-    ranking = read_ranking(sensitivity, statistic) if rule == "sensitivity" and sensitivity is not None else None
-    clips = read_clip_scales(clip_scales, statistic) if clip_scales is not None and point_clip(point) == "mse" else None
     model, _, family = load_model_from_manifest(manifest, device="cpu", dtype="checkpoint")
+    profile = get_profile(runtime, family)
     transform = read_manifest(manifest).get("transform") or {}
     variant = "+".join(transform.get("transforms", [])) or "none"
     untied = bool(transform.get("untied_lm_head"))
-    names = linear_layer_names(model)
-    decisions = point_decisions(load_act_scales(act_scales), point, layers=names, ranking=ranking,
-                                source=str(act_scales), clip_scales=clips)
-    tensors = int8_state_dict(model.state_dict(), decisions, names, weight_range=weight_range)
+    scales = load_act_scales(act_scales)
     meta = {"format": "shadowquant-int8", "family": family, "point": point, "statistic": statistic,
             "rule": rule, "threshold": threshold_label(value) if rule == "ratio" else "",
-            "shadow_budget": str(int(value)) if rule == "sensitivity" else "", "clip": point_clip(point),
+            "shadow_budget": str(int(value)) if rule in ("sensitivity", "layers") else "", "clip": point_clip(point),
             "transform": variant, "untied_lm_head": "true" if untied else "false",
-            "weight_range": weight_range_name(weight_range)}
+            "weight_range": weight_range_name(weight_range), "runtime": profile.name}
+    if profile.ideal:
+        ranking = read_ranking(sensitivity, statistic) if rule == "sensitivity" and sensitivity is not None else None
+        clips = (read_clip_scales(clip_scales, statistic) if clip_scales is not None and point_clip(point) == "mse"
+                 else None)
+        names = linear_layer_names(model)
+        decisions = point_decisions(scales, point, layers=names, ranking=ranking, source=str(act_scales),
+                                    clip_scales=clips)
+        tensors = int8_state_dict(model.state_dict(), decisions, names, weight_range=weight_range)
+        summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
+        shadow, tied = None, False
+    else:
+        names = quantized_layer_names(model, family)
+        ranking = ([layer for layer, _ in read_ranking(sensitivity, "absmax")]
+                   if rule == "layers" and sensitivity is not None else None)
+        shadow = shadow_layers_of_point(point, scales, profile, names, ranking)
+        decisions = runtime_decisions(scales, read_runtime_scales(runtime_scales, profile), profile, names, shadow)
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+        tensors = runtime_state_dict(model.state_dict(), decisions, names, profile, shadow, weight_range, tied)
+        meta["shadow_layers"] = " ".join(str(i) for i in sorted(shadow))
+        summary = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else None, statistic)
+        summary["shadow_layers"] = sorted(shadow)
     save_export(tensors, out, metadata=meta)
     if shadow_json is not None:
-        summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
-        summary.update(point=point, transform=variant, untied_lm_head=untied,
+        summary.update(point=point, transform=variant, untied_lm_head=untied, runtime=profile.name,
                        weight_range=weight_range_name(weight_range))
         write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
-    log.info("exported %d tensors (point %s, transform %s) to %s%s", len(tensors), point, variant, out,
+    if runtime_json is not None:
+        write_json(runtime_json, runtime_description(profile, model, shadow, tied, point, variant,
+                                                     any(k.endswith("_proj.bias") for k in tensors)))
+    log.info("exported %d tensors (point %s, transform %s, runtime %s%s) to %s%s", len(tensors), point, variant,
+             profile.name, "" if shadow is None else f", shadow layers {sorted(shadow)}", out,
              "; lm_head.weight is its own tensor: the transform untied it from the embeddings" if untied else "")
+
+
+def runtime_description(profile, model, shadow_layers, tied: bool, point: str, variant: str, qkv_bias: bool) -> dict:
+    """runtime.json: the runtime a model file is for and what its C++ model must be built with."""
+    if profile.ideal:
+        return {"runtime": profile.name, "description": profile.description, "point": point, "transform": variant,
+                "note": "the idealized W8A8 of the original tools: no mllm NPU model runs exactly this file's "
+                        "arithmetic; choose an NPU runtime profile (runtime.profile) for a phone"}
+    config = cpp_config(model.config, profile, tied, qkv_bias)
+    config["shadow_layers"] = sorted(shadow_layers)
+    return {
+        "runtime": profile.name, "description": profile.description, "cpp_model": profile.cpp_model,
+        "point": point, "transform": variant, "shadow_layers": sorted(shadow_layers),
+        "shadow_layers_go_to": profile.shadow_set_location,
+        "chunk_size": 128, "max_chunk_size": SHADOW_MAX_POSITIONS,
+        "chunk_note": f"prefill in chunks of at most {SHADOW_MAX_POSITIONS} positions (the shadow op's buffers)",
+        "cpp_config": config,
+    }
 
 
 # --- stage 4: conversion ----------------------------------------------------
 
-def convert(export_path: str | Path, out: str | Path, report: str | Path | None = None, version: int = 1) -> None:
-    """Int8 safetensors export -> mllm file, published only once the inspector accepts it."""
+def convert(export_path: str | Path, out: str | Path, report: str | Path | None = None, version: int = 1,
+            runtime_json: str | Path | None = None) -> None:
+    """Int8 safetensors export -> mllm file, published only once the inspector accepts it (against what the
+    runtime profile's C++ model loads, given the export's runtime.json)."""
     shapes, codes = expectations_from_safetensors(export_path, version)
+    runtime = read_runtime_json(runtime_json) if runtime_json is not None else None
     with atomic_path(out, suffix=".mllm") as tmp:
         convert_safetensors_to_mllm(export_path, tmp, version=version)
-        result = inspect_mllm(tmp, expected_shapes=shapes, expected_dtypes=codes)
+        result = inspect_mllm(tmp, expected_shapes=shapes, expected_dtypes=codes, runtime=runtime)
         result.path = str(out)
         result.notes.extend(export_notes(export_path))
         text = format_report(result)
@@ -159,8 +204,8 @@ def convert(export_path: str | Path, out: str | Path, report: str | Path | None 
             shown = "; ".join(f"{problem.name} {problem.what}" for problem in result.problems[:3])
             more = f" (and {len(result.problems) - 3} more)" if len(result.problems) > 3 else ""
             raise PipelineError(f"{export_path}: the converted model fails inspection: {shown}{more}; every "
-                                "quantized Linear needs its weight.scale, input_scale, output_scale, clip_input and "
-                                "clip_output tensors: re-run the int8 export")
+                                "tensor the runtime loads must be there with its dtype and size: re-run the int8 "
+                                "export")
     if report is not None:
         write_text(report, text + "\n")
 

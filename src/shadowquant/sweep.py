@@ -21,12 +21,16 @@ from shadowquant.families import quantized_layer_names
 from shadowquant.metrics import evaluate, per_record, result_from_per_record, save_baseline, summarize
 from shadowquant.models import load_model_from_manifest
 from shadowquant.profiling import tokenize_samples
+from shadowquant.runtime import IDEAL, get_profile
+from shadowquant.runtime_decision import read_runtime_scales, runtime_decisions, shadow_layers_of_point
+from shadowquant.runtime_linear import apply_runtime
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("accuracy", "perplexity", "perplexity_increase", "kl", "agreement")
-SWEEP_COLUMNS = ["point", "rule", "statistic", "clip", "weight_range", "threshold", "shadow_budget",
+SWEEP_COLUMNS = ["point", "runtime", "rule", "statistic", "clip", "weight_range", "threshold", "shadow_budget",
                  *[f"{m}{suffix}" for m in METRIC_KEYS for suffix in ("", "_ci_low", "_ci_high")],
+                 "num_shadow_layers", "shadow_layers", "cpu_share", "input_outliers", "output_outliers",
                  "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction",
                  "num_samples", "num_tokens"]
 # Which parts of every quantized Linear are quantized, for the error breakdown.
@@ -100,13 +104,14 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
 
 def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json, point: str, seq_len: int,
                    batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
-                   sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max") -> dict:
+                   sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max",
+                   runtime: str = IDEAL, runtime_scales=None) -> dict:
     """One sweep point (or one part of the error breakdown): quantize, evaluate against the float baseline,
     and summarize with bootstrap intervals paired with the float run on the same records."""
     metrics = evaluate_points(manifest, samples, act_scales, baseline, float_json, [point], seq_len,
                               batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
                               sensitivity=sensitivity, part=part, clip_scales=clip_scales,
-                              weight_range=weight_range)[0]
+                              weight_range=weight_range, runtime=runtime, runtime_scales=runtime_scales)[0]
     write_json(out_json, metrics)
     return metrics
 
@@ -114,11 +119,12 @@ def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json
 def evaluate_point_group(manifest, samples, act_scales, baseline, float_json, out_json, points: list[str],
                          seq_len: int, batch_size: int = 4, device: str = "auto", dtype: str = "auto",
                          num_resamples: int = 1000, sensitivity=None, clip_scales=None,
-                         weight_range: str = "max") -> list[dict]:
+                         weight_range: str = "max", runtime: str = IDEAL, runtime_scales=None) -> list[dict]:
     """A group of sweep points evaluated with one model load, written as {"points": [...]} for split_point."""
     results = evaluate_points(manifest, samples, act_scales, baseline, float_json, list(points), seq_len,
                               batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
-                              sensitivity=sensitivity, clip_scales=clip_scales, weight_range=weight_range)
+                              sensitivity=sensitivity, clip_scales=clip_scales, weight_range=weight_range,
+                              runtime=runtime, runtime_scales=runtime_scales)
     write_json(out_json, {"points": results})
     return results
 
@@ -135,10 +141,14 @@ def split_point(group_json, point: str, out_json) -> dict:
 
 def evaluate_points(manifest, samples, act_scales, baseline, float_json, points: list[str], seq_len: int,
                     batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
-                    sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max") -> list[dict]:
+                    sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max",
+                    runtime: str = IDEAL, runtime_scales=None) -> list[dict]:
     """Sweep points with one model load (`sweep.points_per_job`): each point quantizes a fresh copy of the
     float model, so every result equals the one-point job's. Worth it where loading dominates (a
-    billion-parameter model on a GPU evaluates a point in seconds but loads in tens of seconds)."""
+    billion-parameter model on a GPU evaluates a point in seconds but loads in tens of seconds).
+
+    `runtime` names the runtime profile simulated (runtime.py); an NPU profile needs `runtime_scales`
+    (runtime_scales.json) and, for its 'absmax-l<k>' points, the layer ranking in `sensitivity`."""
     if not points:
         raise PipelineError("no sweep point to evaluate")
     started = time.perf_counter()
@@ -148,6 +158,14 @@ def evaluate_points(manifest, samples, act_scales, baseline, float_json, points:
     scales = load_act_scales(act_scales)
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     float_result = result_from_per_record(read_point_json(float_json)["per_record"], source=str(float_json))
+    profile = get_profile(runtime, family)
+    if not profile.ideal:
+        chosen = read_runtime_scales(runtime_scales, profile)
+        ranking = [layer for layer, _ in read_ranking(sensitivity, "absmax")] if sensitivity is not None else None
+        return [_evaluate_runtime_point(float_model if index == len(points) - 1 else copy.deepcopy(float_model),
+                                        names, profile, scales, point, sequences, batch_size, baseline, float_result,
+                                        num_resamples, part, weight_range, chosen, ranking)
+                for index, point in enumerate(points)]
     # The ranking and clip scales are read once per statistic, not once per point.
     rankings, clip_tables = {}, {}
     results = []
@@ -171,7 +189,7 @@ def evaluate_points(manifest, samples, act_scales, baseline, float_json, points:
             shadow_budget=int(value) if rule == "sensitivity" else None,
             num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
             num_shadow_sides=counts["num_shadow_sides"],
-            shadow_flop_fraction=shadow_flop_fraction(model, names, decisions),
+            shadow_flop_fraction=shadow_flop_fraction(model, names, decisions), runtime=IDEAL,
             shadow_inputs=counts["shadow_inputs"], shadow_outputs=counts["shadow_outputs"],
             per_record=per_record(result),
         )
@@ -181,6 +199,34 @@ def evaluate_points(manifest, samples, act_scales, baseline, float_json, points:
         results.append(metrics)
         del model
     return results
+
+
+def _evaluate_runtime_point(model, names, profile, act_scales, point, sequences, batch_size, baseline, float_result,
+                            num_resamples, part, weight_range, runtime_scales, ranking) -> dict:
+    """One point under an NPU runtime profile: its shadow layers, the simulation, the measured CPU share."""
+    statistic, rule, value = parse_point(point)
+    shadow = shadow_layers_of_point(point, act_scales, profile, names, ranking)
+    decisions = runtime_decisions(act_scales, runtime_scales, profile, names, shadow)
+    counter = apply_runtime(model, decisions, names, profile, shadow, weight_range=weight_range, **PARTS[part])
+    label = point if part == "all" else f"{point} {part} only"
+    result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, desc=f"{label} ({profile.name})")
+    metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
+    counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
+    metrics.update(
+        point=point, runtime=profile.name, rule=rule, statistic=statistic, clip="runtime", part=part,
+        weight_range=weight_range_name(weight_range), threshold=value if rule == "ratio" else None,
+        shadow_budget=int(value) if rule == "layers" else None, num_shadow_layers=len(shadow),
+        shadow_layers=" ".join(str(i) for i in sorted(shadow)), cpu_share=counter.share,
+        input_outliers=counter.input_outliers, output_outliers=counter.output_outliers,
+        num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
+        num_shadow_sides=counts["num_shadow_sides"], shadow_flop_fraction=None,
+        shadow_inputs=counts["shadow_inputs"], shadow_outputs=counts["shadow_outputs"],
+        per_record=per_record(result),
+    )
+    log.info("%s (%s): perplexity %.4f (%+.2f %%), KL %.4f, agreement %.4f, shadow layers [%s], CPU share %.4f %%",
+             label, profile.name, metrics["perplexity"], 100 * (metrics["perplexity_increase"] or 0.0),
+             metrics["kl"] or 0.0, metrics["agreement"] or 0.0, metrics["shadow_layers"], 100 * counter.share)
+    return metrics
 
 
 def aggregate(float_json, point_jsons: list, out_csv) -> None:

@@ -106,6 +106,7 @@ THREADS_CONFIG_KEYS = {
     "sensitivity": "threads.evaluate",
     "choose_weight_range": "threads.evaluate",
     "clip_scales": "threads.evaluate",
+    "runtime_scales": "threads.evaluate",
     "evaluate_export": "threads.evaluate",
     "export_int8": "threads.export",
     "transform_model": "threads.export",
@@ -163,25 +164,38 @@ SWEEP_THRESHOLDS = sorted(
     {float(t) for t in config["sweep"]["thresholds"]}
     | ({1.0} if config["sweep"]["breakdown"] else set())
 )
+# The runtime the numbers are for: an NPU profile (a point is a set of shadow layers) or 'ideal'.
+RUNTIME = config["runtime"]["profile"]
+NPU_RUNTIME = RUNTIME != "ideal"
+RUNTIME_SCALES = f"{RUN_RESULTS}/runtime_scales.json"
 SHADOW_SIDES = sorted(set(config["sweep"]["shadow_sides"]))
+SHADOW_LAYERS = sorted(set(config["sweep"]["shadow_layers"]))
 CLIPS = config["sweep"]["clip_scales"]
-SWEEP_LABELS = sorted(
-    {
-        point_label(s, "ratio", t, c)
-        for s in SWEEP_STATISTICS
-        for t in SWEEP_THRESHOLDS
-        for c in CLIPS
-        # At t <= 1 no side is clipped: the '-mse' point would repeat the 'max' one.
-        if c == "max" or t > 1
-    }
-    | {
-        point_label(s, "sensitivity", k, c)
-        for s in SWEEP_STATISTICS
-        for k in SHADOW_SIDES
-        for c in CLIPS
-    }
-    | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
-)
+if NPU_RUNTIME:
+    # Clamped ranges come from runtime_scales.json (max or MSE per side): no '-mse' twins.
+    SWEEP_LABELS = sorted(
+        {point_label("absmax", "ratio", t) for t in SWEEP_THRESHOLDS}
+        | {point_label("absmax", "layers", k) for k in SHADOW_LAYERS}
+        | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
+    )
+else:
+    SWEEP_LABELS = sorted(
+        {
+            point_label(s, "ratio", t, c)
+            for s in SWEEP_STATISTICS
+            for t in SWEEP_THRESHOLDS
+            for c in CLIPS
+            # At t <= 1 no side is clipped: the '-mse' point would repeat the 'max' one.
+            if c == "max" or t > 1
+        }
+        | {
+            point_label(s, "sensitivity", k, c)
+            for s in SWEEP_STATISTICS
+            for k in SHADOW_SIDES
+            for c in CLIPS
+        }
+        | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
+    )
 SWEEP_POINTS = [f"{RUN_RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
 # sweep.points_per_job > 1: the points in groups, each evaluated by one job with one model load.
 POINTS_PER_JOB = config["sweep"]["points_per_job"]
@@ -190,13 +204,16 @@ POINT_GROUPS = [
     for i in range(0, len(SWEEP_LABELS), POINTS_PER_JOB)
 ]
 GROUP_OF_POINT = {label: g for g, group in enumerate(POINT_GROUPS) for label in group}
+
+
+def needs_ranking(label):
+    """Whether a point takes its shadow sides (ideal) or layers (NPU) from sensitivity.csv."""
+    return parse_point(label)[1] in ("sensitivity", "layers")
+
+
 # Sensitivity is measured when some point needs its ranking.
 SENSITIVITY_STATISTICS = sorted(
-    {
-        parse_point(label)[0]
-        for label in SWEEP_LABELS
-        if parse_point(label)[1] == "sensitivity"
-    }
+    {parse_point(label)[0] for label in SWEEP_LABELS if needs_ranking(label)}
 )
 USES_SENSITIVITY = bool(SENSITIVITY_STATISTICS)
 # MSE clip scales are measured for the statistics of the '-mse' points.
@@ -293,9 +310,19 @@ def sensitivity_input(wildcards=None):
     """The sensitivity rankings for the export: only when its point is (or may be) a sensitivity point."""
     if EXPORT_IS_AUTO:
         return export_inputs(SENSITIVITY) if USES_SENSITIVITY else []
-    if parse_point(EXPORT_POINT)[1] == "sensitivity":
+    if needs_ranking(EXPORT_POINT):
         return export_inputs(SENSITIVITY)
     return []
+
+
+def runtime_scales_input(wildcards):
+    """The run's runtime_scales.json under an NPU runtime profile."""
+    return [in_run(RUNTIME_SCALES, wildcards)] if NPU_RUNTIME else []
+
+
+def export_runtime_scales_input(wildcards=None):
+    """runtime_scales.json of every variant the export may use, under an NPU runtime profile."""
+    return export_inputs(RUNTIME_SCALES) if NPU_RUNTIME else []
 
 
 def clip_scales_input(wildcards=None):
@@ -340,7 +367,7 @@ def point_group_file(wildcards):
 def group_sensitivity_input(wildcards):
     """The ranking when some point of the group is a sensitivity point."""
     points = POINT_GROUPS[int(wildcards.group)]
-    if any(parse_point(p)[1] == "sensitivity" for p in points):
+    if any(needs_ranking(p) for p in points):
         return [in_run(SENSITIVITY, wildcards)]
     return []
 
@@ -354,8 +381,8 @@ def group_clip_scales_input(wildcards):
 
 
 def point_sensitivity_input(wildcards):
-    """The ranking only for a sensitivity point ("absmax-k15"): ratio points never wait for it."""
-    if parse_point(wildcards.point)[1] == "sensitivity":
+    """The ranking only for a sensitivity point ("absmax-k15", "absmax-l2"): ratio points never wait for it."""
+    if needs_ranking(wildcards.point):
         return [in_run(SENSITIVITY, wildcards)]
     return []
 

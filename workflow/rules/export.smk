@@ -12,9 +12,11 @@ rule export_int8:
         weight_range=(
             export_inputs(WEIGHT_RANGE_CHOICE) if WEIGHT_RANGE == "auto" else []
         ),
+        runtime_scales=export_runtime_scales_input,
     output:
         export=f"{RESULTS}/model-int8.safetensors",
         shadow=f"{RESULTS}/shadow_layers.json",
+        runtime=f"{RESULTS}/runtime.json",
     log:
         f"{LOGS}/export_int8.log",
     benchmark:
@@ -30,6 +32,7 @@ rule export_int8:
         variants=EXPORT_VARIANTS,
         transform=config["export"]["transform"],
         weight_range=WEIGHT_RANGE,
+        runtime=RUNTIME,
     script:
         "../scripts/export_int8.py"
 
@@ -53,7 +56,8 @@ rule export_pth:
 
 rule convert_mllm:
     input:
-        f"{RESULTS}/model-int8.safetensors",
+        export=f"{RESULTS}/model-int8.safetensors",
+        runtime=f"{RESULTS}/runtime.json",
     output:
         model=f"{RESULTS}/model.mllm",
         report=f"{RESULTS}/inspect.txt",
@@ -73,9 +77,11 @@ rule convert_mllm:
 
 rule primary_model:
     input:
-        f"{RESULTS}/model.mllm",
+        model=f"{RESULTS}/model.mllm",
+        runtime=f"{RESULTS}/runtime.json",
     output:
-        "model.mllm",
+        model="model.mllm",
+        runtime="runtime.json",
     log:
         f"{LOGS}/primary_model.log",
     conda:

@@ -94,12 +94,44 @@ rule evaluate_float:
         "../scripts/evaluate_float.py"
 
 
+rule runtime_scales:
+    input:
+        manifest=run_manifest,
+        samples=f"{RESULTS}/calibration.jsonl",
+        scales=f"{RUN_RESULTS}/act_scales.json",
+    output:
+        RUNTIME_SCALES,
+    log:
+        f"{RUN_LOGS}/runtime_scales.log",
+    benchmark:
+        f"{RUN_BENCH}/runtime_scales.tsv"
+    conda:
+        CONDA_ENV
+    threads: rule_threads("runtime_scales")
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=120,
+        gpu=USES_GPU,
+    params:
+        profile=RUNTIME,
+        cpu_cap=config["runtime"]["cpu_cap"],
+        num_samples=config["calibration"]["num_samples"],
+        seq_len=config["calibration"]["seq_len"],
+        fisher_samples=config["sensitivity"]["num_samples"],
+        fisher_seq_len=config["sensitivity"]["seq_len"],
+        device=config["device"],
+        dtype=config["dtype"],
+    script:
+        "../scripts/runtime_scales.py"
+
+
 rule sensitivity:
     input:
         manifest=run_manifest,
         samples=f"{RESULTS}/calibration.jsonl",
         scales=f"{RUN_RESULTS}/act_scales.json",
         weight_range=weight_range_input,
+        runtime_scales=runtime_scales_input,
     output:
         SENSITIVITY,
     log:
@@ -121,6 +153,7 @@ rule sensitivity:
         measure_top=config["sensitivity"]["measure_top"],
         measure_samples=config["sensitivity"]["measure_samples"],
         cost=config["sensitivity"]["cost"],
+        runtime=RUNTIME,
         device=config["device"],
         dtype=config["dtype"],
     script:
@@ -167,6 +200,7 @@ if POINTS_PER_JOB == 1:
             sensitivity=point_sensitivity_input,
             clip_scales=point_clip_scales_input,
             weight_range=weight_range_input,
+            runtime_scales=runtime_scales_input,
         output:
             f"{RUN_RESULTS}/sweep/{{point}}.json",
         log:
@@ -174,7 +208,7 @@ if POINTS_PER_JOB == 1:
         benchmark:
             f"{RUN_BENCH}/sweep/{{point}}.tsv"
         wildcard_constraints:
-            point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)(-mse)?",
+            point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+|l[0-9]+)(-mse)?",
         conda:
             CONDA_ENV
         threads: rule_threads("evaluate_point")
@@ -184,6 +218,7 @@ if POINTS_PER_JOB == 1:
             gpu=USES_GPU,
         params:
             weight_range=WEIGHT_RANGE,
+            runtime=RUNTIME,
             seq_len=config["evaluation"]["seq_len"],
             batch_size=config["evaluation"]["batch_size"],
             device=config["device"],
@@ -205,6 +240,7 @@ else:
             sensitivity=group_sensitivity_input,
             clip_scales=group_clip_scales_input,
             weight_range=weight_range_input,
+            runtime_scales=runtime_scales_input,
         output:
             f"{RUN_RESULTS}/sweep/groups/group-{{group}}-of-{len(POINT_GROUPS)}.json",
         log:
@@ -239,7 +275,7 @@ else:
         log:
             f"{RUN_LOGS}/sweep/{{point}}.log",
         wildcard_constraints:
-            point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+)(-mse)?",
+            point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+|l[0-9]+)(-mse)?",
         localrule: True
         conda:
             CONDA_ENV
@@ -259,6 +295,7 @@ rule evaluate_part:
         baseline=f"{RUN_RESULTS}/sweep/float-baseline.safetensors",
         float=f"{RUN_RESULTS}/sweep/float.json",
         weight_range=weight_range_input,
+        runtime_scales=runtime_scales_input,
     output:
         f"{RUN_RESULTS}/sweep/parts/{{statistic}}-{{part}}.json",
     log:
@@ -277,6 +314,7 @@ rule evaluate_part:
         gpu=USES_GPU,
     params:
         weight_range=WEIGHT_RANGE,
+        runtime=RUNTIME,
         seq_len=config["evaluation"]["seq_len"],
         batch_size=config["evaluation"]["batch_size"],
         device=config["device"],

@@ -2,5 +2,5 @@
 from shadowquant.adapter import run_stage
 from shadowquant.stages import convert
 
-run_stage(snakemake, convert, export_path=snakemake.input[0], out=snakemake.output.model,
-          report=snakemake.output.report)
+run_stage(snakemake, convert, export_path=snakemake.input.export, out=snakemake.output.model,
+          report=snakemake.output.report, runtime_json=snakemake.input.runtime)

@@ -19,4 +19,5 @@ run_stage(snakemake, evaluate_with_weight_range, manifest=i.manifest, samples=i.
           batch_size=p.batch_size, device=p.device, dtype=p.dtype, num_resamples=p.num_resamples,
           sensitivity=i.sensitivity[0] if "sensitivity" in i.keys() and i.sensitivity else None,
           part=w.part if "part" in w.keys() else "all",
-          clip_scales=i.clip_scales[0] if "clip_scales" in i.keys() and i.clip_scales else None)
+          clip_scales=i.clip_scales[0] if "clip_scales" in i.keys() and i.clip_scales else None,
+          runtime=p.runtime, runtime_scales=i.runtime_scales[0] if i.runtime_scales else None)

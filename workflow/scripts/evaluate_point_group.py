@@ -15,4 +15,5 @@ run_stage(snakemake, evaluate_group_with_weight_range, manifest=i.manifest, samp
           act_scales=i.scales, baseline=i.baseline, float_json=i.float, out_json=snakemake.output[0],
           points=list(p.points), seq_len=p.seq_len, batch_size=p.batch_size, device=p.device, dtype=p.dtype,
           num_resamples=p.num_resamples, sensitivity=i.sensitivity[0] if i.sensitivity else None,
-          clip_scales=i.clip_scales[0] if i.clip_scales else None)
+          clip_scales=i.clip_scales[0] if i.clip_scales else None, runtime=p.runtime,
+          runtime_scales=i.runtime_scales[0] if i.runtime_scales else None)
