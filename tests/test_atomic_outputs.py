@@ -88,7 +88,8 @@ def llama_run(tmp_path_factory, tiny_model_dir, tiny_text_corpus) -> Path:
     stages.select_samples(tiny_text_corpus, run / "samples.jsonl", 4)
     stages.profile(run / "manifest.json", run / "samples.jsonl", run / "act_scales.json", run / "act_scales.csv",
                    seq_len=16, batch_size=2, device="cpu", progress=False)
-    stages.export(run / "manifest.json", run / "act_scales.json", run / "model-int8.safetensors", "signed-t152")
+    stages.export(run / "manifest.json", run / "act_scales.json", run / "model-int8.safetensors", "signed-t152",
+                  runtime_json=run / "runtime.json")
     return run
 
 
@@ -160,6 +161,7 @@ def test_snakemake_killed_mid_write_then_rerun_produces_the_output(llama_run, ti
     results = tmp_path / "results" / "tiny"
     results.mkdir(parents=True)
     shutil.copy(llama_run / "model-int8.safetensors", results / "model-int8.safetensors")
+    shutil.copy(llama_run / "runtime.json", results / "runtime.json")
     config = write_config(tmp_path, {"model": {"source": str(tiny_model_dir("llama")), "name": "tiny"},
                                      "calibration": {"dataset": str(tiny_text_corpus)}, "device": "cpu"})
     hooks = tmp_path / "hooks"

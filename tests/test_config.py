@@ -7,7 +7,8 @@ from shadowquant.errors import PipelineError
 
 
 def test_statistic_and_threshold_become_one_export_point(capsys):
-    cfg = validate_config({"statistic": "signed", "export": {"threshold": 152}}, source="old.yaml")
+    cfg = validate_config({"statistic": "signed", "export": {"threshold": 152}, "runtime": {"profile": "ideal"}},
+                          source="old.yaml")
     assert cfg["export"]["point"] == "signed-t152" and "statistic" not in cfg and "threshold" not in cfg["export"]
     err = capsys.readouterr().err
     assert "warning: old.yaml: config keys 'statistic' and 'export.threshold' are deprecated; use export.point: " \
@@ -15,7 +16,7 @@ def test_statistic_and_threshold_become_one_export_point(capsys):
 
 
 def test_a_statistic_alone_restricts_the_sweep(capsys):
-    cfg = validate_config({"statistic": "signed"})
+    cfg = validate_config({"statistic": "signed", "runtime": {"profile": "ideal"}})
     assert cfg["sweep"]["statistics"] == ["signed"] and cfg["export"]["point"] == "auto"
     assert "use sweep.statistics: [signed]" in capsys.readouterr().err
 
@@ -27,7 +28,8 @@ def test_max_accuracy_drop_becomes_the_budget(capsys):
 
 
 def test_today_keys_give_no_warning(capsys):
-    cfg = validate_config({"export": {"point": "absmax-k15"}, "sweep": {"budget": 0.03}})
+    cfg = validate_config({"export": {"point": "absmax-k15"}, "sweep": {"budget": 0.03},
+                           "runtime": {"profile": "ideal"}})
     assert cfg["export"]["point"] == "absmax-k15" and capsys.readouterr().err == ""
 
 

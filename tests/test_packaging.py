@@ -62,7 +62,7 @@ def test_the_install_commands_pin_the_tested_torch():
 def test_cli_help_and_config_validation(tmp_path):
     out = subprocess.run([sys.executable, "-m", "shadowquant", "validate-config", str(REPO / "config/config.yaml")],
                          capture_output=True, text=True, check=True).stdout
-    assert "budget: 0.3" in out and "point: auto" in out
+    assert "budget: 0.05" in out and "point: auto" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("calibration:\n  num_samples: 0\n")
     proc = subprocess.run([sys.executable, "-m", "shadowquant", "validate-config", str(bad)],

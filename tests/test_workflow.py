@@ -15,32 +15,45 @@ from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 pytestmark = pytest.mark.slow
 
 
+# The runtime each family's run simulates: mllm's Qwen NPU model runs LLaMA-shaped models; the others take the
+# idealized W8A8 of the original tools (mllm has no NPU model for them).
+NPU_FAMILIES = ("llama", "qwen1")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path):
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
-    # The sensitivity front, the breakdown and their plots run for one family (llama), the rest of the
-    # workflow for all eight.
-    full = family == "llama"
-    overrides = ({"sweep.clip_scales": ["max", "mse"], "sweep.weight_range": "auto"} if full
-                 else {"sweep.shadow_sides": [], "sweep.breakdown": False})
+    # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu, qwen2
+    # under ideal with '-mse' points), the rest of the workflow for all eight.
+    npu = family in NPU_FAMILIES
+    full = family in ("llama", "qwen2")
+    overrides = {"runtime.profile": "qwen-npu" if npu else "ideal"}
+    if family == "qwen2":
+        overrides.update({"sweep.clip_scales": ["max", "mse"], "sweep.weight_range": "auto"})
+    elif not full:
+        overrides.update({"sweep.shadow_sides": [], "sweep.shadow_layers": [], "sweep.breakdown": False})
     cfg = write_config(tmp_path, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}",
                                              **{"model.type": family}, **overrides))
     snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
     results = tmp_path / f"results/tiny-{family}"
     sweep = pd.read_csv(results / "sweep.csv")
     ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]  # t = 1 comes with the breakdown
-    # t = 1 clips no side, so it has no '-mse' twin.
-    expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio[1:]], "absmax-k2-mse"] if full \
-        else ["float", *ratio[1:]]
+    if npu:  # shadow layers: the layer front and the ratio rule per layer, no '-mse' twins
+        expected = ["float", "absmax-l1", *ratio] if full else ["float", *ratio[1:]]
+    else:  # t = 1 clips no side, so it has no '-mse' twin.
+        expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio[1:]], "absmax-k2-mse"] if full \
+            else ["float", *ratio[1:]]
     assert list(sweep["point"]) == expected
+    assert set(sweep.loc[sweep["point"] != "float", "runtime"]) == {"qwen-npu" if npu else "ideal"}
     assert sweep["perplexity"].notna().all() and sweep["perplexity_ci_low"].notna().all()
     assert (sweep["perplexity_ci_low"] <= sweep["perplexity"]).all()
     assert (sweep["perplexity"] <= sweep["perplexity_ci_high"]).all()
     selection = json.loads((results / "selection.json").read_text())
     assert selection["point"] in set(sweep["point"]) - {"float"}
     if full:
-        chosen = json.loads((results / "weight_range.json").read_text())["weight_range"]
-        assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
+        if family == "qwen2":
+            chosen = json.loads((results / "weight_range.json").read_text())["weight_range"]
+            assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
         breakdown = json.loads((results / "breakdown.json").read_text())
         assert set(breakdown["parts"]) == {"float", "weights", "inputs", "outputs", "all"}
         for plot in ("fronts.png", "sensitivity.png", "breakdown.png"):
@@ -50,6 +63,9 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     for plot in ("sweep_threshold.png", "sweep_shadow.png", "outlier_ratios.png"):
         assert (results / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mllm = results / "model.mllm"
+    # runtime.json beside the file: the inspector checks what that runtime's C++ model loads.
+    runtime = json.loads((results / "runtime.json").read_text())
+    assert runtime["runtime"] == ("qwen-npu" if npu else "ideal")
     assert inspect_main([str(mllm), "--export", str(mllm.with_name("model-int8.safetensors"))]) == 0
     f = read_mllm(mllm)
     scales = json.loads((tmp_path / f"results/tiny-{family}/act_scales.json").read_text())
@@ -57,20 +73,24 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     linears = [n for n in scales["ori"] if n != "lm_head"]
     for layer in linears:
         assert f.entry(f"{layer}.weight").dtype == DTYPE_INT8
-        assert f.entry(f"{layer}.clip_input").dtype == DTYPE_INT8
+        if npu:  # clip flags only where the runtime reads them: down_proj of the shadow layers
+            shadow = f"model.layers.{layer.split('.')[2]}" in {f"model.layers.{i}" for i in runtime["shadow_layers"]}
+            assert (f"{layer}.clip_input" in f) == (shadow and layer.endswith("down_proj"))
+        else:
+            assert f.entry(f"{layer}.clip_input").dtype == DTYPE_INT8
     with safe_open(str(mllm.with_name("model-int8.safetensors")), framework="pt") as st:
         meta = st.metadata()
-    assert meta["family"] == family
+    assert meta["family"] == family and meta["runtime"] == ("qwen-npu" if npu else "ideal")
 
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):
     # Explicit statistic and threshold: model.mllm needs no sweep.
-    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", **{"export.point": "signed-t152"})
+    base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-llama", **{"export.point": "absmax-t152"})
     cfg = write_config(tmp_path, base)
     snakemake(tmp_path, cfg, "model.mllm")
     assert (tmp_path / "model.mllm").read_bytes() == (tmp_path / "results/tiny-llama/model.mllm").read_bytes()
     assert planned_jobs(snakemake(tmp_path, cfg, "-n", "model.mllm")) == {}
-    base["export"] = {"point": "signed-t8"}
+    base["export"] = {"point": "absmax-t8"}
     cfg = write_config(tmp_path, base)
     jobs = planned_jobs(snakemake(tmp_path, cfg, "-n", "model.mllm"))
     assert "profile" not in jobs and "fetch_model" not in jobs and "select_calibration" not in jobs
@@ -78,7 +98,7 @@ def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_t
     assert "evaluate_point" not in jobs and "sensitivity" not in jobs
     snakemake(tmp_path, cfg, "model.mllm")
     shadow = json.loads((tmp_path / "results/tiny-llama/shadow_layers.json").read_text())
-    assert shadow["threshold"] == 8 and shadow["point"] == "signed-t8"
+    assert shadow["threshold"] == 8 and shadow["point"] == "absmax-t8"
     # A change of the calibration size does rerun profiling.
     base["calibration"]["num_samples"] = 5
     jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, base), "-n", "model.mllm"))
@@ -97,7 +117,7 @@ def test_default_config_dry_run(tmp_path):
 def test_points_per_job_groups_the_sweep_into_fewer_jobs(tiny_model_dir, tiny_text_corpus, tmp_path):
     cfg = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-groups", **{"sweep.points_per_job": 2})
     jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, cfg), "-n"))
-    # absmax-t1, -t4, -t10000000 and -k2: two jobs of two points, split into four point files.
+    # absmax-t1, -t4, -t10000000 and -l1: two jobs of two points, split into four point files.
     assert jobs["evaluate_point_group"] == 2 and jobs["split_point"] == 4 and "evaluate_point" not in jobs
 
 
@@ -107,7 +127,7 @@ def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, 
     from shadowquant.models import load_model
 
     cfg = write_config(tmp_path, tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt",
-                                         **{"export.point": "absmax-t4"}))
+                                             **{"export.point": "absmax-t4", "runtime.profile": "ideal"}))
     snakemake(tmp_path, cfg, "results/tiny-opt/model-int8.safetensors")
     model, _, _ = load_model(tiny_model_dir("opt"), device="cpu", dtype="float32")
     mods = dict(model.named_modules())
@@ -176,6 +196,7 @@ def test_transform_variants_are_swept_compared_and_selected_across(tiny_model_di
     variants = ["none", "rotate+equalize"]
     base = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-tf",
                        **{"transform.variants": variants, "sweep.thresholds": [4], "sweep.shadow_sides": [],
+                          "sweep.shadow_layers": [],
                           "sweep.weight_range": "auto"})
     snakemake(tmp_path, write_config(tmp_path, base))
     runs = {"none": tmp_path / "results/tiny-tf", "rotate+equalize": tmp_path / "results/tiny-tf.rotate+equalize"}

@@ -35,11 +35,11 @@ def tiny_config(model_dir, corpus, name: str, **overrides) -> dict:
         "calibration": {"dataset": str(corpus), "num_samples": 6, "seq_len": 32, "batch_size": 3,
                         "checkpoint_every": 0},
         # A small sweep keeps the workflow fast: two thresholds (plus t = 1, always evaluated), one
-        # sensitivity point, auto selection; the sensitivity is measured on two short records.
+        # sensitivity point (one shadow layer under the default qwen-npu runtime), auto selection; the sensitivity is measured on two short records.
         # The weight range is fixed ('auto' adds a job): the whole-workflow llama run and the transform test
         # measure it.
-        "sweep": {"thresholds": [4, 10000000], "shadow_sides": [2], "clip_scales": ["max"], "bootstrap": 50,
-                  "weight_range": "max"},
+        "sweep": {"thresholds": [4, 10000000], "shadow_sides": [2], "shadow_layers": [1], "clip_scales": ["max"],
+                  "bootstrap": 50, "weight_range": "max"},
         "sensitivity": {"num_samples": 2, "seq_len": 16, "measure_top": 4, "measure_samples": 1},
         "evaluation": {"num_samples": 8, "seq_len": 24, "max_new_tokens": 4, "prompts": ["The list"]},
         "device": "cpu",

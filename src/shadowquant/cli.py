@@ -30,6 +30,15 @@ def _evaluation_args(s) -> None:
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
 
 
+def _runtime_args(s, scales_for: str) -> None:
+    from shadowquant.runtime import DEFAULT_PROFILE, PROFILE_NAMES
+
+    s.add_argument("--runtime", choices=PROFILE_NAMES, default=DEFAULT_PROFILE,
+                   help="the runtime profile simulated (docs/runtime.md); 'ideal' is the original tools' W8A8")
+    s.add_argument("--runtime-scales", default=None, help=f"runtime_scales.json (needed {scales_for} under an NPU "
+                   "profile; the runtime-scales command writes it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shadowquant", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--act-scales", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--point", type=_point, default="signed-t152",
-                   help="'<statistic>-t<threshold>' (ratio rule) or '<statistic>-k<k>' (needs --sensitivity)")
+                   help="'<statistic>-t<threshold>' (ratio rule) or '<statistic>-k<k>' (needs --sensitivity); "
+                        "the shadow sides of runtime profile ideal")
     s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
 
     s = sub.add_parser("export", help="int8 export (safetensors) of one sweep point")
@@ -80,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sensitivity", default=None, help="sensitivity.csv, for '-k' points")
     s.add_argument("--clip-scales", default=None, help="clip_scales.json, for '-mse' points")
     s.add_argument("--shadow-json", default=None, help="also write the shadow sides summary here")
+    s.add_argument("--runtime-json", default=None, help="also write runtime.json (what the C++ model needs) here")
     s.add_argument("--weight-range", choices=["max", "mse"], default="max",
                    help="per-tensor int8 weight clip range (the workflow's weight_range.json says which)")
+    _runtime_args(s, "for every point")
 
     s = sub.add_parser("evaluate-float", help="float metrics and the baseline every sweep point compares with")
     _evaluation_args(s)
@@ -103,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--weight-range", choices=["max", "mse"], default="max",
                    help="per-tensor int8 weight clip range (the workflow's weight_range.json says which)")
+    _runtime_args(s, "for the layer ranking")
+
+    s = sub.add_parser("runtime-scales", help="ranges chosen for the runtime: shadow ranges under the CPU cap, "
+                                              "max or MSE per clamped side (runtime_scales.json)")
+    s.add_argument("--manifest", required=True)
+    s.add_argument("--samples", required=True, help="calibration.jsonl; the first --num-samples records are used")
+    s.add_argument("--act-scales", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--runtime", default="qwen-npu", help="an NPU runtime profile (docs/runtime.md)")
+    s.add_argument("--cpu-cap", type=float, default=0.001, help="share of Linear multiply-adds the CPU may run")
+    s.add_argument("--num-samples", type=int, default=32, help="records for the histograms")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--fisher-samples", type=int, default=8, help="records for the max/MSE choice")
+    s.add_argument("--fisher-seq-len", type=int, default=128)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", default="auto")
 
     s = sub.add_parser("clip-scales", help="MSE-optimal clip scales of every quantized side (clip_scales.json)")
     s.add_argument("--manifest", required=True)
@@ -127,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--part", choices=["all", "weights", "inputs", "outputs"], default="all")
     s.add_argument("--weight-range", choices=["max", "mse"], default="max",
                    help="per-tensor int8 weight clip range (the workflow's weight_range.json says which)")
+    _runtime_args(s, "for every point")
 
     s = sub.add_parser("choose-weight-range", help="int8 weight clip range (max or mse) by weights-only perplexity")
     s.add_argument("--manifest", required=True)
@@ -153,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--version", type=int, choices=[1, 2], default=1)
+    s.add_argument("--runtime-json", default=None,
+                   help="the export's runtime.json: inspect against what that runtime's C++ model loads")
 
     s = sub.add_parser("tiny-model", help="build a tiny random-weight model of a family (for trying the pipeline)")
     s.add_argument("--family", required=True)
@@ -190,18 +221,30 @@ def main(argv: list[str] | None = None) -> int:
             stages.decide(args.act_scales, args.out, args.point, args.sensitivity)
         elif args.command == "export":
             stages.export(args.manifest, args.act_scales, args.out, args.point, sensitivity=args.sensitivity,
-                          shadow_json=args.shadow_json, clip_scales=args.clip_scales, weight_range=args.weight_range)
+                          shadow_json=args.shadow_json, clip_scales=args.clip_scales, weight_range=args.weight_range,
+                          runtime=args.runtime, runtime_scales=args.runtime_scales, runtime_json=args.runtime_json)
         elif args.command == "evaluate-float":
             from shadowquant.sweep import evaluate_float
 
             evaluate_float(args.manifest, args.samples, args.out_json, args.out_baseline, args.seq_len,
                            args.batch_size, args.device, args.dtype, args.bootstrap)
         elif args.command == "sensitivity":
-            from shadowquant.sensitivity import sensitivity_stage
+            from shadowquant.sensitivity import layer_sensitivity_stage, sensitivity_stage
 
-            sensitivity_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
-                              args.num_samples, args.seq_len, args.measure_top, args.measure_samples, args.cost,
-                              device=args.device, dtype=args.dtype, weight_range=args.weight_range)
+            if args.runtime == "ideal":
+                sensitivity_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
+                                  args.num_samples, args.seq_len, args.measure_top, args.measure_samples, args.cost,
+                                  device=args.device, dtype=args.dtype, weight_range=args.weight_range)
+            else:
+                layer_sensitivity_stage(args.manifest, args.samples, args.act_scales, args.runtime_scales, args.out,
+                                        args.runtime, args.num_samples, args.seq_len, device=args.device,
+                                        dtype=args.dtype, weight_range=args.weight_range)
+        elif args.command == "runtime-scales":
+            from shadowquant.runtime_scales import runtime_scales_stage
+
+            runtime_scales_stage(args.manifest, args.samples, args.act_scales, args.out, args.runtime, args.cpu_cap,
+                                 args.num_samples, args.seq_len, args.fisher_samples, args.fisher_seq_len,
+                                 device=args.device, dtype=args.dtype)
         elif args.command == "choose-weight-range":
             from shadowquant.weight_range import weight_range_stage
 
@@ -212,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_point(args.manifest, args.samples, args.act_scales, args.baseline, args.float_json,
                            args.out_json, args.point, args.seq_len, args.batch_size, args.device, args.dtype,
-                           args.bootstrap, args.sensitivity, args.part, args.clip_scales, args.weight_range)
+                           args.bootstrap, args.sensitivity, args.part, args.clip_scales, args.weight_range,
+                           args.runtime, args.runtime_scales)
         elif args.command == "clip-scales":
             from shadowquant.sensitivity import clip_scales_stage
 
@@ -227,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
             select_stage(args.sweep, args.out, args.metric, args.budget, variants=args.variants)
         elif args.command == "convert":
-            stages.convert(args.export, args.out, version=args.version)
+            stages.convert(args.export, args.out, version=args.version, runtime_json=args.runtime_json)
         elif args.command == "tiny-model":
             from shadowquant.tiny import build_tiny_model
 

@@ -72,11 +72,8 @@ def shadow_layers_of_point(point: str, act_scales: dict, profile: RuntimeProfile
                             "run; use absmax-l<k> (k shadow layers) or absmax-t<t>")
     if ranking is None:
         raise PipelineError(f"point '{point}' needs the layer ranking (sensitivity.csv); none was given")
-    k = int(value)
-    if k > len(ranking):
-        raise PipelineError(f"point '{point}' asks for {k} shadow layers but the model has only {len(ranking)}; "
-                            "lower sweep.shadow_layers")
-    indices = [layer_index(layer) for layer in ranking[:k]]
+    # A k beyond the model's layers takes them all (the sweep table's num_shadow_layers says how many).
+    indices = [layer_index(layer) for layer in ranking[:int(value)]]
     if any(i is None for i in indices):
         raise PipelineError("the layer ranking names modules outside the decoder layers; run sensitivity again")
     return frozenset(indices)

@@ -36,18 +36,21 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def runtime_step(scale: float, bits: int) -> float:
-    """The runtime's step of a range: `range / (2^(bits-1) - 1)` as the float32 the engine keeps."""
+    """The runtime's step of a range: the float32 range (as stored in the model file) divided by
+    2^(bits-1) - 1 in double precision, kept as float32, as mllm computes `scale / (pow(2, 7) - 1)`."""
     value = float(scale)
     if not value > 0:
         raise PipelineError(f"scale {scale!r} must be a positive number")
-    return float(torch.tensor(value / (2 ** (bits - 1) - 1), dtype=torch.float32))
+    stored = float(torch.tensor(value, dtype=torch.float32))
+    return float(torch.tensor(stored / (2 ** (bits - 1) - 1), dtype=torch.float32))
 
 
 def quantize(x: torch.Tensor, step: float, side: SideSpec, half: bool = False) -> torch.Tensor:
     """Integer levels (as float32) of `x` under one quantizer, clamped to its range.
 
-    `half`: the quantizer multiplies in float16 (mllm's NPU quantize of an fp16 input): the float32
-    reciprocal of the step is rounded to fp16, and levels beyond 2048 lose integer precision.
+    `half`: the quantizer works in float16 (mllm's NPU quantize of an fp16 input, LLaMAQuantize's HVX
+    path): the float32 reciprocal of the step is rounded to fp16, and the product and the + 0.5 are fp16
+    too, so levels beyond 1024 round (ties to even) before the floor and beyond 2048 lose integers.
     """
     inv32 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(step, dtype=torch.float32)
     if half:
