@@ -1,7 +1,5 @@
 """Where the quantization loss comes from, and which Linear sides to shadow.
 
-- `error_breakdown`: KL to float, perplexity and top-1 agreement with only the weights, only the
-  inputs, only the outputs, or all three quantized, at the all-shadow decision of a statistic.
 - `sensitivity_proxy`: a one-pass estimate, for every (layer, side), of the KL that clipping that
   side alone adds: 1/2 E[(g . dy)^2] with dy the change of the Linear's output between clipping
   (scale = max, clamp) and shadow (scale = 99.9 % quantile, no clamp) and g the gradient of the
@@ -11,6 +9,7 @@
 - `greedy_front`: shadow sets ordered by benefit (measured or proxy KL increase) per device cost.
 - `decisions_for_shadow_set`: the per-layer LayerQuant of a shadow set (exported unchanged).
 - `mse_clip_scales`: optional clip scales that minimise the int8 MSE over a calibration histogram.
+- `layer_ranking`: under an NPU runtime profile, the measured value of each layer as a shadow layer.
 
 KL and agreement here are against full-vocabulary float log-probs kept in memory for the (small)
 sequence set, independent of the metrics module's stored baseline.
@@ -23,8 +22,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import numpy as np
@@ -43,13 +41,6 @@ from shadowquant.runtime_decision import layer_ratios, read_runtime_scales, runt
 from shadowquant.runtime_linear import apply_runtime, reconfigure
 
 log = logging.getLogger(__name__)
-
-BREAKDOWN_PARTS = {  # part -> (weights, inputs, outputs) quantized
-    "weights": (True, False, False),
-    "inputs": (False, True, False),
-    "outputs": (False, False, True),
-    "all": (True, True, True),
-}
 
 Side = tuple[str, str]  # (layer name, "input" | "output")
 
@@ -196,27 +187,6 @@ def quantized_copy(model: nn.Module, decisions: dict[str, LayerQuant], layers: l
     """A simulated-W8A8 copy of `model` (the float model is left as it is)."""
     return apply_w8a8(copy.deepcopy(model), decisions, layers, quantize_weights, quantize_inputs, quantize_outputs,
                       weight_range)
-
-
-# ---------------------------------------------------------------- error breakdown
-
-
-def error_breakdown(model: nn.Module, layers: list[str], sequences: list[list[int]], act_scales: dict,
-                    statistic: str = "absmax", weight_range: str = "max", reference: list[torch.Tensor] | None = None,
-                    batch_size: int = 4, progress: bool = True) -> dict[str, dict]:
-    """Metrics of float and of each part quantized alone (and all), at the all-shadow decision.
-
-    Returns {"float" | "weights" | "inputs" | "outputs" | "all": Comparison.summary()}.
-    """
-    if reference is None:
-        reference = reference_logprobs(model, sequences, batch_size, progress)
-    decisions = decisions_for_shadow_set(act_scales, statistic, all_sides(layers), layers)
-    out = {"float": compare_to_reference(model, sequences, reference, batch_size).summary()}
-    for part, (weights, inputs, outputs) in tqdm(BREAKDOWN_PARTS.items(), desc="error breakdown", disable=not progress):
-        quantized = quantized_copy(model, decisions, layers, weights, inputs, outputs, weight_range)
-        out[part] = compare_to_reference(quantized, sequences, reference, batch_size).summary()
-        del quantized
-    return out
 
 
 # ---------------------------------------------------------------- device cost
@@ -507,12 +477,6 @@ def greedy_front(table: Iterable, benefit_key: str = "delta_kl", cost_key: str =
     return front
 
 
-def ratio_rule_front(act_scales: dict, statistic: str, layers: list[str], thresholds: Iterable[float]) -> dict[float, list[Side]]:
-    """The seed's rule as a baseline: threshold -> its shadow sides (top * t <= max)."""
-    scales = side_scales(act_scales, statistic, layers)
-    return {t: [key for key, (ori, top) in scales.items() if not top * t > ori] for t in thresholds}
-
-
 # ---------------------------------------------------------------- MSE-optimal clip scales (calibration histogram)
 
 
@@ -586,19 +550,6 @@ def _histogram_mse_clip(counts: torch.Tensor, top: float) -> float:
     errors = rounding + clipping
     best = int((errors == errors.min()).nonzero()[-1])
     return top if best == bins - 1 else float(clips[best])
-
-
-# ---------------------------------------------------------------- files
-
-
-def write_sensitivity_csv(path: str | Path, rows: list[SideSensitivity]) -> None:
-    """The sensitivity table as CSV (atomically), one row per side."""
-    names = [f.name for f in fields(SideSensitivity)]
-    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=names)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
 
 
 # ---------------------------------------------------------------- the workflow stage
