@@ -15,7 +15,7 @@ configuration_qwen.hpp, models/phonelm/modeling_phonelm_npu.hpp).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from shadowquant.errors import PipelineError
 
@@ -75,7 +75,6 @@ class RuntimeProfile:
     # sides are shadow in a shadow layer.
     shadow_role: str | None = None
     bias: str = "int8"  # "int8" per tensor (ideal), "int32" (+ bias.scale), "float32", "none"
-    round_input_step: bool = False  # the 5-decimal rounding of input steps (the original tools only)
     lm_head: str = "float"  # "tied-or-own": tied embedding when tied; "own": always lm_head.weight
     cpp_model: str = ""  # the mllm model (and config) that runs the file
     shadow_set_location: str = ""  # where the runtime takes its shadow-layer set from
@@ -157,21 +156,21 @@ PHONELM_SHADOW_ROLES = {
     "down_proj": RoleSpec(SideSpec(rounding="half_up"), SideSpec(), shadow=True),
 }
 
+QWEN_NPU = RuntimeProfile(
+    name="qwen-npu",
+    description="mllm's Qwen NPU model (modeling_qwen_npu_v2), int32 bias (use_i32_bias, the default configs)",
+    roles=QWEN_NPU_ROLES, shadow_roles=QWEN_NPU_SHADOW_ROLES, families=_LLAMA_SHAPED,
+    shadow_role="down_proj", bias="int32", lm_head="tied-or-own",
+    cpp_model="mllm/models/qwen/modeling_qwen_npu_v2.hpp (QWenForCausalLM_NPU)",
+    shadow_set_location=_QWEN_NOTE)
+
 PROFILES: dict[str, RuntimeProfile] = {
-    "qwen-npu": RuntimeProfile(
-        name="qwen-npu",
-        description="mllm's Qwen NPU model (modeling_qwen_npu_v2), int32 bias (use_i32_bias, the default configs)",
-        roles=QWEN_NPU_ROLES, shadow_roles=QWEN_NPU_SHADOW_ROLES, families=_LLAMA_SHAPED,
-        shadow_role="down_proj", bias="int32", lm_head="tied-or-own",
-        cpp_model="mllm/models/qwen/modeling_qwen_npu_v2.hpp (QWenForCausalLM_NPU)",
-        shadow_set_location=_QWEN_NOTE),
-    "qwen-npu-rotated": RuntimeProfile(
-        name="qwen-npu-rotated",
+    "qwen-npu": QWEN_NPU,
+    # The '-rotated' configs: the same model with float32 bias added after dequantization.
+    "qwen-npu-rotated": replace(
+        QWEN_NPU, name="qwen-npu-rotated", bias="float32",
         description="mllm's Qwen NPU model with float32 bias added after dequantization (the '-rotated' configs)",
-        roles=QWEN_NPU_ROLES, shadow_roles=QWEN_NPU_SHADOW_ROLES, families=_LLAMA_SHAPED,
-        shadow_role="down_proj", bias="float32", lm_head="tied-or-own",
-        cpp_model="mllm/models/qwen/modeling_qwen_npu_v2.hpp (QWenForCausalLM_NPU, use_i32_bias = false)",
-        shadow_set_location=_QWEN_NOTE),
+        cpp_model="mllm/models/qwen/modeling_qwen_npu_v2.hpp (QWenForCausalLM_NPU, use_i32_bias = false)"),
     "phonelm-npu": RuntimeProfile(
         name="phonelm-npu",
         description="mllm's PhoneLM NPU model (modeling_phonelm_npu): every Linear int8, no bias",
@@ -184,7 +183,7 @@ PROFILES: dict[str, RuntimeProfile] = {
         description=("idealized W8A8 of the original profiling tools: every Linear int8, any side a shadow "
                      "side restored exactly; no phone runs this"),
         roles={}, families=("llama", "qwen1", "qwen2", "gemma", "phi", "opt", "mixtral", "falcon"),
-        shadow_role="any", bias="int8", round_input_step=True, lm_head="float"),
+        shadow_role="any", bias="int8", lm_head="float"),
 }
 PROFILE_NAMES = tuple(PROFILES)
 DEFAULT_PROFILE = "qwen-npu"
@@ -197,7 +196,7 @@ def get_profile(name: str, family: str | None = None) -> RuntimeProfile:
     profile = PROFILES[name]
     if family is not None and family not in profile.families:
         raise PipelineError(f"runtime.profile {name!r} runs {'/'.join(profile.families)} models (mllm has no NPU "
-                            f"model for family {family!r}); set runtime.profile to ideal or auto")
+                            f"model for family {family!r}); set runtime.profile to ideal")
     return profile
 
 

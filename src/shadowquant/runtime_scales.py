@@ -27,7 +27,7 @@ from shadowquant.decision import STAT_KEYS
 from shadowquant.errors import PipelineError
 from shadowquant.runtime import RuntimeProfile, get_profile, layer_index, layer_role
 from shadowquant.runtime_linear import quantize, runtime_step
-from shadowquant.sensitivity import _histogram_mse_clip
+from shadowquant.sensitivity import _histogram_mse_clip, observe_sides
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ def shadow_role_layers(profile: RuntimeProfile, layers: list[str]) -> list[str]:
     return [layer for layer in layers if layer_role(layer) == profile.shadow_role and layer_index(layer) is not None]
 
 
-@torch.inference_mode()
 def calibration_histograms(model: nn.Module, layers: list[str], sequences: list[list[int]], maxima: dict,
                            int8_sides: list, shadow_layers: list[str], progress: bool = True):
     """One forward per record: linear |x| histograms (MSE clip) of the clamped int8 sides and bit-pattern
@@ -98,21 +97,8 @@ def calibration_histograms(model: nn.Module, layers: list[str], sequences: list[
         if key in pattern:
             pattern[key] += torch.bincount(_pattern_bins(t).flatten(), minlength=PATTERN_BINS)[:PATTERN_BINS].double().cpu()
 
-    def hook(layer):
-        def record(module, args, output):
-            add((layer, "input"), args[0])
-            add((layer, "output"), output)
-        return record
-
-    wanted = {key[0] for key in linear} | {key[0] for key in pattern}
-    handles = [model.get_submodule(layer).register_forward_hook(hook(layer)) for layer in layers if layer in wanted]
-    device = next(model.parameters()).device
-    try:
-        for seq in tqdm(sequences, desc="runtime scale histograms", unit="sequence", disable=not progress):
-            model(input_ids=torch.tensor([seq], dtype=torch.long, device=device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    wanted = [layer for layer in layers if layer in {key[0] for key in linear} | {key[0] for key in pattern}]
+    observe_sides(model, wanted, sequences, add, "runtime scale histograms", progress)
     return linear, pattern
 
 

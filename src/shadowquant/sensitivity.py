@@ -494,31 +494,38 @@ def mse_clip_scales(model: nn.Module, layers: list[str], sequences: list[list[in
         raise PipelineError(f"bins {bins} must be >= 16")
     scales = side_scales(act_scales, statistic, layers)
     hist = {key: torch.zeros(bins, dtype=torch.float64) for key in scales}
-    modules = {layer: model.get_submodule(layer) for layer in layers}
 
     def add(key, t):
         top = scales[key][0]
         values = t.detach().float().abs().flatten()
         hist[key] += torch.histc(values.clamp(max=top), bins=bins, min=0.0, max=top).double()
 
+    observe_sides(model, layers, sequences, add, "clip histograms", progress)
+    out = {}
+    for key, counts in hist.items():
+        out[key] = _histogram_mse_clip(counts, scales[key][0])
+    return out
+
+
+@torch.inference_mode()
+def observe_sides(model: nn.Module, layers: list[str], sequences: list[list[int]], add, desc: str,
+                  progress: bool = True) -> None:
+    """One forward per sequence (no padding) calling `add((layer, side), tensor)` for the input and the
+    output of every named Linear."""
     def hook(layer):
         def record(module, args, output):
             add((layer, "input"), args[0])
             add((layer, "output"), output)
         return record
 
-    handles = [modules[layer].register_forward_hook(hook(layer)) for layer in layers]
+    handles = [model.get_submodule(layer).register_forward_hook(hook(layer)) for layer in layers]
     device = next(model.parameters()).device
     try:
-        for seq in tqdm(sequences, desc="clip histograms", unit="sequence", disable=not progress):
+        for seq in tqdm(sequences, desc=desc, unit="sequence", disable=not progress):
             model(input_ids=torch.tensor([seq], dtype=torch.long, device=device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    out = {}
-    for key, counts in hist.items():
-        out[key] = _histogram_mse_clip(counts, scales[key][0])
-    return out
 
 
 def _histogram_mse_clip(counts: torch.Tensor, top: float) -> float:
@@ -576,6 +583,15 @@ SENSITIVITY_COLUMNS = ["layer", "side", "statistic", "ratio", "clip_scale", "sha
 COSTS = {"elements": "shadow_elements", "sides": None}
 
 
+def write_sensitivity_table(out_csv, rows: list[dict]) -> None:
+    """sensitivity.csv, atomically; empty cells for missing values."""
+    with atomic_path(out_csv, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SENSITIVITY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
 def ranked_rows(rows: list[SideSensitivity], statistic: str, cost: str = "elements") -> list[dict]:
     """Table rows in greedy order of benefit (measured KL increase, else the proxy's) per device cost."""
     if cost not in COSTS:
@@ -611,11 +627,7 @@ def sensitivity_stage(manifest, samples, act_scales, out_csv, statistics: list[s
                  info["measured_sides"], info["measure_sequences"], info["measure_seconds"],
                  "n/a" if info["rank_correlation"] is None else f"{info['rank_correlation']:.3f}")
         table += ranked_rows(rows, statistic, cost)
-    with atomic_path(out_csv, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SENSITIVITY_COLUMNS)
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    write_sensitivity_table(out_csv, table)
     return table
 
 
@@ -693,9 +705,5 @@ def layer_sensitivity_stage(manifest, samples, act_scales, runtime_scales, out_c
     runtime = get_profile(profile, scales.get("meta", {}).get("family"))
     rows = layer_ranking(model, layers, sequences, scales, read_runtime_scales(runtime_scales, runtime), runtime,
                          batch_size=batch_size, weight_range=weight_range)
-    with atomic_path(out_csv, suffix=".csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SENSITIVITY_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    write_sensitivity_table(out_csv, rows)
     return rows

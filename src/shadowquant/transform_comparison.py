@@ -24,11 +24,12 @@ from shadowquant.selection import choose, read_selection, stack_sweeps
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["transform", "weight_range", "float_perplexity",
+COLUMNS = ["transform", "runtime", "weight_range", "float_perplexity",
            "weights_only", "weights_only_ci_low", "weights_only_ci_high",
            "all_shadow", "all_shadow_ci_low", "all_shadow_ci_high", "all_shadow_sides",
            "selected_point", "selected_sides", "selected", "selected_ci_low", "selected_ci_high",
-           "selected_kl", "selected_agreement", "selected_budget_met", "exported"]
+           "selected_kl", "selected_agreement", "selected_budget_met", "selected_shadow_layers", "selected_cpu_share",
+           "exported"]
 
 
 def _part_increase(breakdown: dict, part: str, path) -> tuple[float | None, float | None, float | None]:
@@ -62,7 +63,7 @@ def comparison_table(sweep_csvs, breakdown_jsons, variants, selection_json, metr
         weights = _part_increase(breakdown, "weights", breakdown_path)
         all_shadow = _part_increase(breakdown, "all", breakdown_path)
         rows.append({
-            "transform": variant,
+            "transform": variant, "runtime": choice["runtime"],
             "weight_range": chosen.get("weight_range") if isinstance(chosen.get("weight_range"), str) else "max",
             "float_perplexity": float(float_rows.iloc[0]["perplexity"]) if not float_rows.empty else math.nan,
             "weights_only": weights[0], "weights_only_ci_low": weights[1], "weights_only_ci_high": weights[2],
@@ -75,6 +76,9 @@ def comparison_table(sweep_csvs, breakdown_jsons, variants, selection_json, metr
             "selected_ci_high": chosen.get("perplexity_increase_ci_high"),
             "selected_kl": chosen.get("kl"), "selected_agreement": chosen.get("agreement"),
             "selected_budget_met": choice["budget_met"],
+            "selected_shadow_layers": (None if choice["shadow_layers"] is None
+                                       else " ".join(str(i) for i in choice["shadow_layers"])),
+            "selected_cpu_share": choice["cpu_share"],
             "exported": (exported.get("transform", "none") == variant and exported["point"] == choice["point"]),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -96,9 +100,10 @@ def comparison_markdown(table, metric: str, budget: float) -> str:
         "",
         "Perplexity increase over float on the held-out records, with 95 % bootstrap intervals. "
         f"'Selected' is the point the selection ({metric} loss within {budget:g}) takes within each variant; "
-        "the exported model is marked.",
+        "the exported model is marked. Runtime profile: "
+        f"{', '.join(sorted(set(table['runtime']))) if len(table) else 'none'}.",
         "",
-        "| transform | weight range | float ppl | weights only | all shadow | selected (shadow sides) | KL | "
+        "| transform | weight range | float ppl | weights only | all shadow | selected (shadow cost) | KL | "
         "top-1 agreement |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -106,12 +111,16 @@ def comparison_markdown(table, metric: str, budget: float) -> str:
         mark = " **(exported)**" if row["exported"] else ""
         missed = "" if row["selected_budget_met"] else ", budget missed"
         all_sides = f" ({row['all_shadow_sides']} sides)" if row["all_shadow_sides"] is not None else ""
+        cost = f"{row['selected_sides']}{missed}"
+        if row["selected_cpu_share"] is not None and not math.isnan(float(row["selected_cpu_share"])):
+            layers = row["selected_shadow_layers"] or "none"
+            cost = f"shadow layers {layers}, CPU {100 * float(row['selected_cpu_share']):.3f} %{missed}"
         lines.append(
             f"| {row['transform']}{mark} | {row['weight_range']} | {row['float_perplexity']:.3f} | "
             f"{_percent(row['weights_only'], row['weights_only_ci_low'], row['weights_only_ci_high'])} | "
             f"{_percent(row['all_shadow'], row['all_shadow_ci_low'], row['all_shadow_ci_high'])}{all_sides} | "
             f"{_percent(row['selected'], row['selected_ci_low'], row['selected_ci_high'])} "
-            f"{row['selected_point']} ({row['selected_sides']}{missed}) | "
+            f"{row['selected_point']} ({cost}) | "
             f"{float(row['selected_kl']):.3f} | {float(row['selected_agreement']):.3f} |")
     return "\n".join(lines) + "\n"
 
