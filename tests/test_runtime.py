@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from shadowquant import stages, sweep
 from shadowquant.config import validate_config
-from shadowquant.decision import LayerQuant, load_act_scales, parse_point
+from shadowquant.decision import LayerQuant, breakdown_point, load_act_scales, parse_point
 from shadowquant.errors import PipelineError
 from shadowquant.export import runtime_state_dict
 from shadowquant.families import quantized_layer_names
@@ -110,6 +110,12 @@ def test_ratio_rule_at_the_layer_level_and_layer_front():
     ranking = ["model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj"]
     assert shadow_layers_of_point("absmax-l1", act, profile, layers, ranking) == {1}
     assert shadow_layers_of_point("absmax-l3", act, profile, layers, ranking) == {0, 1}  # every layer there is
+    # absmax-l0, the breakdown's point under an NPU profile, needs no ranking; the others do.
+    assert shadow_layers_of_point("absmax-l0", act, profile, layers) == set()
+    with pytest.raises(PipelineError, match="needs the layer ranking"):
+        shadow_layers_of_point("absmax-l1", act, profile, layers)
+    assert breakdown_point("absmax", "qwen-npu") == "absmax-l0"
+    assert breakdown_point("signed", "ideal") == "signed-t1"
 
 
 def test_shadow_ranges_share_the_cpu_cap():

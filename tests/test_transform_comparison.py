@@ -58,7 +58,7 @@ def test_one_row_per_variant_with_weights_all_shadow_selected_and_the_exported_m
     assert list(table["selected_budget_met"]) == [False, True]
     assert list(table["exported"]) == [False, True]
     markdown = out.with_suffix(".md").read_text()
-    assert "| rotate **(exported)** | max | 20.000 | +1.0 % [+0.5, +1.5] | +5.0 % [+4.5, +5.5] (40 sides) | " \
+    assert "| rotate **(exported)** | max | 20.000 | +1.0 % [+0.5, +1.5] | +5.0 % [+4.5, +5.5] (absmax-t1, 40 sides) | " \
            "+8.0 % [+7.0, +9.0] absmax-k5 (5) |" in markdown
     assert "absmax-t1 (40, budget missed)" in markdown
     assert "<table" in out.with_suffix(".html").read_text()

@@ -37,9 +37,9 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
     results = tmp_path / f"results/tiny-{family}"
     sweep = pd.read_csv(results / "sweep.csv")
-    ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]  # t = 1 comes with the breakdown
-    if npu:  # shadow layers: the layer front and the ratio rule per layer, no '-mse' twins
-        expected = ["float", "absmax-l1", *ratio] if full else ["float", *ratio[1:]]
+    ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]  # ideal: t = 1 comes with the breakdown
+    if npu:  # shadow layers: no shadow layer (always), the layer front, the ratio rule per layer, no '-mse' twins
+        expected = ["float", "absmax-l0", "absmax-l1", *ratio[1:]] if full else ["float", "absmax-l0", *ratio[1:]]
     else:  # t = 1 clips no side, so it has no '-mse' twin.
         expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio[1:]], "absmax-k2-mse"] if full \
             else ["float", *ratio[1:]]
@@ -56,6 +56,7 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
             assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
         breakdown = json.loads((results / "breakdown.json").read_text())
         assert set(breakdown["parts"]) == {"float", "weights", "inputs", "outputs", "all"}
+        assert breakdown["point"] == ("absmax-l0" if npu else "absmax-t1")
         for plot in ("fronts.png", "sensitivity.png", "breakdown.png"):
             assert (results / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation = json.loads((results / "evaluation.json").read_text())
@@ -117,7 +118,7 @@ def test_default_config_dry_run(tmp_path):
 def test_points_per_job_groups_the_sweep_into_fewer_jobs(tiny_model_dir, tiny_text_corpus, tmp_path):
     cfg = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-groups", **{"sweep.points_per_job": 2})
     jobs = planned_jobs(snakemake(tmp_path, write_config(tmp_path, cfg), "-n"))
-    # absmax-t1, -t4, -t10000000 and -l1: two jobs of two points, split into four point files.
+    # absmax-l0, -l1, -t4 and -t10000000: two jobs of two points, split into four point files.
     assert jobs["evaluate_point_group"] == 2 and jobs["split_point"] == 4 and "evaluate_point" not in jobs
 
 
@@ -201,7 +202,7 @@ def test_transform_variants_are_swept_compared_and_selected_across(tiny_model_di
     snakemake(tmp_path, write_config(tmp_path, base))
     runs = {"none": tmp_path / "results/tiny-tf", "rotate+equalize": tmp_path / "results/tiny-tf.rotate+equalize"}
     for run in runs.values():
-        assert list(pd.read_csv(run / "sweep.csv")["point"]) == ["float", "absmax-t1", "absmax-t4"]
+        assert list(pd.read_csv(run / "sweep.csv")["point"]) == ["float", "absmax-l0", "absmax-t4"]
         assert (run / "plots/sweep_shadow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((tmp_path / "resources/models/tiny-tf/transformed/rotate+equalize/manifest.json")
                           .read_text())

@@ -34,8 +34,9 @@ def tiny_config(model_dir, corpus, name: str, **overrides) -> dict:
         "model": {"source": str(model_dir), "name": name},
         "calibration": {"dataset": str(corpus), "num_samples": 6, "seq_len": 32, "batch_size": 3,
                         "checkpoint_every": 0},
-        # A small sweep keeps the workflow fast: two thresholds (plus t = 1, always evaluated), one
-        # sensitivity point (one shadow layer under the default qwen-npu runtime), auto selection; the sensitivity is measured on two short records.
+        # A small sweep keeps the workflow fast: two thresholds, one sensitivity point (one shadow layer under
+        # the default qwen-npu runtime, which always adds absmax-l0; ideal adds t = 1 with the breakdown), auto
+        # selection; the sensitivity is measured on two short records.
         # The weight range is fixed ('auto' adds a job): the whole-workflow llama run and the transform test
         # measure it.
         "sweep": {"thresholds": [4, 10000000], "shadow_sides": [2], "shadow_layers": [1], "clip_scales": ["max"],

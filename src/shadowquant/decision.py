@@ -46,6 +46,13 @@ POINT_PATTERN = re.compile(r"^(signed|absmax)-(t|k|l)([0-9]+(?:\.[0-9]+)?)(-mse)
 CLIPS = ("max", "mse")
 
 
+def breakdown_point(statistic: str, runtime: str) -> str:
+    """The point the error breakdown splits into weights, inputs and outputs: under 'ideal' every side
+    shadowed (t = 1, the original tools' view), under an NPU profile the runtime with no shadow layer
+    (absmax-l0), the plain configuration every shadow layer is measured against."""
+    return point_label(statistic, "ratio", 1) if runtime == "ideal" else point_label("absmax", "layers", 0)
+
+
 def point_label(statistic: str, rule: str, value: float, clip: str = "max") -> str:
     """'absmax-t16' for the ratio rule at t = 16, 'absmax-k15' for 15 sensitivity-chosen shadow sides;
     'absmax-k15-mse' clips the other sides at their MSE-optimal scale."""

@@ -70,6 +70,8 @@ def shadow_layers_of_point(point: str, act_scales: dict, profile: RuntimeProfile
     if rule != "layers":
         raise PipelineError(f"point '{point}' chooses shadow sides, which runtime profile '{profile.name}' cannot "
                             "run; use absmax-l<k> (k shadow layers) or absmax-t<t>")
+    if value == 0:
+        return frozenset()  # absmax-l0: no shadow layer, no ranking needed
     if ranking is None:
         raise PipelineError(f"point '{point}' needs the layer ranking (sensitivity.csv); none was given")
     # A k beyond the model's layers takes them all (the sweep table's num_shadow_layers says how many).

@@ -247,13 +247,16 @@ def aggregate(float_json, point_jsons: list, out_csv) -> None:
 
 
 def breakdown(float_json, part_jsons: dict, out_json) -> dict:
-    """Where the loss comes from: float, weights only, inputs only, outputs only and all, at all-shadow scales."""
+    """Where the loss comes from: float, weights only, inputs only, outputs only and all, at the breakdown
+    point (decision.breakdown_point), whose label the result names."""
     keys = [f"{m}{s}" for m in METRIC_KEYS for s in ("", "_ci_low", "_ci_high")] + ["num_tokens"]
     parts = {"float": read_point_json(float_json)}
     parts.update({part: read_point_json(path) for part, path in part_jsons.items()})
     statistic = next((p["statistic"] for name, p in parts.items() if name != "float"), None)
     result = {
-        "statistic": statistic, "num_tokens": parts["float"]["num_tokens"],
+        "statistic": statistic, "point": parts["all"].get("point") if "all" in parts else None,
+        "runtime": parts["all"].get("runtime") if "all" in parts else None,
+        "num_tokens": parts["float"]["num_tokens"],
         "parts": {name: {k: data.get(k) for k in keys} for name, data in parts.items()},
     }
     result["parts"]["float"].update(perplexity_increase=0.0, kl=0.0, agreement=1.0)

@@ -1,10 +1,12 @@
-"""The transform variants side by side (pandas only, no torch): float, weights only, all shadow, selected.
+"""The transform variants side by side (pandas only, no torch): float, weights only, W8A8 at the breakdown
+point, selected.
 
 One row per variant of `transform.variants`, from its sweep table and error breakdown:
 
 - `float_perplexity`: the transformed float model (exact transforms keep it within float tolerance);
 - `weights_only`: perplexity increase with int8 weights and float activations (breakdown part 'weights');
-- `all_shadow`: the W8A8 point with every side shadowed (breakdown part 'all', the t = 1 point);
+- `all_shadow`: the breakdown's W8A8 point (part 'all'): every side shadowed (t = 1) under the ideal profile,
+  no shadow layer (absmax-l0) under an NPU profile; `all_point` names it;
 - `selected`: the point the selection rule would choose within this variant, its shadow sides and loss;
 - `exported`: whether the selection across variants chose this variant's point;
 - `weight_range`: the int8 weight clip range the variant was swept with (`max` or `mse`).
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["transform", "runtime", "weight_range", "float_perplexity",
            "weights_only", "weights_only_ci_low", "weights_only_ci_high",
-           "all_shadow", "all_shadow_ci_low", "all_shadow_ci_high", "all_shadow_sides",
+           "all_point", "all_shadow", "all_shadow_ci_low", "all_shadow_ci_high", "all_shadow_sides",
            "selected_point", "selected_sides", "selected", "selected_ci_low", "selected_ci_high",
            "selected_kl", "selected_agreement", "selected_budget_met", "selected_shadow_layers", "selected_cpu_share",
            "exported"]
@@ -56,7 +58,7 @@ def comparison_table(sweep_csvs, breakdown_jsons, variants, selection_json, metr
         breakdown = read_json_object(breakdown_path, "breakdown", "delete it and run the breakdown rule again")
         table = stacked[stacked["transform"] == variant]
         float_rows = table[table["point"] == "float"]
-        all_shadow_point = f"{breakdown.get('statistic')}-t1"
+        all_shadow_point = breakdown.get("point") or f"{breakdown.get('statistic')}-t1"
         all_shadow_rows = table[table["point"] == all_shadow_point]
         choice = choose(table, metric, budget)
         chosen = table[table["point"] == choice["point"]].iloc[0]
@@ -67,7 +69,7 @@ def comparison_table(sweep_csvs, breakdown_jsons, variants, selection_json, metr
             "weight_range": chosen.get("weight_range") if isinstance(chosen.get("weight_range"), str) else "max",
             "float_perplexity": float(float_rows.iloc[0]["perplexity"]) if not float_rows.empty else math.nan,
             "weights_only": weights[0], "weights_only_ci_low": weights[1], "weights_only_ci_high": weights[2],
-            "all_shadow": all_shadow[0], "all_shadow_ci_low": all_shadow[1], "all_shadow_ci_high": all_shadow[2],
+            "all_point": all_shadow_point, "all_shadow": all_shadow[0], "all_shadow_ci_low": all_shadow[1], "all_shadow_ci_high": all_shadow[2],
             "all_shadow_sides": (int(all_shadow_rows.iloc[0]["num_shadow_sides"])
                                  if not all_shadow_rows.empty else None),
             "selected_point": choice["point"], "selected_sides": choice["num_shadow_sides"],
@@ -103,14 +105,15 @@ def comparison_markdown(table, metric: str, budget: float) -> str:
         "the exported model is marked. Runtime profile: "
         f"{', '.join(sorted(set(table['runtime']))) if len(table) else 'none'}.",
         "",
-        "| transform | weight range | float ppl | weights only | all shadow | selected (shadow cost) | KL | "
+        "| transform | weight range | float ppl | weights only | W8A8 (breakdown point) | selected (shadow cost) | KL | "
         "top-1 agreement |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in table.to_dict("records"):
         mark = " **(exported)**" if row["exported"] else ""
         missed = "" if row["selected_budget_met"] else ", budget missed"
-        all_sides = f" ({row['all_shadow_sides']} sides)" if row["all_shadow_sides"] is not None else ""
+        all_sides = (f" ({row['all_point']}, {row['all_shadow_sides']} sides)" if row["all_shadow_sides"] is not None
+                     else f" ({row['all_point']})")
         cost = f"{row['selected_sides']}{missed}"
         if row["selected_cpu_share"] is not None and not math.isnan(float(row["selected_cpu_share"])):
             layers = row["selected_shadow_layers"] or "none"
@@ -133,8 +136,8 @@ def compare_transforms(sweep_csvs, breakdown_jsons, variants, selection_json, me
     table = comparison_table(sweep_csvs, breakdown_jsons, variants, selection_json, metric, budget)
     write_text(out_csv, table.to_csv(index=False))
     write_text(out_md, comparison_markdown(table, metric, budget))
-    write_table_html(out_csv, out_html, "Transform variants: float, weights only, all shadow and selected")
+    write_table_html(out_csv, out_html, "Transform variants: float, weights only, the breakdown point and selected")
     for row in table.to_dict("records"):
-        log.info("%s: weights only %s, all shadow %s, selected %s %s", row["transform"],
+        log.info("%s: weights only %s, breakdown point %s, selected %s %s", row["transform"],
                  _percent(row["weights_only"]), _percent(row["all_shadow"]), row["selected_point"],
                  _percent(row["selected"]))

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from shadowquant.config import validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
-from shadowquant.decision import parse_point, point_clip, point_label
+from shadowquant.decision import breakdown_point, parse_point, point_clip, point_label
 from shadowquant.manifest import local_source_files
 from shadowquant.slurm_check import (
     ThreadRequest,
@@ -159,14 +159,19 @@ EXPORT_THRESHOLD = (
     else None
 )
 SWEEP_STATISTICS = sorted(config["sweep"]["statistics"])
-# The all-shadow ratio point (t = 1) is the "all" bar of the error breakdown: evaluated with it.
-SWEEP_THRESHOLDS = sorted(
-    {float(t) for t in config["sweep"]["thresholds"]}
-    | ({1.0} if config["sweep"]["breakdown"] else set())
-)
 # The runtime the numbers are for: an NPU profile (a point is a set of shadow layers) or 'ideal'.
 RUNTIME = config["runtime"]["profile"]
 NPU_RUNTIME = RUNTIME != "ideal"
+BREAKDOWN_STATISTIC = (
+    "absmax" if NPU_RUNTIME or "absmax" in SWEEP_STATISTICS else SWEEP_STATISTICS[0]
+)
+# The "all" bar of the error breakdown (ideal: all shadow, t = 1; NPU: no shadow layer, absmax-l0)
+# is a sweep point: evaluated with it.
+BREAKDOWN_POINT = breakdown_point(BREAKDOWN_STATISTIC, RUNTIME)
+SWEEP_THRESHOLDS = sorted(
+    {float(t) for t in config["sweep"]["thresholds"]}
+    | ({1.0} if config["sweep"]["breakdown"] and not NPU_RUNTIME else set())
+)
 RUNTIME_SCALES = f"{RUN_RESULTS}/runtime_scales.json"
 SHADOW_SIDES = sorted(set(config["sweep"]["shadow_sides"]))
 SHADOW_LAYERS = sorted(set(config["sweep"]["shadow_layers"]))
@@ -176,6 +181,8 @@ if NPU_RUNTIME:
     SWEEP_LABELS = sorted(
         {point_label("absmax", "ratio", t) for t in SWEEP_THRESHOLDS}
         | {point_label("absmax", "layers", k) for k in SHADOW_LAYERS}
+        # No shadow layer: the runtime's plain configuration, the zero-cost point every sweep has.
+        | {point_label("absmax", "layers", 0)}
         | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
     )
 else:
@@ -208,7 +215,8 @@ GROUP_OF_POINT = {label: g for g, group in enumerate(POINT_GROUPS) for label in 
 
 def needs_ranking(label):
     """Whether a point takes its shadow sides (ideal) or layers (NPU) from sensitivity.csv."""
-    return parse_point(label)[1] in ("sensitivity", "layers")
+    _, rule, value = parse_point(label)
+    return rule in ("sensitivity", "layers") and value > 0
 
 
 # Sensitivity is measured when some point needs its ranking.
@@ -222,7 +230,6 @@ CLIP_STATISTICS = sorted(
 )
 CLIP_SCALES = f"{RUN_RESULTS}/clip_scales.json"
 SENSITIVITY = f"{RUN_RESULTS}/sensitivity.csv"
-BREAKDOWN_STATISTIC = "absmax" if "absmax" in SWEEP_STATISTICS else SWEEP_STATISTICS[0]
 NUM_RESAMPLES = config["sweep"]["bootstrap"]
 
 

@@ -330,7 +330,7 @@ rule breakdown:
         weights=f"{RUN_RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-weights.json",
         inputs=f"{RUN_RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-inputs.json",
         outputs=f"{RUN_RESULTS}/sweep/parts/{BREAKDOWN_STATISTIC}-outputs.json",
-        all=f"{RUN_RESULTS}/sweep/{BREAKDOWN_STATISTIC}-t1.json",
+        all=f"{RUN_RESULTS}/sweep/{BREAKDOWN_POINT}.json",
     output:
         f"{RUN_RESULTS}/breakdown.json",
     log:

@@ -1,12 +1,13 @@
 # Thin adapter: rules evaluate_point and evaluate_part -> shadowquant.sweep.evaluate_point
 from shadowquant.adapter import run_stage
-from shadowquant.decision import point_label
+from shadowquant.decision import breakdown_point
 from shadowquant.sweep import evaluate_point
 from shadowquant.weight_range import resolve_weight_range
 
 p, w, i = snakemake.params, snakemake.wildcards, snakemake.input
-# A breakdown part is the all-shadow ratio point (t = 1) with only that part quantized.
-point = w.point if "point" in w.keys() else point_label(w.statistic, "ratio", 1)
+# A breakdown part is the breakdown point (ideal: all shadow, t = 1; NPU: no shadow layer) with
+# only that part quantized.
+point = w.point if "point" in w.keys() else breakdown_point(w.statistic, p.runtime)
 
 
 def evaluate_with_weight_range(**kwargs):
