@@ -26,7 +26,7 @@ from shadowquant.sensitivity import clip_scales_stage
 from shadowquant.weight_range import resolve_weight_range
 
 IDEAL_POINTS = ["absmax-t1", "absmax-t10000000", "absmax-t10000000-mse"]
-NPU_POINTS = ["absmax-t10000000", "absmax-l1", "absmax-l4", "absmax-t1"]
+NPU_POINTS = ["absmax-l0", "absmax-l1", "absmax-l4", "absmax-t1"]
 
 
 def main() -> None:
@@ -60,8 +60,8 @@ def main() -> None:
             rows.append((profile, point, m, time.perf_counter() - started))
         if npu and args.breakdown:
             for part in ("weights", "inputs", "outputs"):
-                m = _point(manifest, run, work, "absmax-t10000000", profile, weight_range, args.seq_len, part)
-                rows.append((profile, f"absmax-t10000000 {part} only", m, 0.0))
+                m = _point(manifest, run, work, "absmax-l0", profile, weight_range, args.seq_len, part)
+                rows.append((profile, f"absmax-l0 {part} only", m, 0.0))
     print(f"\n{len(records)} held-out records, {rows[0][2]['num_tokens']} predicted tokens; brackets: 95 % bootstrap "
           "interval of the perplexity increase, paired with float")
     print(f"{'profile':<10} {'point':<34} {'perplexity increase':<28} {'KL':>7} {'top-1':>6} {'layers':<12} "
