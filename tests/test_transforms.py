@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shadowquant.errors import PipelineError
-from shadowquant.hadamard import hadamard_matrix, random_orthogonal
+from shadowquant.hadamard import fixing_ones, hadamard_matrix, random_orthogonal
 from shadowquant.models import load_model
 from shadowquant.safetensors_header import read_tensor_table
 from shadowquant.transforms import (
@@ -195,6 +195,16 @@ def test_hadamard_matrices_are_hadamard(n):
     h = hadamard_matrix(n)
     assert torch.equal(h.abs(), torch.ones_like(h))
     assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [7, 64, 576])
+def test_fixing_ones_keeps_the_mean_direction(n):
+    q, _ = random_orthogonal(n, torch.Generator().manual_seed(0))
+    fixed = fixing_ones(q)
+    ones = torch.ones(n, dtype=torch.float64)
+    torch.testing.assert_close(fixed @ fixed.T, torch.eye(n, dtype=torch.float64))
+    torch.testing.assert_close(fixed @ ones, ones)
+    torch.testing.assert_close(fixed.T @ ones, ones)
 
 
 def test_orthogonal_fallback_where_no_hadamard_is_built():
