@@ -1,6 +1,7 @@
 """The whole pipeline through the snakemake CLI on tiny random models of every family."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -238,8 +239,18 @@ def test_transform_variants_are_swept_compared_and_selected_across(tiny_model_di
         assert transformed.entry(name).shape == plain.entry(name).shape
 
 
-def test_a_transform_the_family_does_not_support_is_refused_in_one_line(tiny_model_dir, tiny_text_corpus, tmp_path):
-    cfg = tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt-rot", **{"transform.variants": ["rotate"]})
+def post_layernorm_opt(tiny_model_dir, tmp_path):
+    """The tiny OPT as a post-LayerNorm model (opt-350m's layout), which takes equalize only."""
+    model = tmp_path / "post-ln-opt"
+    shutil.copytree(tiny_model_dir("opt"), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "do_layer_norm_before": False}))
+    return model
+
+
+def test_a_transform_the_model_does_not_support_is_refused_in_one_line(tiny_model_dir, tiny_text_corpus, tmp_path):
+    cfg = tiny_config(post_layernorm_opt(tiny_model_dir, tmp_path), tiny_text_corpus, "tiny-opt-rot",
+                      **{"transform.variants": ["rotate"]})
     proc = snakemake(tmp_path, write_config(tmp_path, cfg),
                      "resources/models/tiny-opt-rot/transformed/rotate/manifest.json", check=False)
     assert proc.returncode != 0

@@ -96,3 +96,19 @@ def random_orthogonal(n: int, generator: torch.Generator) -> tuple[torch.Tensor,
     q, r = torch.linalg.qr(gaussian)
     # Fix the signs so the result is unique given the Gaussian draw (Haar distributed).
     return q * torch.sign(torch.diagonal(r)).view(1, -1), "random_orthogonal_qr"
+
+
+def fixing_ones(q: torch.Tensor) -> torch.Tensor:
+    """`q` times the Householder reflection R that makes it map the all-ones direction u to itself.
+
+    LayerNorm subtracts the mean, i.e. projects out u = 1 / sqrt(n); a rotation of the stream commutes
+    with that projection only if Q u = +-u. R swaps u and q^T u, so Q = q R gives Q u = q q^T u = u.
+    R changes q by a rank-one term, so Q's entries stay O(1 / sqrt(n)) like q's.
+    """
+    n = q.shape[0]
+    u = torch.full((n,), n ** -0.5, dtype=q.dtype)
+    v = u - q.T @ u
+    norm2 = v @ v
+    if norm2 < 1e-20:  # q already fixes u
+        return q
+    return q - 2 * torch.outer(q @ v, v) / norm2

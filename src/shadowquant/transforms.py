@@ -3,23 +3,38 @@
 Each transform changes only the numbers of existing tensors, never the architecture, so the
 transformed model has the same tensor names and shapes (plus lm_head.weight where a tie is
 broken) and runs unchanged in the mllm runtime. All arithmetic is done in float64 and cast
-back to each tensor's dtype.
+back to each tensor's dtype. Where each family keeps its modules is data (_LAYOUTS); one code
+path serves them all.
 
-- `rotate`: fold the RMSNorm scales into the Linears that read the norm (norm scales become 1),
+- `rotate`: fold the norm scales into the Linears that read the norm (norm scales become 1),
   then multiply the residual stream by one seeded orthogonal matrix Q1 (randomized Hadamard,
   see shadowquant.hadamard): embeddings E Q1, readers W Q1 (q/k/v, MLP inputs, router, lm_head),
   writers Q1^T W (o_proj, MLP outputs). RMSNorm commutes with an orthogonal Q1 once its scale is
   1. Plus "R2": one seeded orthogonal head_dim matrix Q2 per layer between v_proj (rows of every
   KV head) and o_proj (columns of every attention head); attention is linear in v, so any Q2
   shared by a KV group is exact under GQA. No online rotations.
+  LayerNorm families (opt, phi, falcon): LayerNorm(x) = g * C x / sqrt(|C x|^2 / d + eps) + b with
+  C = I - 1 1^T / d. Its scale g is folded like an RMSNorm scale, its bias b into the readers'
+  biases (W b added), or, where a reader has no bias (Falcon, OPT's lm_head), kept on the norm as
+  b / g, which its readers (columns scaled by g) turn back into W b. The norm is left as an
+  nn.LayerNorm of weight 1. Its mean subtraction C commutes with Q1 only if Q1 maps the all-ones
+  direction to itself, so Q1 is the randomized Hadamard times one Householder reflection that
+  makes it so (hadamard.fixing_ones); then LayerNorm(x Q1) = LayerNorm(x) Q1 exactly, eps
+  included, and a carried bias is rotated with the stream. Every writer of the stream
+  (embeddings, OPT's positions and project_in, o/out_proj/dense, fc2) is also mean-centred (C
+  folded into its outputs): not needed for exactness, since every read goes through a
+  LayerNorm that drops the mean anyway, but it keeps the stream free of that dead component.
 - `equalize`: cross-layer equalization (data-free quantization): per channel i, scale s_i =
   sqrt(r1_i / r2_i) between up_proj's output row i (range r1_i, divided by s_i) and down_proj's
   input column i (range r2_i, multiplied by s_i), which makes both ranges sqrt(r1_i r2_i);
-  `act(gate) * up` is linear in up. Same between v_proj rows and o_proj columns per KV group,
-  and between q_proj and k_proj rows (q * s, k / s, one s per RoPE channel pair and KV group).
+  `act(gate) * up` is linear in up, and a plain MLP `down(relu(up))` passes a positive scale
+  through relu (a GELU MLP, Phi and Falcon, is skipped: GELU is not positively homogeneous).
+  Same between v_proj rows and o_proj columns per KV group, and between q_proj and k_proj rows
+  (q * s, k / s, one s per RoPE channel pair and KV group; skipped under Phi's q/k LayerNorms).
 - `smooth`: SmoothQuant migration s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) with per-channel
   input maxima from a calibration pass: q/k/v inputs into input_layernorm, MLP inputs (and the
-  Mixtral router) into post_attention_layernorm, the down_proj input into up_proj's rows, the
+  Mixtral router) into post_attention_layernorm (a LayerNorm's weight and bias both divided by
+  s), the down_proj input into up_proj's rows (gated or ReLU MLPs only, as for equalize), the
   o_proj input into v_proj's rows (s shared by the heads of a KV group).
 
 Transforms run in the fixed order of TRANSFORM_ORDER: rotate first (its norm folding would undo a
@@ -33,39 +48,22 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from shadowquant.errors import PipelineError
-from shadowquant.hadamard import random_orthogonal
+from shadowquant.hadamard import fixing_ones, random_orthogonal
 
 log = logging.getLogger(__name__)
 
 TRANSFORM_ORDER = ("rotate", "equalize", "smooth")
-_RMSNORM_ALL = ("rotate", "equalize", "smooth")
-# Transforms that are exact per family. LayerNorm-with-bias families (opt, phi, falcon) would
-# need mean-centering for rotate; not implemented, so nothing is offered for them.
-SUPPORTED: dict[str, tuple[str, ...]] = {
-    "llama": _RMSNORM_ALL,
-    "qwen1": _RMSNORM_ALL,
-    "qwen2": _RMSNORM_ALL,
-    "mixtral": _RMSNORM_ALL,
-    "gemma": _RMSNORM_ALL,
-    "opt": (),
-    "phi": (),
-    "falcon": (),
-}
-_UNSUPPORTED_REASON = {
-    "opt": "LayerNorm with bias; rotation needs mean-centering, which is not implemented",
-    "phi": "LayerNorm with bias; rotation needs mean-centering, which is not implemented",
-    "falcon": "LayerNorm with bias and fused query_key_value; not implemented",
-}
-# Gemma 2 adds post-attention/post-feedforward norms on the sublayer outputs: an orthogonal Q1
-# does not commute with their scales, and its MLP input norm is named differently.
-_GEMMA2_SUPPORTED = ("equalize",)
+# Transforms that are exact per family; supported_transforms refines this per model (Gemma 2,
+# post-LayerNorm OPT, ...).
+SUPPORTED: dict[str, tuple[str, ...]] = {family: TRANSFORM_ORDER for family in
+                                         ("llama", "qwen1", "qwen2", "mixtral", "gemma", "opt", "phi", "falcon")}
 DEFAULT_ALPHA = 0.5
 ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
 _MIN_SCALE = 1e-5
@@ -74,26 +72,128 @@ _MIN_SCALE = 1e-5
 # ---------------------------------------------------------------- model structure
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Where a family keeps its modules: dotted paths from the model, or from a decoder layer."""
+
+    layers: str  # the decoder layers (from the model)
+    final_norm: str  # from the model
+    attention_norm: tuple[str, ...]  # per layer, the first of these that exists
+    mlp_norm: tuple[str, ...]  # the same norm as attention_norm in parallel blocks (Phi, Falcon)
+    qkv: tuple[str, str, str] | str  # q, k, v projections, or one fused Linear (Falcon)
+    o: str
+    mlp: tuple[str | None, str, str]  # gate (None: a plain MLP), up, down; inside each expert if `experts`
+    activation: str | None = None  # a plain MLP's activation module
+    experts: str | None = None
+    router: str | None = None
+    qk_norm: str | None = None  # a norm on q (Phi's qk_layernorm): q/k rows cannot be rescaled
+    rope: bool = True  # positions rotate q/k channel pairs (else learned positions or ALiBi)
+    layernorm: bool = False  # nn.LayerNorm with bias (else RMSNorm)
+    positions: str | None = None  # learned position embeddings added to the stream (from the model)
+    project_in: str | None = None  # a Linear between the token embedding and the stream (from the model)
+    project_out: str | None = None  # a Linear between the final norm and lm_head (from the model)
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA = _Layout(layers="model.layers", final_norm="model.norm", attention_norm=("input_layernorm",),
+                 mlp_norm=("post_attention_layernorm",), qkv=_QKV, o="self_attn.o_proj",
+                 mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+_LAYOUTS: dict[str, _Layout] = {
+    "llama": _LLAMA,
+    "qwen1": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma": _LLAMA,
+    "mixtral": replace(_LLAMA, mlp=("w1", "w3", "w2"), experts="mlp.experts", router="mlp.gate"),
+    "opt": _Layout(layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
+                   attention_norm=("self_attn_layer_norm",), mlp_norm=("final_layer_norm",), qkv=_QKV,
+                   o="self_attn.out_proj", mlp=(None, "fc1", "fc2"), activation="activation_fn", rope=False,
+                   layernorm=True, positions="model.decoder.embed_positions",
+                   project_in="model.decoder.project_in", project_out="model.decoder.project_out"),
+    "phi": _Layout(layers="model.layers", final_norm="model.final_layernorm", attention_norm=("input_layernorm",),
+                   mlp_norm=("input_layernorm",), qkv=_QKV, o="self_attn.dense", mlp=(None, "mlp.fc1", "mlp.fc2"),
+                   activation="mlp.activation_fn", qk_norm="self_attn.q_layernorm", layernorm=True),
+    # new_decoder_architecture: ln_attn and ln_mlp (or one input_layernorm); older: input_layernorm,
+    # plus post_attention_layernorm where attention and MLP are sequential.
+    "falcon": _Layout(layers="transformer.h", final_norm="transformer.ln_f",
+                      attention_norm=("ln_attn", "input_layernorm"),
+                      mlp_norm=("ln_mlp", "post_attention_layernorm", "input_layernorm"),
+                      qkv="self_attention.query_key_value", o="self_attention.dense",
+                      mlp=(None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), activation="mlp.act", layernorm=True),
+}
+# Activations f with f(x / s) = f(x) / s for s > 0: a plain MLP's up/down pair can be rescaled through them.
+_POSITIVELY_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU)
+
+
+def _get(root: nn.Module, path: str | None) -> nn.Module | None:
+    """The submodule at a dotted path, or None where it is missing or set to None."""
+    if path is None:
+        return None
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+@dataclass
+class _Rows:
+    """Output rows of a Linear in head order: a whole q/k/v projection, or its share of a fused one."""
+
+    linear: nn.Linear
+    index: torch.Tensor | None = None  # None: every row
+
+    def weight(self) -> torch.Tensor:
+        weight = self.linear.weight.detach().double()
+        return weight if self.index is None else weight[self.index]
+
+    def bias(self) -> torch.Tensor | None:
+        if self.linear.bias is None:
+            return None
+        bias = self.linear.bias.detach().double()
+        return bias if self.index is None else bias[self.index]
+
+    def set_weight(self, value: torch.Tensor) -> None:
+        if self.index is None:
+            _set(self.linear.weight, value)
+        else:
+            self.linear.weight.data[self.index] = value.to(self.linear.weight.dtype)
+
+    def set_bias(self, value: torch.Tensor) -> None:
+        if self.index is None:
+            _set(self.linear.bias, value)
+        else:
+            self.linear.bias.data[self.index] = value.to(self.linear.bias.dtype)
+
+
 @dataclass
 class _MlpBranch:
-    """One gated MLP (or one Mixtral expert): `down(act(gate(x)) * up(x))`."""
+    """One MLP (or one Mixtral expert): `down(act(gate(x)) * up(x))`, or `down(act(up(x)))` without gate."""
 
-    gate: nn.Linear
+    gate: nn.Linear | None
     up: nn.Linear
     down: nn.Linear
 
 
 @dataclass
 class _Layer:
-    input_norm: nn.Module
-    post_attention_norm: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    norms: list[tuple[nn.Module, list[nn.Linear]]]  # each norm and every Linear reading its output
+    q: _Rows
+    k: _Rows
+    v: _Rows
     o: nn.Linear
-    mlp_readers: list[nn.Linear] = field(default_factory=list)  # everything reading the MLP input
     branches: list[_MlpBranch] = field(default_factory=list)
+    mlp_blocked: str | None = None  # why up rows cannot be rescaled against down columns (None: they can)
+    qk_blocked: str | None = None  # why q and k rows cannot be rescaled (None: they can)
     names: dict[str, str] = field(default_factory=dict)  # module id -> module name, for calibration
+
+    @property
+    def readers(self) -> list[nn.Linear]:
+        return [linear for _, readers in self.norms for linear in readers]
+
+    @property
+    def writers(self) -> list[nn.Linear]:
+        return [self.o, *(branch.down for branch in self.branches)]
 
 
 @dataclass
@@ -101,30 +201,100 @@ class _Geometry:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    rotary_dim: int  # leading channels of a q/k head that RoPE turns in pairs (c, c + rotary_dim / 2)
+
+
+@dataclass
+class _Stream:
+    """The residual stream outside the decoder layers: who writes it first, who reads it last."""
+
+    embeddings: list[nn.Embedding]  # their rows are stream vectors (tokens; OPT's positions)
+    writers: list[nn.Linear]  # OPT's project_in
+    final_norm: nn.Module | None
+    final_readers: list[nn.Linear]  # lm_head, or OPT's project_out
+
+
+def _first(block: nn.Module, paths: tuple[str, ...], what: str, family: str) -> nn.Module:
+    for path in paths:
+        module = _get(block, path)
+        if module is not None:
+            return module
+    raise PipelineError(f"family {family!r}: a decoder layer has no {what} (looked for {', '.join(paths)})")
+
+
+def _fused_qkv_rows(linear: nn.Linear, geometry: _Geometry) -> tuple[_Rows, _Rows, _Rows]:
+    """Falcon's query_key_value: per KV group its query heads, then its key head, then its value head.
+
+    The same grouping covers all three Falcon layouts: new_decoder_architecture, multi-query
+    (one group of every head) and the per-head interleaved q/k/v (one head per group).
+    """
+    group = geometry.num_heads // geometry.num_kv_heads
+    rows = geometry.num_kv_heads * (group + 2) * geometry.head_dim
+    if linear.out_features != rows:
+        raise PipelineError(f"fused query_key_value has {linear.out_features} rows, not the {rows} of "
+                            f"{geometry.num_heads} query and {geometry.num_kv_heads} KV heads of {geometry.head_dim}")
+    index = torch.arange(rows, device=linear.weight.device).view(geometry.num_kv_heads, group + 2, geometry.head_dim)
+    return (_Rows(linear, index[:, :group].reshape(-1)), _Rows(linear, index[:, group].reshape(-1)),
+            _Rows(linear, index[:, group + 1].reshape(-1)))
 
 
 def _decoder_layers(model: nn.Module, family: str) -> list[_Layer]:
+    layout = _LAYOUTS[family]
+    geometry = _geometry(model, family)
     names = {id(module): name for name, module in model.named_modules()}
     layers = []
-    for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        if family == "mixtral":
-            branches = [_MlpBranch(e.w1, e.w3, e.w2) for e in mlp.experts]
-            readers = [mlp.gate] + [linear for b in branches for linear in (b.gate, b.up)]
+    for block in _get(model, layout.layers):
+        if isinstance(layout.qkv, str):
+            q, k, v = _fused_qkv_rows(_get(block, layout.qkv), geometry)
+            attention_readers = [q.linear]
         else:
-            branches = [_MlpBranch(mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            readers = [mlp.gate_proj, mlp.up_proj]
-        layers.append(_Layer(block.input_layernorm, block.post_attention_layernorm, attn.q_proj, attn.k_proj,
-                             attn.v_proj, attn.o_proj, readers, branches, names))
+            q, k, v = (_Rows(_get(block, path)) for path in layout.qkv)
+            attention_readers = [q.linear, k.linear, v.linear]
+        if layout.experts:
+            branches = [_MlpBranch(*(_get(expert, path) for path in layout.mlp))
+                        for expert in _get(block, layout.experts)]
+            mlp_readers = [_get(block, layout.router)] + [linear for b in branches for linear in (b.gate, b.up)]
+        else:
+            branches = [_MlpBranch(*(_get(block, path) for path in layout.mlp))]
+            mlp_readers = [linear for linear in (branches[0].gate, branches[0].up) if linear is not None]
+        attention_norm = _first(block, layout.attention_norm, "attention input norm", family)
+        mlp_norm = _first(block, layout.mlp_norm, "MLP input norm", family)
+        if mlp_norm is attention_norm:  # parallel attention and MLP read one norm
+            norms = [(attention_norm, attention_readers + mlp_readers)]
+        else:
+            norms = [(attention_norm, attention_readers), (mlp_norm, mlp_readers)]
+        mlp_blocked = None
+        activation = _get(block, layout.activation)
+        if layout.mlp[0] is None and not isinstance(activation, _POSITIVELY_HOMOGENEOUS):
+            mlp_blocked = f"{type(activation).__name__} is not positively homogeneous"
+        qk_blocked = f"{layout.qk_norm} normalizes q" if _get(block, layout.qk_norm) is not None else None
+        layers.append(_Layer(norms, q, k, v, _get(block, layout.o), branches, mlp_blocked, qk_blocked, names))
     return layers
 
 
-def _geometry(model: nn.Module) -> _Geometry:
+def _stream(model: nn.Module, family: str) -> _Stream:
+    layout = _LAYOUTS[family]
+    project_in, project_out = _get(model, layout.project_in), _get(model, layout.project_out)
+    embedding, head = _embedding_and_head(model)
+    embeddings = [] if project_in is not None else [embedding]
+    positions = _get(model, layout.positions)
+    if positions is not None:
+        embeddings.append(positions)
+    return _Stream(embeddings, [project_in] if project_in is not None else [], _get(model, layout.final_norm),
+                   [project_out if project_out is not None else head])
+
+
+def _geometry(model: nn.Module, family: str) -> _Geometry:
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return _Geometry(heads, kv_heads, head_dim)
+    rotary_dim = 0
+    if _LAYOUTS[family].rope and not getattr(config, "alibi", False):
+        rope = getattr(config, "rope_parameters", None)
+        factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+        rotary_dim = int(head_dim * (factor or getattr(config, "partial_rotary_factor", None) or 1.0))
+    return _Geometry(heads, kv_heads, head_dim, rotary_dim)
 
 
 def _norm_offset(family: str) -> float:
@@ -133,11 +303,26 @@ def _norm_offset(family: str) -> float:
 
 
 def _norm_scale(norm: nn.Module, offset: float) -> torch.Tensor:
+    if norm.weight is None:  # LayerNorm(elementwise_affine=False): nothing to fold
+        return torch.ones(norm.normalized_shape, dtype=torch.float64)
     return norm.weight.detach().double() + offset
 
 
+def _norm_bias(norm: nn.Module) -> torch.Tensor:
+    bias = getattr(norm, "bias", None)
+    if bias is None:  # an RMSNorm, or LayerNorm(bias=False)
+        return torch.zeros_like(_norm_scale(norm, 0.0))
+    return bias.detach().double()
+
+
 def _set_norm_scale(norm: nn.Module, scale: torch.Tensor, offset: float) -> None:
-    norm.weight.data.copy_((scale - offset).to(norm.weight.dtype))
+    if norm.weight is not None:
+        norm.weight.data.copy_((scale - offset).to(norm.weight.dtype))
+
+
+def _set_norm_bias(norm: nn.Module, bias: torch.Tensor) -> None:
+    if getattr(norm, "bias", None) is not None:
+        _set(norm.bias, bias)
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -147,18 +332,37 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 # ---------------------------------------------------------------- checks
 
 
-def supported_transforms(model: nn.Module, family: str) -> tuple[str, ...]:
-    """The transforms that are exact for this model (family, refined by its model_type)."""
+def _support(model: nn.Module, family: str) -> tuple[tuple[str, ...], str]:
+    """(The transforms that are exact for this model, why the others are not)."""
     if family not in SUPPORTED:
         raise PipelineError(f"unknown model family {family!r}; valid values: {', '.join(SUPPORTED)}")
-    if family == "gemma" and getattr(model.config, "model_type", "gemma") != "gemma":
-        return _GEMMA2_SUPPORTED
-    return SUPPORTED[family]
+    config = model.config
+    model_type = getattr(config, "model_type", family)
+    if family == "gemma" and model_type != "gemma":
+        # Gemma 2 adds norms on the sublayer outputs: an orthogonal Q1 does not commute with their
+        # scales, and its MLP input norm is named differently.
+        return ("equalize",), (f"model_type {model_type!r}: its norms on the attention and MLP outputs do not "
+                               "commute with it")
+    if family == "opt" and not getattr(config, "do_layer_norm_before", True):
+        return ("equalize",), ("do_layer_norm_before=False: the residual stream is a LayerNorm output, "
+                               "whose scale and bias no fold can move")
+    layout = _LAYOUTS[family]
+    if layout.layernorm and _get(model, layout.final_norm) is None:
+        return ("equalize", "smooth"), "no final LayerNorm: lm_head reads the stream's mean, which rotate drops"
+    if layout.layernorm and not getattr(config, "layer_norm_elementwise_affine", True):
+        return ("rotate", "equalize"), ("LayerNorms without weights (layer_norm_elementwise_affine=False) cannot "
+                                        "absorb smooth's scales")
+    return SUPPORTED[family], ""
+
+
+def supported_transforms(model: nn.Module, family: str) -> tuple[str, ...]:
+    """The transforms that are exact for this model (family, refined by its config)."""
+    return _support(model, family)[0]
 
 
 def check_transforms(model: nn.Module, family: str, transforms: list[str]) -> list[str]:
     """Validate names and family support; return the transforms in their fixed application order."""
-    valid = supported_transforms(model, family)
+    valid, reason = _support(model, family)
     for name in transforms:
         if name not in TRANSFORM_ORDER:
             raise PipelineError(f"unknown transform {name!r}; valid transforms: {', '.join(TRANSFORM_ORDER)} "
@@ -168,8 +372,6 @@ def check_transforms(model: nn.Module, family: str, transforms: list[str]) -> li
         raise PipelineError(f"transform {duplicates[0]!r} is listed more than once")
     for name in transforms:
         if name not in valid:
-            reason = _UNSUPPORTED_REASON.get(family, f"model_type {model.config.model_type!r}: its norms on the "
-                                             "attention and MLP outputs do not commute with it")
             others = "".join(f", {v}" for v in valid)
             raise PipelineError(f"transform {name!r} is not supported for family {family!r} ({reason}); "
                                 f"valid transforms for {family}: {', '.join(valid) or 'none'}; set config key "
@@ -196,62 +398,105 @@ def _untie_head(model: nn.Module, head: nn.Linear) -> None:
 
 
 def _scale_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
-    _set(linear.weight, linear.weight.detach().double() * scale.view(1, -1))
+    _set(linear.weight, linear.weight.detach().double() * scale.to(linear.weight.device).view(1, -1))
 
 
-def _fold_norms(model: nn.Module, family: str, layers: list[_Layer]) -> bool:
-    """Fold every RMSNorm scale into the Linears reading it; return whether lm_head was untied."""
-    offset = _norm_offset(family)
-    for layer in layers:
-        for norm, readers in ((layer.input_norm, (layer.q, layer.k, layer.v)),
-                              (layer.post_attention_norm, layer.mlp_readers)):
-            scale = _norm_scale(norm, offset)
+def _fold_norm(norm: nn.Module, readers: list[nn.Linear], offset: float, name: str) -> None:
+    """Fold a norm's scale (and a LayerNorm's bias) into the Linears reading it; the norm keeps scale 1.
+
+    A LayerNorm bias b becomes W b in the readers' biases; where a reader has no bias (adding one
+    would change the checkpoint layout), b stays on the norm as b / g, which the g-scaled columns
+    turn back into W b.
+    """
+    scale, bias = _norm_scale(norm, offset), _norm_bias(norm)
+    carried = torch.zeros_like(bias)
+    if torch.any(bias != 0):
+        if all(linear.bias is not None for linear in readers):
             for linear in readers:
-                _scale_columns(linear, scale)
-            _set_norm_scale(norm, torch.ones_like(scale), offset)
+                _set(linear.bias, linear.bias.detach().double() + linear.weight.detach().double() @ bias)
+        elif torch.any((scale == 0) & (bias != 0)):
+            raise PipelineError(f"rotate: {name} has weight 0 but a nonzero bias in "
+                                f"{int(((scale == 0) & (bias != 0)).sum())} channel(s) and a reader without bias, "
+                                "so its bias cannot be folded exactly; valid: a nonzero weight wherever the bias "
+                                "is not 0")
+        else:
+            carried = torch.where(scale == 0, torch.zeros_like(bias), bias / scale)
+    for linear in readers:
+        _scale_columns(linear, scale)
+    _set_norm_scale(norm, torch.ones_like(scale), offset)
+    _set_norm_bias(norm, carried)
+
+
+def _fold_norms(model: nn.Module, family: str, layers: list[_Layer], stream: _Stream) -> bool:
+    """Fold every norm into the Linears reading it; return whether lm_head was untied."""
+    offset = _norm_offset(family)
+    names = layers[0].names if layers else {}
+    for layer in layers:
+        for norm, readers in layer.norms:
+            _fold_norm(norm, readers, offset, names.get(id(norm), "a norm"))
     embedding, head = _embedding_and_head(model)
-    final_norm = model.model.norm
-    scale = _norm_scale(final_norm, offset)
+    final = stream.final_norm
+    identity = torch.all(_norm_scale(final, offset) == 1) and torch.all(_norm_bias(final) == 0)
     untied = False
-    if not torch.all(scale == 1):
-        if head.weight is embedding.weight:
-            _untie_head(model, head)
-            untied = True
-        _scale_columns(head, scale)
-    _set_norm_scale(final_norm, torch.ones_like(scale), offset)
+    if not identity and head in stream.final_readers and head.weight is embedding.weight:
+        _untie_head(model, head)
+        untied = True
+    _fold_norm(final, stream.final_readers, offset, names.get(id(final), "the final norm"))
     return untied
 
 
+def _centre_writers(layers: list[_Layer], stream: _Stream) -> None:
+    """Subtract the mean over the hidden channels from every vector written to the residual stream."""
+    for embedding in stream.embeddings:
+        weight = embedding.weight.detach().double()
+        _set(embedding.weight, weight - weight.mean(dim=1, keepdim=True))
+    for linear in stream.writers + [w for layer in layers for w in layer.writers]:
+        weight = linear.weight.detach().double()
+        _set(linear.weight, weight - weight.mean(dim=0, keepdim=True))
+        if linear.bias is not None:
+            bias = linear.bias.detach().double()
+            _set(linear.bias, bias - bias.mean())
+
+
 def _rotate(model: nn.Module, family: str, generator: torch.Generator) -> dict:
+    layout = _LAYOUTS[family]
     layers = _decoder_layers(model, family)
-    geometry = _geometry(model)
-    untied = _fold_norms(model, family, layers)
+    geometry = _geometry(model, family)
+    stream = _stream(model, family)
+    untied = _fold_norms(model, family, layers, stream)
+    if layout.layernorm:
+        _centre_writers(layers, stream)
     embedding, head = _embedding_and_head(model)
-    hidden = embedding.weight.shape[1]
+    hidden = layers[0].o.out_features
     q1, kind1 = random_orthogonal(hidden, generator)
+    if layout.layernorm:
+        q1, kind1 = fixing_ones(q1), f"{kind1}_fixing_ones"
     q1 = q1.to(embedding.weight.device)  # drawn on the CPU so a seed gives the same matrix everywhere
-    _set(embedding.weight, embedding.weight.detach().double() @ q1)
-    readers = [linear for layer in layers for linear in (layer.q, layer.k, layer.v, *layer.mlp_readers)]
-    if head.weight is not embedding.weight:  # a still-tied head was rotated with the embedding
-        readers.append(head)
-    for linear in readers:
+    for table in stream.embeddings:
+        _set(table.weight, table.weight.detach().double() @ q1)
+    readers = [linear for layer in layers for linear in layer.readers]
+    readers += [linear for linear in stream.final_readers if linear.weight is not embedding.weight]
+    for linear in readers:  # a still-tied head was rotated with the embedding
         _set(linear.weight, linear.weight.detach().double() @ q1)
-    writers = [linear for layer in layers for linear in (layer.o, *(b.down for b in layer.branches))]
+    writers = stream.writers + [linear for layer in layers for linear in layer.writers]
     for linear in writers:
         _set(linear.weight, q1.T @ linear.weight.detach().double())
         if linear.bias is not None:
             _set(linear.bias, linear.bias.detach().double() @ q1)
+    if layout.layernorm:  # biases carried on the norms live in the stream's basis
+        for norm in [norm for layer in layers for norm, _ in layer.norms] + [stream.final_norm]:
+            if norm.bias is not None:
+                _set(norm.bias, norm.bias.detach().double() @ q1)
     # R2: per layer one head_dim rotation, shared by every head (hence by every KV group).
     d = geometry.head_dim
     kind2 = None
     for layer in layers:
         q2, kind2 = random_orthogonal(d, generator)
-        q2 = q2.to(layer.v.weight.device)
-        v = layer.v.weight.detach().double().view(geometry.num_kv_heads, d, -1)
-        _set(layer.v.weight, torch.einsum("dc,hdi->hci", q2, v).reshape(layer.v.weight.shape))
-        if layer.v.bias is not None:
-            bias = layer.v.bias.detach().double().view(geometry.num_kv_heads, d)
-            _set(layer.v.bias, (bias @ q2).reshape(-1))
+        q2 = q2.to(layer.v.linear.weight.device)
+        v = layer.v.weight().view(geometry.num_kv_heads, d, -1)
+        layer.v.set_weight(torch.einsum("dc,hdi->hci", q2, v).reshape(-1, v.shape[-1]))
+        if layer.v.bias() is not None:
+            layer.v.set_bias((layer.v.bias().view(geometry.num_kv_heads, d) @ q2).reshape(-1))
         o = layer.o.weight.detach().double().view(-1, geometry.num_heads, d)
         _set(layer.o.weight, (o @ q2).reshape(layer.o.weight.shape))
     return {"untied_lm_head": untied, "r1": kind1, "r1_size": hidden, "r2": kind2, "r2_size": d}
@@ -261,18 +506,18 @@ def _rotate(model: nn.Module, family: str, generator: torch.Generator) -> dict:
 
 
 def _scale_pair_up_down(up: nn.Linear, down: nn.Linear, scale: torch.Tensor) -> None:
-    """up rows / s, down columns * s: `down(act(gate) * up)` is unchanged."""
+    """up rows / s, down columns * s: `down(act(gate) * up)` (or `down(relu(up))`) is unchanged."""
     _set(up.weight, up.weight.detach().double() / scale.view(-1, 1))
     if up.bias is not None:
         _set(up.bias, up.bias.detach().double() / scale)
     _scale_columns(down, scale)
 
 
-def _scale_pair_v_o(v: nn.Linear, o: nn.Linear, kv_scale: torch.Tensor, geometry: _Geometry) -> None:
+def _scale_pair_v_o(v: _Rows, o: nn.Linear, kv_scale: torch.Tensor, geometry: _Geometry) -> None:
     """v rows / s (per KV channel), o columns * s for every attention head of the KV group."""
-    _set(v.weight, v.weight.detach().double() / kv_scale.view(-1, 1))
-    if v.bias is not None:
-        _set(v.bias, v.bias.detach().double() / kv_scale)
+    v.set_weight(v.weight() / kv_scale.view(-1, 1))
+    if v.bias() is not None:
+        v.set_bias(v.bias() / kv_scale)
     group = geometry.num_heads // geometry.num_kv_heads
     per_head = kv_scale.view(geometry.num_kv_heads, 1, geometry.head_dim).expand(-1, group, -1).reshape(-1)
     _scale_columns(o, per_head)
@@ -291,47 +536,63 @@ def _safe_ratio_scale(numerator: torch.Tensor, denominator: torch.Tensor) -> tor
     return torch.where(ok, scale, torch.ones_like(scale)).clamp(min=_MIN_SCALE)
 
 
-def _pair_max(values: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Max over each RoPE pair (c, c + head_dim / 2) of a per-channel quantity, broadcast to both."""
-    halves = values.view(-1, 2, head_dim // 2)
-    return halves.amax(dim=1, keepdim=True).expand(-1, 2, -1).reshape(-1)
+def _pair_max(values: torch.Tensor, geometry: _Geometry) -> torch.Tensor:
+    """Max over each RoPE pair (c, c + rotary_dim / 2) of a per-channel quantity, broadcast to both.
+
+    Channels past rotary_dim (Phi's partial rotary; all of them without RoPE) keep their own value.
+    """
+    r = geometry.rotary_dim
+    if r == 0:
+        return values
+    heads = values.view(-1, geometry.head_dim)
+    pairs = heads[:, :r].reshape(-1, 2, r // 2).amax(dim=1, keepdim=True).expand(-1, 2, -1).reshape(-1, r)
+    return torch.cat([pairs, heads[:, r:]], dim=1).reshape(-1)
 
 
-def _equalize_q_k(q: nn.Linear, k: nn.Linear, geometry: _Geometry) -> None:
+def _equalize_q_k(q: _Rows, k: _Rows, geometry: _Geometry) -> None:
     """q rows * s, k rows / s: every score q.k is unchanged.
 
-    RoPE rotates the channel pairs (c, c + head_dim / 2) (transformers' rotate_half), which
+    RoPE rotates the channel pairs (c, c + rotary_dim / 2) (transformers' rotate_half), which
     commutes with one scale per pair; a KV head's scale is shared by its group's query heads.
     """
     d = geometry.head_dim
     group = geometry.num_heads // geometry.num_kv_heads
-    r_q = _pair_max(q.weight.detach().double().abs().amax(dim=1), d)
+    r_q = _pair_max(q.weight().abs().amax(dim=1), geometry)
     r_q = r_q.view(geometry.num_kv_heads, group, d).amax(dim=1).reshape(-1)
-    r_k = _pair_max(k.weight.detach().double().abs().amax(dim=1), d)
+    r_k = _pair_max(k.weight().abs().amax(dim=1), geometry)
     kv_scale = _safe_ratio_scale(r_k, r_q).sqrt()
     q_scale = kv_scale.view(geometry.num_kv_heads, 1, d).expand(-1, group, -1).reshape(-1)
-    for linear, scale in ((q, q_scale), (k, 1 / kv_scale)):
-        _set(linear.weight, linear.weight.detach().double() * scale.view(-1, 1))
-        if linear.bias is not None:
-            _set(linear.bias, linear.bias.detach().double() * scale)
+    for rows, scale in ((q, q_scale), (k, 1 / kv_scale)):
+        rows.set_weight(rows.weight() * scale.view(-1, 1))
+        if rows.bias() is not None:
+            rows.set_bias(rows.bias() * scale)
+
+
+def _skipped(layers: list[_Layer]) -> list[str]:
+    """The pairs a transform leaves alone because rescaling them would not be exact, with why."""
+    reasons = {f"up/down ({layer.mlp_blocked})" for layer in layers if layer.mlp_blocked}
+    return sorted(reasons)
 
 
 def _equalize(model: nn.Module, family: str) -> dict:
     layers = _decoder_layers(model, family)
-    geometry = _geometry(model)
+    geometry = _geometry(model, family)
     pairs = 0
     for layer in layers:
-        for branch in layer.branches:
+        for branch in layer.branches if layer.mlp_blocked is None else ():
             r_up = branch.up.weight.detach().double().abs().amax(dim=1)
             r_down = branch.down.weight.detach().double().abs().amax(dim=0)
             _scale_pair_up_down(branch.up, branch.down, _safe_ratio_scale(r_up, r_down).sqrt())
             pairs += 1
-        r_v = layer.v.weight.detach().double().abs().amax(dim=1)
+        r_v = layer.v.weight().abs().amax(dim=1)
         r_o = _o_columns_per_kv_channel(layer.o.weight.detach().double().abs().amax(dim=0), geometry)
         _scale_pair_v_o(layer.v, layer.o, _safe_ratio_scale(r_v, r_o).sqrt(), geometry)
-        _equalize_q_k(layer.q, layer.k, geometry)
-        pairs += 2
-    return {"pairs": pairs}
+        pairs += 1
+        if layer.qk_blocked is None:
+            _equalize_q_k(layer.q, layer.k, geometry)
+            pairs += 1
+    skipped = _skipped(layers) + sorted({f"q/k ({layer.qk_blocked})" for layer in layers if layer.qk_blocked})
+    return {"pairs": pairs, **({"skipped": skipped} if skipped else {})}
 
 
 @torch.inference_mode()
@@ -377,29 +638,31 @@ def _smooth(model: nn.Module, family: str, calibration: list[list[int]] | None, 
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise PipelineError(f"smooth alpha = {alpha!r} must be a number in [0, 1]")
     layers = _decoder_layers(model, family)
-    geometry = _geometry(model)
+    geometry = _geometry(model, family)
     offset = _norm_offset(family)
     linears = [linear for layer in layers
-               for linear in (layer.q, layer.o, *layer.mlp_readers, *(b.down for b in layer.branches))]
+               for linear in (*layer.readers, layer.o,
+                              *(b.down for b in layer.branches if layer.mlp_blocked is None))]
     device = next(model.parameters()).device
     act = {key: value.to(device) for key, value in input_channel_absmax(model, linears, calibration).items()}
     for layer in layers:
-        for norm, readers in ((layer.input_norm, [layer.q, layer.k, layer.v]),
-                              (layer.post_attention_norm, layer.mlp_readers)):
+        for norm, readers in layer.norms:
             # Readers of one norm see the same input; experts only their routed tokens, so take the max.
             x_max = torch.stack([act[id(r)] for r in readers if id(r) in act]).amax(dim=0)
             scale = _smoothing_scale(x_max, _column_max(readers), alpha)
             _set_norm_scale(norm, _norm_scale(norm, offset) / scale, offset)
+            _set_norm_bias(norm, _norm_bias(norm) / scale)
             for linear in readers:
                 _scale_columns(linear, scale)
-        for branch in layer.branches:
+        for branch in layer.branches if layer.mlp_blocked is None else ():
             scale = _smoothing_scale(act[id(branch.down)], _column_max([branch.down]), alpha)
             _scale_pair_up_down(branch.up, branch.down, scale)
         o_act = _o_columns_per_kv_channel(act[id(layer.o)], geometry)
         o_weight = _o_columns_per_kv_channel(layer.o.weight.detach().double().abs().amax(dim=0), geometry)
         _scale_pair_v_o(layer.v, layer.o, _smoothing_scale(o_act, o_weight, alpha), geometry)
+    skipped = _skipped(layers)
     return {"alpha": alpha, "calibration_sequences": len(calibration),
-            "calibration_tokens": sum(len(s) for s in calibration)}
+            "calibration_tokens": sum(len(s) for s in calibration), **({"skipped": skipped} if skipped else {})}
 
 
 # ---------------------------------------------------------------- public API
@@ -411,7 +674,8 @@ def apply_transforms(model: nn.Module, family: str, transforms: list[str], seed:
 
     Order is fixed (TRANSFORM_ORDER) whatever the order asked. `seed` seeds the rotations,
     `calibration` (token id sequences) and `alpha` feed `smooth`. The summary says what was
-    applied, whether lm_head was untied from the embeddings, and per-transform notes and times.
+    applied, whether lm_head was untied from the embeddings, and per-transform notes and times
+    (`skipped`: the pairs a transform left alone because rescaling them would not be exact).
     """
     if isinstance(transforms, str):
         transforms = [transforms]
@@ -430,6 +694,9 @@ def apply_transforms(model: nn.Module, family: str, transforms: list[str], seed:
             else:
                 notes[name] = _smooth(model, family, calibration, alpha)
             notes[name]["seconds"] = round(time.perf_counter() - start, 3)
+            if notes[name].get("skipped"):  # exact, but weaker than the name promises
+                log.info("%s: pairs left alone (rescaling them is not exact): %s", name,
+                         "; ".join(notes[name]["skipped"]))
     return {"family": family, "transforms": ordered, "seed": int(seed), "untied_lm_head": untied, "notes": notes}
 
 
