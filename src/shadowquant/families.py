@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Mapping
 
 from shadowquant.errors import PipelineError
+
+if TYPE_CHECKING:  # torch is imported where models are handled: the Snakefile reads this module torch-free
+    from torch import nn
 
 FAMILIES = ("llama", "qwen1", "qwen2", "gemma", "phi", "opt", "mixtral", "falcon")
 
@@ -90,11 +91,15 @@ def in_decoder_layer(module_name: str) -> bool:
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Every nn.Linear of the model, lm_head included, in named_modules order (what profiling observes)."""
+    from torch import nn
+
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
 def quantized_layer_names(model: nn.Module, family: str) -> list[str]:
     """Names of the nn.Linear modules inside decoder layers that the simulated W8A8 quantizes."""
+    from torch import nn
+
     if family not in QUANTIZED_SUFFIXES:
         raise PipelineError(f"unknown model family {family!r}; valid values: {', '.join(FAMILIES)}")
     suffixes = set(QUANTIZED_SUFFIXES[family])

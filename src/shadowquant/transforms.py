@@ -56,10 +56,10 @@ from torch import nn
 
 from shadowquant.errors import PipelineError
 from shadowquant.hadamard import fixing_ones, random_orthogonal
+from shadowquant.transform_support import TRANSFORM_ORDER, transform_support
 
 log = logging.getLogger(__name__)
 
-TRANSFORM_ORDER = ("rotate", "equalize", "smooth")
 # Transforms that are exact per family; supported_transforms refines this per model (Gemma 2,
 # post-LayerNorm OPT, ...).
 SUPPORTED: dict[str, tuple[str, ...]] = {family: TRANSFORM_ORDER for family in
@@ -333,26 +333,12 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _support(model: nn.Module, family: str) -> tuple[tuple[str, ...], str]:
-    """(The transforms that are exact for this model, why the others are not)."""
+    """(The transforms that are exact for this model, why the others are not): the config's answer
+    (shadowquant.transform_support), with the final norm looked up on the model itself."""
     if family not in SUPPORTED:
         raise PipelineError(f"unknown model family {family!r}; valid values: {', '.join(SUPPORTED)}")
-    config = model.config
-    model_type = getattr(config, "model_type", family)
-    if family == "gemma" and model_type != "gemma":
-        # Gemma 2 adds norms on the sublayer outputs: an orthogonal Q1 does not commute with their
-        # scales, and its MLP input norm is named differently.
-        return ("equalize",), (f"model_type {model_type!r}: its norms on the attention and MLP outputs do not "
-                               "commute with it")
-    if family == "opt" and not getattr(config, "do_layer_norm_before", True):
-        return ("equalize",), ("do_layer_norm_before=False: the residual stream is a LayerNorm output, "
-                               "whose scale and bias no fold can move")
-    layout = _LAYOUTS[family]
-    if layout.layernorm and _get(model, layout.final_norm) is None:
-        return ("equalize", "smooth"), "no final LayerNorm: lm_head reads the stream's mean, which rotate drops"
-    if layout.layernorm and not getattr(config, "layer_norm_elementwise_affine", True):
-        return ("rotate", "equalize"), ("LayerNorms without weights (layer_norm_elementwise_affine=False) cannot "
-                                        "absorb smooth's scales")
-    return SUPPORTED[family], ""
+    final_norm = _get(model, _LAYOUTS[family].final_norm) is not None
+    return transform_support(family, model.config, final_norm=final_norm)
 
 
 def supported_transforms(model: nn.Module, family: str) -> tuple[str, ...]:
@@ -817,11 +803,12 @@ def save_transformed(model: nn.Module, tokenizer, out_dir, family: str, summary:
 
 def transform_stage(manifest, out_manifest, transforms: list[str], seed: int = 0,
                     alpha: float | str = DEFAULT_ALPHA, samples=None, num_samples: int = 16,
-                    seq_len: int = 256) -> dict:
+                    seq_len: int = 256, chosen_by: str | None = None) -> dict:
     """The transformed float model as an artefact: a model directory beside `out_manifest` and its manifest,
     which the rest of the workflow uses in place of the fetched model (same names and shapes).
 
-    `alpha` 'auto' searches smooth's strength over ALPHA_GRID on the calibration samples (search_alpha)."""
+    `alpha` 'auto' searches smooth's strength over ALPHA_GRID on the calibration samples (search_alpha).
+    `chosen_by`: why these transforms were chosen (transform.variants 'auto'), kept in transform.json."""
     from shadowquant.atomic import write_json
     from shadowquant.corpus import read_jsonl_texts
     from shadowquant.manifest import read_manifest
@@ -848,6 +835,9 @@ def transform_stage(manifest, out_manifest, transforms: list[str], seed: int = 0
     summary = apply_transforms(model, family, list(transforms), seed=seed, calibration=calibration, alpha=alpha)
     if alpha_search is not None:
         summary["alpha_search"] = alpha_search
+    if chosen_by:
+        summary["chosen_by"] = f"transform.variants auto: {chosen_by}"
+        log.info("transform.variants auto chose %s: %s", "+".join(summary["transforms"]) or "none", chosen_by)
     out_dir = Path(out_manifest).parent / "hf"
     save_transformed(model, tokenizer, out_dir, family, summary)
     info = inspect_model_dir(out_dir, family)
