@@ -161,12 +161,16 @@ def migrate_deprecated(cfg: dict[str, Any], source: str = "config") -> list[str]
 
 
 TRANSFORM_ORDER = ("rotate", "equalize", "smooth")
+# The value of runtime.profile and transform.variants that lets the model's family decide (resolve_auto).
+AUTO = "auto"
 
 
 def _check_transform_variants(cfg: dict[str, Any], source: str) -> None:
     """Each variant's steps in the fixed order, each at most once ('none' stands alone); an explicit export
     names its variant when there are several."""
     variants = cfg["transform"]["variants"]
+    if variants == AUTO:  # checked once resolve_auto has chosen the variant
+        return
     export = cfg["export"]
     if export["transform"] is not None and export["transform"] not in variants:
         raise PipelineError(f"{source}: config key 'export.transform' = {export['transform']!r} is not valid: "
@@ -213,6 +217,8 @@ def _check_runtime(cfg: dict[str, Any], source: str) -> None:
     from shadowquant.runtime import IDEAL, get_profile
 
     name = cfg["runtime"]["profile"]
+    if name == AUTO:  # checked once resolve_auto has chosen the profile
+        return
     if cfg["model"]["type"] is not None:
         try:
             get_profile(name, cfg["model"]["type"])
@@ -231,6 +237,43 @@ def _check_runtime(cfg: dict[str, Any], source: str) -> None:
     if rule == "sensitivity" or point.endswith("-mse") or point.startswith("signed-"):
         raise PipelineError(f"{source}: export.point = {point!r} is a point of runtime.profile ideal; under "
                             f"runtime.profile {name!r} use absmax-l<shadow layers> or absmax-t<threshold>")
+
+
+def uses_auto(cfg: dict[str, Any]) -> bool:
+    """Whether runtime.profile or transform.variants waits for the model's family (resolve_auto)."""
+    return cfg["runtime"]["profile"] == AUTO or cfg["transform"]["variants"] == AUTO
+
+
+def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dict[str, Any], dict[str, dict]]:
+    """The validated config with 'auto' runtime.profile and transform.variants replaced by the choice for
+    the model `info` (model_source.SourceInfo), and {key: {"value", "reason"}} per choice made.
+
+    runtime.profile: qwen-npu where mllm has an NPU model for the family (LLaMA-shaped), else ideal.
+    transform.variants: the best exact variant of the model (transform_support.auto_variant)."""
+    from shadowquant.runtime import DEFAULT_PROFILE, IDEAL, get_profile
+    from shadowquant.transform_support import auto_variant
+
+    cfg = copy.deepcopy(cfg)
+    choices: dict[str, dict] = {}
+    family = info.family
+    if cfg["runtime"]["profile"] == AUTO:
+        npu = get_profile(DEFAULT_PROFILE)
+        if family in npu.families:
+            profile, reason = DEFAULT_PROFILE, f"family {family}: mllm's Qwen NPU model runs LLaMA-shaped models"
+        else:
+            profile, reason = IDEAL, (f"family {family}: mllm has no NPU model for it (the NPU profiles run "
+                                      f"{'/'.join(npu.families)}); the idealized W8A8 is simulated")
+        cfg["runtime"]["profile"] = profile
+        choices["runtime.profile"] = {"value": profile, "reason": reason}
+    if cfg["transform"]["variants"] == AUTO:
+        variant, reason = auto_variant(family, info.config)
+        cfg["transform"]["variants"] = [variant]
+        choices["transform.variants"] = {"value": variant, "reason": reason}
+    for choice in choices.values():
+        choice["reason"] += f"; family read from {info.origin}" if info.origin else ""
+    _check_transform_variants(cfg, source)
+    _check_runtime(cfg, source)
+    return cfg, choices
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

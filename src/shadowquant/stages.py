@@ -116,9 +116,10 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
            selection: str | Path | None = None, sensitivity: str | Path | None = None,
            shadow_json: str | Path | None = None, clip_scales: str | Path | None = None,
            weight_range: str = "max", runtime: str = IDEAL, runtime_scales: str | Path | None = None,
-           runtime_json: str | Path | None = None) -> None:
+           runtime_json: str | Path | None = None, auto_choices: dict | None = None) -> None:
     """Int8 export of an explicit sweep point, or of the point the selection chose, with the weight clip
-    range the sweep used, for the runtime profile the sweep simulated (runtime.json says how to run it)."""
+    range the sweep used, for the runtime profile the sweep simulated (runtime.json says how to run it;
+    `auto_choices`, the config's 'auto' values and why each was chosen, go there too)."""
     point = resolve_export_point(point, selection)
     statistic, rule, value = parse_point(point)
     model, _, family = load_model_from_manifest(manifest, device="cpu", dtype="checkpoint")
@@ -160,8 +161,11 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
                        weight_range=weight_range_name(weight_range))
         write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
     if runtime_json is not None:
-        write_json(runtime_json, runtime_description(profile, model, shadow, tied, point, variant,
-                                                     any(k.endswith("_proj.bias") for k in tensors)))
+        description = runtime_description(profile, model, shadow, tied, point, variant,
+                                          any(k.endswith("_proj.bias") for k in tensors))
+        if auto_choices:
+            description["auto_choices"] = auto_choices
+        write_json(runtime_json, description)
     log.info("exported %d tensors (point %s, transform %s, runtime %s%s) to %s%s", len(tensors), point, variant,
              profile.name, "" if shadow is None else f", shadow layers {sorted(shadow)}", out,
              "; lm_head.weight is its own tensor: the transform untied it from the embeddings" if untied else "")

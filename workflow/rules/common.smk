@@ -5,11 +5,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from shadowquant.config import validate_config
+from shadowquant.config import resolve_auto, uses_auto, validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
 from shadowquant.decision import breakdown_point, parse_point, point_clip, point_label
 from shadowquant.manifest import local_source_files
+from shadowquant.model_source import describe_source
 from shadowquant.slurm_check import (
     ThreadRequest,
     check_threads_fit,
@@ -21,6 +22,24 @@ try:
     # Errors name the config files the keys came from (the default one and any --configfile).
     CONFIG_SOURCE = " + ".join(map(str, workflow.configfiles)) or "config"
     config.update(validate_config(config, source=CONFIG_SOURCE))
+    # 'auto' runtime.profile and transform.variants shape the workflow, so they are chosen now, from
+    # the model's family (read before fetching: shadowquant.model_source says from where).
+    AUTO_CHOICES = {}
+    if uses_auto(config):
+        _model = config["model"]
+        _info = describe_source(
+            _model["source"],
+            declared=_model["type"],
+            revision=_model["revision"],
+            fetched_manifest=f"resources/models/{_model['name']}/manifest.json",
+        )
+        _resolved, AUTO_CHOICES = resolve_auto(config, _info, source=CONFIG_SOURCE)
+        config.update(_resolved)
+        for _key, _choice in AUTO_CHOICES.items():
+            print(
+                f"shadowquant: {_key} auto -> {_choice['value']}: {_choice['reason']}",
+                file=sys.stderr,
+            )
 except PipelineError as exc:
     sys.exit(f"error: {exc}")
 

@@ -33,6 +33,8 @@ rule export_int8:
         transform=config["export"]["transform"],
         weight_range=WEIGHT_RANGE,
         runtime=RUNTIME,
+        # The 'auto' config values and why each was chosen (recorded in runtime.json).
+        auto_choices=AUTO_CHOICES,
     script:
         "../scripts/export_int8.py"
 

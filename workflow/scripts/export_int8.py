@@ -14,7 +14,8 @@ def export_selected_variant(**kwargs):
                   sensitivity=i.sensitivity[n] if i.sensitivity else None,
                   clip_scales=i.clip_scales[n] if i.clip_scales else None,
                   weight_range=resolve_weight_range(p.weight_range, i.weight_range[n] if i.weight_range else None),
-                  runtime=p.runtime, runtime_scales=i.runtime_scales[n] if i.runtime_scales else None, **kwargs)
+                  runtime=p.runtime, runtime_scales=i.runtime_scales[n] if i.runtime_scales else None,
+                  auto_choices=dict(p.auto_choices), **kwargs)
 
 
 run_stage(snakemake, export_selected_variant, out=snakemake.output.export, point=p.point, selection=selection,

@@ -6,4 +6,4 @@ p = snakemake.params
 run_stage(snakemake, transform_stage, manifest=snakemake.input.manifest, out_manifest=snakemake.output.manifest,
           transforms=list(p.steps), seed=p.seed, alpha=p.alpha,
           samples=snakemake.input.samples[0] if snakemake.input.samples else None,
-          num_samples=p.num_samples, seq_len=p.seq_len)
+          num_samples=p.num_samples, seq_len=p.seq_len, chosen_by=p.chosen_by)
