@@ -163,7 +163,8 @@ def test_snakemake_killed_mid_write_then_rerun_produces_the_output(llama_run, ti
     shutil.copy(llama_run / "model-int8.safetensors", results / "model-int8.safetensors")
     shutil.copy(llama_run / "runtime.json", results / "runtime.json")
     config = write_config(tmp_path, {"model": {"source": str(tiny_model_dir("llama")), "name": "tiny"},
-                                     "calibration": {"dataset": str(tiny_text_corpus)}, "device": "cpu"})
+                                     "calibration": {"dataset": str(tiny_text_corpus)}, "device": "cpu",
+                                     "transform": {"variants": ["none"]}})
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SLOW_WRITES)

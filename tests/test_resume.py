@@ -51,6 +51,7 @@ def resume_config(tiny_model_dir, long_text_corpus) -> dict:
         "model": {"source": str(tiny_model_dir("llama")), "name": NAME},
         "calibration": {"dataset": str(long_text_corpus), **CALIBRATION},
         "device": "cpu",
+        "transform": {"variants": ["none"]},
     }
 
 

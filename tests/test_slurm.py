@@ -98,6 +98,7 @@ def tiny_llama_config(request: pytest.FixtureRequest) -> dict:
         "calibration": {"dataset": str(request.getfixturevalue("tiny_text_corpus")), "num_samples": 6,
                         "seq_len": 32, "batch_size": 3, "checkpoint_every": 0},
         "device": "cpu",
+        "transform": {"variants": ["none"]},
     }
 
 

@@ -16,20 +16,21 @@ from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 pytestmark = pytest.mark.slow
 
 
-# The runtime each family's run simulates: mllm's Qwen NPU model runs LLaMA-shaped models; the others take the
-# idealized W8A8 of the original tools (mllm has no NPU model for them).
-NPU_FAMILIES = ("llama", "qwen1")
+# The runtime each family's run simulates under the default runtime.profile 'auto': mllm's Qwen NPU model runs
+# LLaMA-shaped models; the others take the idealized W8A8 of the original tools (mllm has no NPU model for them).
+NPU_FAMILIES = ("llama", "qwen1", "qwen2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path):
+    """The default transform and runtime ('auto') with only the model changed: every family reaches model.mllm."""
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
-    # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu, qwen2
+    # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu, opt
     # under ideal with '-mse' points), the rest of the workflow for all eight.
     npu = family in NPU_FAMILIES
-    full = family in ("llama", "qwen2")
-    overrides = {"runtime.profile": "qwen-npu" if npu else "ideal"}
-    if family == "qwen2":
+    full = family in ("llama", "opt")
+    overrides = {"runtime.profile": "auto", "transform.variants": "auto"}
+    if family == "opt":
         overrides.update({"sweep.clip_scales": ["max", "mse"], "sweep.weight_range": "auto"})
     elif not full:
         overrides.update({"sweep.shadow_sides": [], "sweep.shadow_layers": [], "sweep.breakdown": False})
@@ -37,7 +38,13 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
                                              **{"model.type": family}, **overrides))
     snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
     results = tmp_path / f"results/tiny-{family}"
-    sweep = pd.read_csv(results / "sweep.csv")
+    # Every tiny model takes rotate+smooth, the best exact variant, in its own run directory.
+    run = tmp_path / f"results/tiny-{family}.rotate+smooth"
+    transform = json.loads((tmp_path / f"resources/models/tiny-{family}/transformed/rotate+smooth/hf/"
+                                       "transform.json").read_text())
+    assert transform["transforms"] == ["rotate", "smooth"]
+    assert transform["chosen_by"].startswith(f"transform.variants auto: family {family}: rotate and smooth are exact")
+    sweep = pd.read_csv(run / "sweep.csv")
     ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]  # ideal: t = 1 comes with the breakdown
     if npu:  # shadow layers: no shadow layer (always), the layer front, the ratio rule per layer, no '-mse' twins
         expected = ["float", "absmax-l0", "absmax-l1", *ratio[1:]] if full else ["float", "absmax-l0", *ratio[1:]]
@@ -52,25 +59,27 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     selection = json.loads((results / "selection.json").read_text())
     assert selection["point"] in set(sweep["point"]) - {"float"}
     if full:
-        if family == "qwen2":
-            chosen = json.loads((results / "weight_range.json").read_text())["weight_range"]
+        if family == "opt":
+            chosen = json.loads((run / "weight_range.json").read_text())["weight_range"]
             assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
-        breakdown = json.loads((results / "breakdown.json").read_text())
+        breakdown = json.loads((run / "breakdown.json").read_text())
         assert set(breakdown["parts"]) == {"float", "weights", "inputs", "outputs", "all"}
         assert breakdown["point"] == ("absmax-l0" if npu else "absmax-t1")
         for plot in ("fronts.png", "sensitivity.png", "breakdown.png"):
-            assert (results / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert (run / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evaluation = json.loads((results / "evaluation.json").read_text())
     assert evaluation["generations"][0]["prompt"] == "The list"
     for plot in ("sweep_threshold.png", "sweep_shadow.png", "outlier_ratios.png"):
-        assert (results / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (run / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mllm = results / "model.mllm"
     # runtime.json beside the file: the inspector checks what that runtime's C++ model loads.
     runtime = json.loads((results / "runtime.json").read_text())
     assert runtime["runtime"] == ("qwen-npu" if npu else "ideal")
+    assert runtime["auto_choices"]["runtime.profile"]["value"] == runtime["runtime"]
+    assert runtime["auto_choices"]["transform.variants"]["value"] == runtime["transform"] == "rotate+smooth"
     assert inspect_main([str(mllm), "--export", str(mllm.with_name("model-int8.safetensors"))]) == 0
     f = read_mllm(mllm)
-    scales = json.loads((tmp_path / f"results/tiny-{family}/act_scales.json").read_text())
+    scales = json.loads((run / "act_scales.json").read_text())
     assert "lm_head" in scales["ori"]
     linears = [n for n in scales["ori"] if n != "lm_head"]
     for layer in linears:

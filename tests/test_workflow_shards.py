@@ -18,6 +18,7 @@ def _config(model_dir, corpus, shards, dtype):
                         "checkpoint_every": 2, "shards": shards},
         "device": "cpu",
         "dtype": dtype,
+        "transform": {"variants": ["none"]},
     }
 
 

@@ -44,6 +44,10 @@ def tiny_config(model_dir, corpus, name: str, **overrides) -> dict:
         "sensitivity": {"num_samples": 2, "seq_len": 16, "measure_top": 4, "measure_samples": 1},
         "evaluation": {"num_samples": 8, "seq_len": 24, "max_new_tokens": 4, "prompts": ["The list"]},
         "device": "cpu",
+        # Explicit, so that run directories and points do not depend on the family ('auto', the default, is
+        # what test_every_family_runs_the_whole_workflow runs).
+        "transform": {"variants": ["none"]},
+        "runtime": {"profile": "qwen-npu"},
     }
     return apply_overrides(cfg, overrides)
 
