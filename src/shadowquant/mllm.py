@@ -21,12 +21,14 @@ from tqdm import tqdm
 
 from shadowquant.atomic import atomic_path
 from shadowquant.errors import PipelineError
+from shadowquant.q4_0 import BLOCK_BYTES as Q4_0_BLOCK_BYTES, BLOCK_VALUES as Q4_0_BLOCK_VALUES, dequantize_q4_0
 from shadowquant.safetensors_header import read_tensor_table
 
 # ---- dtype codes ---------------------------------------------------------------------------
 
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
+DTYPE_Q4_0 = 2  # ggml blocks of 32 values in 18 bytes (q4_0.py); mllm's CPU decoding models
 DTYPE_INT8 = 16
 DTYPE_INT16 = 17
 DTYPE_INT32 = 18
@@ -39,11 +41,14 @@ DTYPE_INT64 = 132
 DTYPE_UINT64 = 133
 
 V1_DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_FLOAT16, DTYPE_INT8, DTYPE_INT16, DTYPE_INT32})
+# What the reader accepts in v1: the writers' codes and the Q4_0 blocks of a CPU decoding model.
+V1_READ_DTYPES = V1_DTYPES | {DTYPE_Q4_0}
 V2_DTYPES = V1_DTYPES | {DTYPE_BFLOAT16, DTYPE_UINT8, DTYPE_UINT16, DTYPE_UINT32, DTYPE_INT64, DTYPE_UINT64}
 
 DTYPE_NAMES: dict[int, str] = {
     DTYPE_FLOAT32: "float32",
     DTYPE_FLOAT16: "float16",
+    DTYPE_Q4_0: "q4_0",
     DTYPE_INT8: "int8",
     DTYPE_INT16: "int16",
     DTYPE_INT32: "int32",
@@ -181,6 +186,8 @@ class MllmEntry:
 
     @property
     def numel(self) -> int:
+        if self.dtype == DTYPE_Q4_0:
+            return self.size // Q4_0_BLOCK_BYTES * Q4_0_BLOCK_VALUES
         return self.size // DTYPE_ITEMSIZE[self.dtype]
 
     @property
@@ -340,6 +347,34 @@ def write_mllm_v1(
     return entries
 
 
+def write_mllm_v1_encoded(
+    path: str | os.PathLike,
+    items: Sequence[tuple[str, int, int]],
+    load_bytes: Callable[[str], bytes],
+) -> list[MllmEntry]:
+    """Write an mllm v1 file of already-encoded tensors: `items` are (name, dtype code, byte size) and
+    `load_bytes(name)` returns each one's bytes when its turn comes (Q4_0 blocks, for instance)."""
+    _check_names([TensorSpec(name, torch.uint8, (size,)) for name, _, size in items])
+    encoded = [name.encode("utf-8") for name, _, _ in items]
+    index_size = sum(4 + len(name) + V1_ENTRY_FIXED.size for name in encoded)
+    offset = V1_HEADER.size + index_size
+    entries, parts = [], [V1_HEADER.pack(V1_MAGIC, index_size)]
+    for name, (text, code, size) in zip(encoded, items):
+        if code not in V1_READ_DTYPES:
+            raise PipelineError(f"tensor {text!r}: dtype code {code} is not an mllm v1 code")
+        entries.append(MllmEntry(text, code, offset, size))
+        parts.append(struct.pack("<i", len(name)) + name + V1_ENTRY_FIXED.pack(size, offset, code))
+        offset += size
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(b"".join(parts))
+        for entry in tqdm(entries, desc=f"write {Path(path).name}", unit="tensor", leave=False):
+            data = load_bytes(entry.name)
+            if len(data) != entry.size:
+                raise PipelineError(f"tensor {entry.name!r}: {len(data)} bytes, index says {entry.size}")
+            out.write(data)
+    return entries
+
+
 def write_mllm_v2(
     path: str | os.PathLike,
     tensors: Iterable[SpecLike] | Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
@@ -413,6 +448,16 @@ class MllmFile:
         except KeyError:
             raise PipelineError(f"{self.path}: no tensor named {name!r}") from None
 
+    def read_raw(self, name: str) -> bytes:
+        """The stored bytes of tensor `name`."""
+        entry = self.entry(name)
+        with open(self.path, "rb") as handle:
+            handle.seek(entry.offset)
+            data = handle.read(entry.size)
+        if len(data) != entry.size:
+            raise PipelineError(f"{self.path}: truncated while reading tensor {name!r}")
+        return data
+
     def read(self, name: str) -> np.ndarray:
         """Tensor `name` as a numpy array: 1-D for v1, its stored shape for v2.
 
@@ -424,6 +469,8 @@ class MllmFile:
             handle.seek(entry.offset)
             if handle.readinto(raw) != entry.size:
                 raise PipelineError(f"{self.path}: truncated while reading tensor {name!r}")
+        if entry.dtype == DTYPE_Q4_0:
+            return dequantize_q4_0(raw)
         if entry.dtype == DTYPE_BFLOAT16:
             halves = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
             array = halves.view(np.float32)
@@ -447,7 +494,8 @@ def _check_data_range(path: Path, name: str, code: int, offset: int, size: int, 
             f"tensor {name!r} data [{offset}, {offset + size}) lies outside the data region "
             f"[{data_start}, {file_size}): truncated or corrupt file",
         )
-    if size % DTYPE_ITEMSIZE[code]:
+    unit = Q4_0_BLOCK_BYTES if code == DTYPE_Q4_0 else DTYPE_ITEMSIZE[code]
+    if size % unit:
         raise _fail(path, f"tensor {name!r}: {size} bytes is not a multiple of the {DTYPE_NAMES[code]} element size")
 
 
@@ -480,7 +528,7 @@ def _read_v1(path: Path, handle, file_size: int) -> MllmFile:
         if name in seen:
             raise _fail(path, f"tensor {name!r} appears twice in the index")
         seen.add(name)
-        _check_data_range(path, name, code, offset, size, data_start, file_size, V1_DTYPES)
+        _check_data_range(path, name, code, offset, size, data_start, file_size, V1_READ_DTYPES)
         entries.append(MllmEntry(name, code, offset, size))
     return MllmFile(path, 1, tuple(entries), file_size)
 
