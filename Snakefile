@@ -1,6 +1,7 @@
 # Shadow-outlier W8A8 quantization of a causal LM into an mllm model file.
 #   snakemake --cores 2 model.mllm          the primary model's mllm file
 #   snakemake --cores 2                     every default target
+#   snakemake --cores 2 bundle              the phone bundle (results/<name>/bundle/)
 #   snakemake --configfile other.yaml ...   another model, results under results/<name>/
 from snakemake.utils import min_version
 
@@ -19,6 +20,7 @@ include: "workflow/rules/profile.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/sweep.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/bundle.smk"
 
 
 drop_benchmarks_of_cached_rules()
@@ -38,6 +40,7 @@ localrules:
     plot_outliers,
     plot_quality,
     primary_model,
+    bundle,
 
 
 rule all:

@@ -350,17 +350,26 @@ def format_report(report: InspectReport) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`inspect PATH [--export SAFETENSORS] [--json OUT]`: 0 clean, 1 problems, 2 unreadable file."""
+    """`inspect PATH [--export SAFETENSORS] [--json OUT]`: 0 clean, 1 problems, 2 unreadable file.
+    PATH may be a bundle folder: then the whole bundle is checked (bundle.inspect_bundle)."""
     parser = argparse.ArgumentParser(
         prog="shadowquant inspect",
         description="Check an mllm model file for the tensors the QNN runtime pulls for each quantized Linear.",
     )
-    parser.add_argument("path", help="mllm model file (v1 or v2)")
+    parser.add_argument("path", help="mllm model file (v1 or v2), or a phone bundle folder (results/<name>/bundle)")
     parser.add_argument("--export", metavar="SAFETENSORS", help="int8 export it was converted from: check every tensor is there with its shape and dtype")
     parser.add_argument("--runtime", metavar="JSON", help="runtime.json of the export (default: runtime.json beside "
                         "the model file, if there is one): check what that runtime profile's C++ model loads")
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     args = parser.parse_args(argv)
+    if Path(args.path).is_dir():
+        from shadowquant.bundle import format_bundle_report, inspect_bundle
+
+        bundle = inspect_bundle(args.path)
+        print(format_bundle_report(bundle))
+        if args.json:
+            atomic.write_json(args.json, bundle.as_dict())
+        return 0 if not bundle.problems else 1
     try:
         expected_shapes = expected_dtypes = None
         if args.export:

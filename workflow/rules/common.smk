@@ -127,9 +127,11 @@ THREADS_CONFIG_KEYS = {
     "clip_scales": "threads.evaluate",
     "runtime_scales": "threads.evaluate",
     "evaluate_export": "threads.evaluate",
+    "evaluate_decode_model": "threads.evaluate",
     "export_int8": "threads.export",
     "transform_model": "threads.export",
     "export_pth": "threads.export",
+    "bundle_decode_model": "threads.export",
 }
 
 
@@ -444,3 +446,17 @@ def default_targets():
     if config["export"]["pth"]:
         targets.append(f"{RESULTS}/model-int8.pth")
     return targets
+
+
+# The phone bundle (bundle.smk).
+BUNDLE = f"{RESULTS}/bundle"
+
+
+def bundle_runtime_json(wildcards=None):
+    """runtime.json of the export; the bundle is refused before any job runs under the ideal profile."""
+    if RUNTIME == "ideal":
+        raise PipelineError(
+            f"{CONFIG_SOURCE}: runtime.profile is 'ideal', which no phone runs; the bundle needs an NPU "
+            "profile (qwen-npu, qwen-npu-rotated or phonelm-npu) and a family mllm has an NPU model for"
+        )
+    return f"{RESULTS}/runtime.json"
