@@ -8,6 +8,7 @@ from typing import Callable
 
 import pytest
 
+from mllm_loader_helpers import build_native_loader
 from shadowquant.tiny import build_tiny_model, pydoc_texts, train_tokenizer
 
 
@@ -47,3 +48,12 @@ def tiny_text_corpus(tmp_path_factory) -> Path:
         for paragraph in paragraphs[:200]:
             handle.write(json.dumps({"text": paragraph}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def native_loader(tmp_path_factory) -> Path:
+    """mllm's parameter loader re-implemented in C++ (tests/native), built with the system compiler."""
+    binary = build_native_loader(tmp_path_factory.mktemp("native"))
+    if binary is None:
+        pytest.skip("no C++ compiler for mllm's loader re-implementation (Debian: apt-get install g++)")
+    return binary

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from shadowquant.families import FAMILIES
 from shadowquant.inspector import main as inspect_main
 from shadowquant.mllm import DTYPE_INT8, read_mllm
+from test_bundle_workflow import check_bundle
 from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -22,8 +23,9 @@ NPU_FAMILIES = ("llama", "qwen1", "qwen2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path):
-    """The default transform and runtime ('auto') with only the model changed: every family reaches model.mllm."""
+def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path, native_loader):
+    """The default transform and runtime ('auto') with only the model changed: every family reaches model.mllm
+    (and the LLaMA run goes on to the phone bundle)."""
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
     # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu, opt
     # under ideal with '-mse' points), the rest of the workflow for all eight.
@@ -92,6 +94,9 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     with safe_open(str(mllm.with_name("model-int8.safetensors")), framework="pt") as st:
         meta = st.metadata()
     assert meta["family"] == family and meta["runtime"] == ("qwen-npu" if npu else "ideal")
+    if family == "llama":
+        check = check_bundle(tmp_path, cfg, f"tiny-{family}", native_loader)
+        assert check["float"]["point"] == "float" and runtime["transform"] == "rotate+smooth"
 
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):

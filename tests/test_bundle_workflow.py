@@ -1,0 +1,83 @@
+"""`snakemake bundle`: every file of the phone bundle, read back by mllm's loader (re-implemented in C++),
+the tokenizer check, the decoding model's quality and the bundle inspection.
+
+check_bundle runs in the whole-workflow test of the tiny LLaMA model (test_workflow.py), on top of that
+run, so the pipeline does not run twice for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shadowquant.mllm import DTYPE_Q4_0, read_mllm
+from shadowquant.runtime import get_profile, loaded_tensors
+from mllm_loader_helpers import fnv1a64, run_native_loader
+from workflow_helpers import snakemake, tiny_config, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def check_bundle(tmp_path, config, name: str, native_loader):
+    """Build the bundle of a finished run in `tmp_path` and check every part of it."""
+    snakemake(tmp_path, config, "bundle")
+    bundle = tmp_path / f"results/{name}/bundle"
+    files = sorted(p.name for p in bundle.iterdir())
+    assert files == sorted(["prefill-int8.mllm", "decode-q4_0.mllm", "vocab.mllm", "merges.txt", "runtime.json",
+                            "README.txt"])
+    check = json.loads((tmp_path / f"results/{name}/bundle_check.json").read_text())
+    assert check["inspection"]["ok"], check["inspection"]["problems"]
+    assert set(check["sizes"]) == set(files) and check["total_bytes"] == sum(check["sizes"].values())
+
+    # The tokenizer files give the Hugging Face ids on every held-out paragraph.
+    tokens = check["tokenizer_check"]
+    assert tokens["texts"] > 150 and tokens["all_merges"]["identical"] == tokens["texts"]
+
+    # The decoding model's quality, paired with float, with intervals.
+    decode = check["decoding_model"]
+    for key in ("perplexity", "kl", "agreement", "perplexity_increase"):
+        assert decode[f"{key}_ci_low"] <= decode[key] <= decode[f"{key}_ci_high"]
+    assert decode["num_samples"] == check["float"]["num_samples"]
+
+    # mllm's loader: every tensor the C++ model allocates is there with the allocated size, and every
+    # tensor's bytes are what our reader (and the export) hold.
+    runtime = json.loads((bundle / "runtime.json").read_text())
+    expected = loaded_tensors(get_profile(runtime["runtime"]), runtime["cpp_config"], runtime["shadow_layers"])
+    tensors, index, statuses = run_native_loader(native_loader, bundle / "prefill-int8.mllm", expected, tmp_path)
+    assert set(statuses.values()) == {"ok"} and len(statuses) == len(expected)
+    prefill = read_mllm(bundle / "prefill-int8.mllm")
+    assert index[0] == index[1] == len(prefill.names) and index[2] == index[3]
+    for name in prefill.names:
+        assert tensors[name]["hash"] == fnv1a64(prefill.read_raw(name)), name
+        assert tensors[name]["dtype"] == prefill.entry(name).dtype and tensors[name]["misaligned"] == 0
+    decode_tensors, _, _ = run_native_loader(native_loader, bundle / "decode-q4_0.mllm")
+    decode_file = read_mllm(bundle / "decode-q4_0.mllm")
+    assert sorted(decode_tensors) == sorted(decode_file.names)
+    for name in decode_file.names:
+        assert decode_tensors[name]["hash"] == fnv1a64(decode_file.read_raw(name)), name
+    linear = [n for n in prefill.names if n.endswith("_proj.weight")]
+    assert linear and all(decode_file.entry(n).dtype == DTYPE_Q4_0 for n in linear)
+
+    # The README names the demo command with the bundle's own files; runtime.json records the files.
+    readme = (bundle / "README.txt").read_text()
+    assert "--qnn-model prefill-int8.mllm --decoding-model decode-q4_0.mllm" in readme
+    assert runtime["bundle"]["files"]["decode-q4_0.mllm"]["bytes"] == (bundle / "decode-q4_0.mllm").stat().st_size
+
+    # The inspector checks the whole folder, and catches a runtime.json that disagrees with the clip flags.
+    inspect = [sys.executable, "-m", "shadowquant", "inspect", str(bundle)]
+    assert subprocess.run(inspect, capture_output=True, text=True).returncode == 0
+    wrong = sorted(set(range(runtime["cpp_config"]["num_hidden_layers"])) - set(runtime["shadow_layers"]))[:1]
+    runtime["shadow_layers"] = wrong
+    (bundle / "runtime.json").write_text(json.dumps(runtime))
+    proc = subprocess.run(inspect, capture_output=True, text=True)
+    assert proc.returncode == 1 and f"runtime.json's shadow layers are {wrong}" in proc.stdout
+    return check
+
+
+def test_bundle_is_refused_under_the_ideal_profile_before_any_job(tiny_model_dir, tiny_text_corpus, tmp_path):
+    cfg = tiny_config(tiny_model_dir("llama"), tiny_text_corpus, "tiny-ideal", **{"runtime.profile": "ideal"})
+    proc = snakemake(tmp_path, write_config(tmp_path, cfg), "bundle", "-n", check=False)
+    assert proc.returncode != 0
+    assert "runtime.profile is 'ideal', which no phone runs" in proc.stdout + proc.stderr
