@@ -129,10 +129,10 @@ def test_tokenizer_files_give_the_hugging_face_ids(tokenizer_files_dir, tiny_tok
 
     out, _, _, spec = tokenizer_files_dir
     hf = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    texts = [t for t in heldout_texts_from_pydoc(300)]
+    texts = heldout_texts_from_pydoc(1000)
     result = round_trip(FileTokenizer(out / "vocab.mllm", out / "merges.txt", spec, as_mllm=False), hf, texts)
-    assert result["records"] == 300 and result["identical"] == 300, result["mismatches"][:2]
-    assert result["tokens"] > 10000
+    assert result["records"] == 1000 and result["identical"] == 1000, result["mismatches"][:2]
+    assert result["tokens"] == result["tokens_from_files"] > 50000
 
 
 def heldout_texts_from_pydoc(n: int) -> list[str]:
@@ -158,6 +158,20 @@ def test_a_hash_merge_changes_the_ids_only_as_mllm_reads_it(tmp_path):
     spec = TokenizerSpec(split_patterns=[])
     assert FileTokenizer(tmp_path / "v.mllm", tmp_path / "m.txt", spec, as_mllm=False).encode("#!") == [2]
     assert FileTokenizer(tmp_path / "v.mllm", tmp_path / "m.txt", spec, as_mllm=True).encode("#!") == [0, 1]
+
+
+def test_mllm_v1_tokenizer_matches_greedily_where_the_merges_split_otherwise(tmp_path):
+    from shadowquant.mllm_tokenizer import MllmV1Tokenizer, TokenizerSpec, VocabEntry
+
+    tokens = ["l", "i", "n", "e", "o", "li", "lin", "en", "eno", "line", "no"]
+    write_vocab(tmp_path / "v.mllm", [VocabEntry(i, t.encode(), float(i)) for i, t in enumerate(tokens)])
+    write_merges(tmp_path / "m.txt", ["l i", "li n", "e n", "en o"])
+    spec = TokenizerSpec(split_patterns=[])
+    ids = tokens.index
+    by_merges = FileTokenizer(tmp_path / "v.mllm", tmp_path / "m.txt", spec).encode("lineno")
+    assert by_merges == [ids("lin"), ids("eno")]
+    assert MllmV1Tokenizer(tmp_path / "v.mllm", tmp_path / "m.txt", spec).encode("lineno") == [ids("line"), ids("no")]
+    assert MllmV1Tokenizer(tmp_path / "v.mllm", tmp_path / "m.txt", spec).encode("line") == [ids("line")]
 
 
 def test_bad_vocabulary_files_are_refused_in_one_line(tmp_path):

@@ -34,6 +34,7 @@ def check_bundle(tmp_path, config, name: str, native_loader):
     # The tokenizer files give the Hugging Face ids on every held-out paragraph.
     tokens = check["tokenizer_check"]
     assert tokens["texts"] > 150 and tokens["all_merges"]["identical"] == tokens["texts"]
+    assert 0 <= tokens["mllm_v1_tokenizer"]["identical"] <= tokens["texts"]
 
     # The decoding model's quality, paired with float, with intervals.
     decode = check["decoding_model"]

@@ -24,6 +24,7 @@ from shadowquant.mllm import DTYPE_INT8, DTYPE_Q4_0, DTYPE_NAMES, read_mllm
 from shadowquant.mllm_tokenizer import (
     GPT2_PATTERN,
     FileTokenizer,
+    MllmV1Tokenizer,
     TokenizerSpec,
     merges_mllm_skips,
     read_merges,
@@ -111,7 +112,9 @@ def heldout_texts(corpus, num_texts: int, seed: int, offset: int) -> list[str]:
 def check_tokenizer(vocab, merges, spec_json, model_dir, corpus, out_json, num_texts: int = 1000, seed: int = 42,
                     offset: int = 0) -> dict:
     """The bundle's tokenizer files against the Hugging Face tokenizer on held-out text: read with every
-    merge (the files are exact when all texts agree) and as mllm's reader reads them."""
+    merge (the files are exact when all texts agree; anything else fails the rule), as mllm's reader
+    reads them, and as mllm v1's tokenizer then tokenizes (greedy longest match; reported, since no
+    file can change it)."""
     from shadowquant.models import load_tokenizer
 
     spec = TokenizerSpec.from_dict(json.loads(Path(spec_json).read_text(encoding="utf-8"))["spec"])
@@ -119,11 +122,13 @@ def check_tokenizer(vocab, merges, spec_json, model_dir, corpus, out_json, num_t
     hf = load_tokenizer(model_dir)
     exact = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=False), hf, texts)
     as_mllm = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=True), hf, texts)
-    result = {"texts": len(texts), "all_merges": exact, "as_mllm_reads": as_mllm,
+    runtime = round_trip(MllmV1Tokenizer(vocab, merges, spec), hf, texts)
+    result = {"texts": len(texts), "all_merges": exact, "as_mllm_reads": as_mllm, "mllm_v1_tokenizer": runtime,
               "merges_mllm_skips": merges_mllm_skips(read_merges(merges, as_mllm=False))}
     write_json(out_json, result)
     log.info("tokenizer files vs Hugging Face on %d held-out texts: %d identical (all merges), %d identical as "
-             "mllm reads the merges", len(texts), exact["identical"], as_mllm["identical"])
+             "mllm reads the merges, %d identical as mllm v1's tokenizer runs", len(texts), exact["identical"],
+             as_mllm["identical"], runtime["identical"])
     if exact["identical"] != len(texts):
         first = exact["mismatches"][0]
         raise PipelineError(f"{vocab}: the tokenizer files give other ids than the Hugging Face tokenizer on "
@@ -158,7 +163,8 @@ def _demo_command(runtime: dict, config_name: str, chunk: int) -> str:
             f"--billion {config_name} --limits {max(chunk * 2, 400)}")
 
 
-def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_eval: dict | None) -> str:
+def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_eval: dict | None,
+                check: dict | None = None) -> str:
     cfg = runtime.get("cpp_config", {})
     config_name = f"{name}-shadowquant"
     program, demo_source = DEMOS.get(runtime["runtime"], ("demo_qwen_npu", "examples/demo_qwen_npu.cpp"))
@@ -184,6 +190,11 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_e
         f"   {len(tokenizer.get('merges_mllm_skips', []))} merges start with '#' and are skipped by mllm's merges "
         "reader; see ../bundle_check.json for how often that changes the ids.",
     ]
+    if check:
+        v1 = check["mllm_v1_tokenizer"]
+        lines.append(f"   mllm v1's tokenizer matches words greedily instead of applying the merges: on {v1['records']} "
+                     f"held-out paragraphs it gives the model's ids for {v1['identical']} "
+                     f"({v1['tokens_from_files']} tokens where the model's tokenizer gives {v1['tokens']}).")
     if cls is None:
         lines.append("   Until such a class exists the demo's tokenizer gives other ids than the model was trained on.")
     lines += [
@@ -238,7 +249,7 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     }
     write_json(out_runtime, runtime)
     sizes[RUNTIME] = Path(out_runtime).stat().st_size
-    text = readme_text(name, runtime, tokenizer, sizes, decode_metrics)
+    text = readme_text(name, runtime, tokenizer, sizes, decode_metrics, check)
     write_text(out_readme, text)
     sizes[README] = Path(out_readme).stat().st_size
     report = inspect_bundle(bundle_dir)

@@ -328,14 +328,56 @@ class FileTokenizer:
 def round_trip(tokenizer: FileTokenizer, hf_tokenizer, texts: list[str]) -> dict:
     """How many of `texts` the files tokenize exactly as the Hugging Face tokenizer does."""
     mismatches = []
-    tokens = 0
+    tokens = our_tokens = 0
     for index, text in enumerate(texts):
         ours = tokenizer.encode(text)
         theirs = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
         tokens += len(theirs)
+        our_tokens += len(ours)
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             mismatches.append({"record": index, "first_difference": at, "ours": ours[at:at + 5],
                                "hf": theirs[at:at + 5]})
-    return {"records": len(texts), "tokens": tokens, "identical": len(texts) - len(mismatches),
-            "mismatches": mismatches[:10]}
+    return {"records": len(texts), "tokens": tokens, "tokens_from_files": our_tokens,
+            "identical": len(texts) - len(mismatches), "mismatches": mismatches[:10]}
+
+
+# mllm v1's BPETokenizer::tokenize with merges loaded (mllm/tokenizers/BPE/Bpe.cpp) cuts each byte-encoded
+# piece with this std::regex (on bytes: \w is ASCII [A-Za-z0-9_], \S any non-whitespace byte) ...
+_MLLM_V1_WORDS = rb"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\w+|\d+|\S+"
+
+
+class MllmV1Tokenizer(FileTokenizer):
+    """What mllm v1's BPE tokenizer computes from the same files: the same pieces, then per word the whole
+    word if it is in the vocabulary, else greedy longest-prefix matches (tokenizeWordWithVocab), bytes
+    falling back to id byte + 3. The merges are loaded but not applied by rank."""
+
+    def __init__(self, vocab_path, merges_path, spec: TokenizerSpec):
+        import re
+
+        super().__init__(vocab_path, merges_path, spec, as_mllm=True)
+        self._words = re.compile(_MLLM_V1_WORDS)
+        self._longest = max(len(token) for token in self.vocab)
+
+    def _greedy(self, word: bytes) -> list[int]:
+        if word in self.vocab:
+            return [self.vocab[word]]
+        ids, pos = [], 0
+        while pos < len(word):
+            for length in range(min(self._longest, len(word) - pos), 0, -1):
+                token = self.vocab.get(word[pos:pos + length])
+                if token is not None:
+                    ids.append(token)
+                    pos += length
+                    break
+            else:
+                ids.append(word[pos] + 3)  # byte fallback
+                pos += 1
+        return ids
+
+    def _bpe(self, word: str) -> list[int]:
+        if word in self._cache:
+            return self._cache[word]
+        ids = [i for match in self._words.finditer(word.encode("utf-8")) for i in self._greedy(match.group())]
+        self._cache[word] = ids
+        return ids
