@@ -197,12 +197,26 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_e
                      f"({v1['tokens_from_files']} tokens where the model's tokenizer gives {v1['tokens']}).")
     if cls is None:
         lines.append("   Until such a class exists the demo's tokenizer gives other ids than the model was trained on.")
+    chunk = int(runtime.get("chunk_size") or 128)
+    lines += ["", f"3. Edit {demo_source} in mllm before building {program} with the QNN backend:"]
+    if program == "demo_qwen_npu":
+        tokenizer_line = (f"   - use {cls} ({MLLM_TOKENIZERS[cls][1]}) instead of QWenTokenizer" if cls not in (None,
+                          "QWenTokenizer") else "   - keep QWenTokenizer" if cls else
+                          "   - the tokenizer class: see 2.")
+        lines += [
+            f"   - QWenNPUConfig is built with the literal \"1.5b-rotated\": pass model_billion (so --billion "
+            f"{config_name} selects the config of step 1)",
+            f"   - the chunk is the literal 256 in QWenForCausalLM_NPU(config, 256) and tokenizeWithPadding(..., 256, "
+            f"...): {chunk} is what was measured (at most {runtime.get('max_chunk_size')})",
+            tokenizer_line,
+        ]
+    else:
+        lines.append(f"   - build the model with the config of step 1 and prefill in chunks of {chunk} tokens")
     lines += [
         "",
-        f"3. Build {program} ({demo_source}) with the QNN backend, push this folder to the phone and run",
-        f"   (prefill in chunks of {runtime.get('chunk_size')} tokens, at most {runtime.get('max_chunk_size')}):",
+        "4. Push this folder to the phone and run:",
         "",
-        f"   {_demo_command(runtime, config_name, int(runtime.get('chunk_size') or 128))}",
+        f"   {_demo_command(runtime, config_name, chunk)}",
         "",
     ]
     if decode_eval:
