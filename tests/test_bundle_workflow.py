@@ -6,12 +6,13 @@ run, so the pipeline does not run twice for it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 
 import pytest
 
+from shadowquant.inspector import main as inspect_main
 from shadowquant.mllm import DTYPE_Q4_0, read_mllm
 from shadowquant.runtime import get_profile, loaded_tensors
 from mllm_loader_helpers import fnv1a64, run_native_loader
@@ -20,9 +21,8 @@ from workflow_helpers import snakemake, tiny_config, write_config
 pytestmark = pytest.mark.slow
 
 
-def check_bundle(tmp_path, config, name: str, native_loader):
-    """Build the bundle of a finished run in `tmp_path` and check every part of it."""
-    snakemake(tmp_path, config, "bundle")
+def check_bundle(tmp_path, name: str, native_loader):
+    """Check every part of the bundle a run in `tmp_path` built (target 'bundle')."""
     bundle = tmp_path / f"results/{name}/bundle"
     files = sorted(p.name for p in bundle.iterdir())
     assert files == sorted(["prefill-int8.mllm", "decode-q4_0.mllm", "vocab.mllm", "merges.txt", "runtime.json",
@@ -67,13 +67,14 @@ def check_bundle(tmp_path, config, name: str, native_loader):
     assert runtime["bundle"]["files"]["decode-q4_0.mllm"]["bytes"] == (bundle / "decode-q4_0.mllm").stat().st_size
 
     # The inspector checks the whole folder, and catches a runtime.json that disagrees with the clip flags.
-    inspect = [sys.executable, "-m", "shadowquant", "inspect", str(bundle)]
-    assert subprocess.run(inspect, capture_output=True, text=True).returncode == 0
+    assert inspect_main([str(bundle)]) == 0
     wrong = sorted(set(range(runtime["cpp_config"]["num_hidden_layers"])) - set(runtime["shadow_layers"]))[:1]
     runtime["shadow_layers"] = wrong
     (bundle / "runtime.json").write_text(json.dumps(runtime))
-    proc = subprocess.run(inspect, capture_output=True, text=True)
-    assert proc.returncode == 1 and f"runtime.json's shadow layers are {wrong}" in proc.stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert inspect_main([str(bundle)]) == 1
+    assert f"runtime.json's shadow layers are {wrong}" in printed.getvalue()
     return check
 
 

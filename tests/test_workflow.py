@@ -38,7 +38,8 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
         overrides.update({"sweep.shadow_sides": [], "sweep.shadow_layers": [], "sweep.breakdown": False})
     cfg = write_config(tmp_path, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}",
                                              **{"model.type": family}, **overrides))
-    snakemake(tmp_path, cfg)  # the default target: sweep, selection, export, mllm, evaluation, plots
+    # The default target: sweep, selection, export, mllm, evaluation, plots (LLaMA: and the phone bundle).
+    snakemake(tmp_path, cfg, *(["all", "bundle"] if family == "llama" else []))
     results = tmp_path / f"results/tiny-{family}"
     # Every tiny model takes rotate+smooth, the best exact variant, in its own run directory.
     run = tmp_path / f"results/tiny-{family}.rotate+smooth"
@@ -95,7 +96,7 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
         meta = st.metadata()
     assert meta["family"] == family and meta["runtime"] == ("qwen-npu" if npu else "ideal")
     if family == "llama":
-        check = check_bundle(tmp_path, cfg, f"tiny-{family}", native_loader)
+        check = check_bundle(tmp_path, f"tiny-{family}", native_loader)
         assert check["float"]["point"] == "float" and runtime["transform"] == "rotate+smooth"
 
 
