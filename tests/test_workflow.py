@@ -98,6 +98,8 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     if family == "llama":
         check = check_bundle(tmp_path, f"tiny-{family}", native_loader)
         assert check["float"]["point"] == "float" and runtime["transform"] == "rotate+smooth"
+        # The family is now read from the fetched model, no longer from model.type: nothing is stale.
+        assert planned_jobs(snakemake(tmp_path, cfg, "-n", "all", "bundle")) == {}
 
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):

@@ -246,7 +246,8 @@ def uses_auto(cfg: dict[str, Any]) -> bool:
 
 def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dict[str, Any], dict[str, dict]]:
     """The validated config with 'auto' runtime.profile and transform.variants replaced by the choice for
-    the model `info` (model_source.SourceInfo), and {key: {"value", "reason"}} per choice made.
+    the model `info` (model_source.SourceInfo), and {key: {"value", "reason", "family_from"}} per choice
+    made (`family_from`: where the family was read; it differs before and after the fetch).
 
     runtime.profile: qwen-npu where mllm has an NPU model for the family (LLaMA-shaped), else ideal.
     transform.variants: the best exact variant of the model (transform_support.auto_variant)."""
@@ -269,8 +270,10 @@ def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dic
         variant, reason = auto_variant(family, info.config)
         cfg["transform"]["variants"] = [variant]
         choices["transform.variants"] = {"value": variant, "reason": reason}
+    # Where the family was read changes once the model is fetched; it is kept apart from the reason,
+    # which is a rule parameter (a changed parameter would rerun the transform and all after it).
     for choice in choices.values():
-        choice["reason"] += f"; family read from {info.origin}" if info.origin else ""
+        choice["family_from"] = info.origin or "model.type"
     _check_transform_variants(cfg, source)
     _check_runtime(cfg, source)
     return cfg, choices

@@ -42,11 +42,18 @@ try:
         config.update(_resolved)
         for _key, _choice in AUTO_CHOICES.items():
             print(
-                f"shadowquant: {_key} auto -> {_choice['value']}: {_choice['reason']}",
+                f"shadowquant: {_key} auto -> {_choice['value']}: {_choice['reason']}; "
+                f"family read from {_choice['family_from']}",
                 file=sys.stderr,
             )
 except PipelineError as exc:
     sys.exit(f"error: {exc}")
+
+# The auto choices as rule parameters: value and reason only, the same before and after the fetch.
+AUTO_CHOICE_PARAMS = {
+    key: {"value": choice["value"], "reason": choice["reason"]}
+    for key, choice in AUTO_CHOICES.items()
+}
 
 NAME = config["model"]["name"]
 # What the selection and the export produce (and the calibration and evaluation samples).

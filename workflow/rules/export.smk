@@ -34,7 +34,7 @@ rule export_int8:
         weight_range=WEIGHT_RANGE,
         runtime=RUNTIME,
         # The 'auto' config values and why each was chosen (recorded in runtime.json).
-        auto_choices=AUTO_CHOICES,
+        auto_choices=AUTO_CHOICE_PARAMS,
     script:
         "../scripts/export_int8.py"
 

@@ -106,7 +106,7 @@ rule transform_model:
     params:
         steps=lambda wildcards: wildcards.variant.split("+"),
         # Why the variant was chosen, when transform.variants is 'auto' (recorded in transform.json).
-        chosen_by=AUTO_CHOICES.get("transform.variants", {}).get("reason"),
+        chosen_by=AUTO_CHOICE_PARAMS.get("transform.variants", {}).get("reason"),
         seed=config["transform"]["seed"],
         alpha=config["transform"]["alpha"],
         num_samples=min(16, config["calibration"]["num_samples"]),
