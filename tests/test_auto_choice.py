@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from shadowquant.config import load_config, resolve_auto, uses_auto, validate_config
+from shadowquant.config import choice_params, load_config, resolve_auto, uses_auto, validate_config
 from shadowquant.errors import PipelineError
 from shadowquant.families import FAMILIES
 from shadowquant.model_source import SourceInfo, describe_source
@@ -153,3 +153,4 @@ def test_the_reason_is_the_same_before_and_after_the_fetch():
     for key in before:
         assert before[key]["reason"] == after[key]["reason"] and before[key]["value"] == after[key]["value"]
         assert before[key]["family_from"] != after[key]["family_from"]
+    assert choice_params(before) == choice_params(after) and "family_from" not in choice_params(before)["runtime.profile"]

@@ -279,6 +279,11 @@ def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dic
     return cfg, choices
 
 
+def choice_params(choices: dict[str, dict]) -> dict[str, dict]:
+    """The auto choices as rule parameters: value and reason, without where the family was read."""
+    return {key: {"value": c["value"], "reason": c["reason"]} for key, c in choices.items()}
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -10,7 +10,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from shadowquant.config import resolve_auto, uses_auto, validate_config
+from shadowquant.config import choice_params, resolve_auto, uses_auto, validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
 from shadowquant.decision import breakdown_point, parse_point, point_clip, point_label
@@ -49,11 +49,8 @@ try:
 except PipelineError as exc:
     sys.exit(f"error: {exc}")
 
-# The auto choices as rule parameters: value and reason only, the same before and after the fetch.
-AUTO_CHOICE_PARAMS = {
-    key: {"value": choice["value"], "reason": choice["reason"]}
-    for key, choice in AUTO_CHOICES.items()
-}
+# The auto choices as the rules take them (value and reason), the same before and after the fetch.
+AUTO_CHOICE_PARAMS = choice_params(AUTO_CHOICES)
 
 NAME = config["model"]["name"]
 # What the selection and the export produce (and the calibration and evaluation samples).
