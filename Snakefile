@@ -40,6 +40,7 @@ localrules:
     plot_outliers,
     plot_quality,
     primary_model,
+    primary_runtime,
     bundle,
 
 

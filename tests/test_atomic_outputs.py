@@ -199,3 +199,22 @@ def test_snakemake_killed_mid_write_then_rerun_produces_the_output(llama_run, ti
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert inspect_mllm(results / "model.mllm").problems == []
     assert (results / "inspect.txt").read_text().startswith("results/tiny/model.mllm: mllm v1")
+
+
+def test_the_root_model_is_a_relative_link_replaced_atomically(tmp_path):
+    from shadowquant.stages import link_primary
+
+    target = tmp_path / "results/m/model.mllm"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"first")
+    root = tmp_path / "model.mllm"
+    link_primary(target, root)
+    assert root.is_symlink() and os.readlink(root) == "results/m/model.mllm" and root.read_bytes() == b"first"
+    stamp = target.stat().st_mtime_ns
+    os.utime(root, follow_symlinks=False)  # Snakemake touches outputs: the link's own time, not the export's
+    assert target.stat().st_mtime_ns == stamp
+    other = tmp_path / "results/n/model.mllm"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"second")
+    link_primary(other, root)  # an existing link is replaced, no temporary is left
+    assert root.read_bytes() == b"second" and sorted(p.name for p in tmp_path.iterdir()) == ["model.mllm", "results"]

@@ -100,6 +100,12 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
         assert check["float"]["point"] == "float" and runtime["transform"] == "rotate+smooth"
         # The family is now read from the fetched model, no longer from model.type: nothing is stale.
         assert planned_jobs(snakemake(tmp_path, cfg, "-n", "all", "bundle")) == {}
+        # Relinking the root model.mllm (Snakemake touches the new output) leaves the export and the bundle
+        # as they were: the root copy shares no timestamp with results/.
+        (tmp_path / "model.mllm").unlink()
+        snakemake(tmp_path, cfg, "model.mllm")
+        assert (tmp_path / "model.mllm").is_symlink()
+        assert planned_jobs(snakemake(tmp_path, cfg, "-n", "all", "bundle")) == {}
 
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):

@@ -1,7 +1,7 @@
 """The phone bundle: every file mllm's NPU demo loads beside the int8 prefill model, and its checks.
 
 results/<name>/bundle/ holds
-- prefill-int8.mllm  the QNN prefill model (the export, unchanged: model.mllm)
+- prefill-int8.mllm  the QNN prefill model (a copy of the export's model.mllm)
 - decode-q4_0.mllm   the CPU decoding model (decode_model.py), from the same transformed weights
 - vocab.mllm, merges.txt  the tokenizer in mllm's format (mllm_tokenizer.py)
 - runtime.json       the export's runtime.json plus a `bundle` section (files, tokenizer, demo)
@@ -140,13 +140,11 @@ def check_tokenizer(vocab, merges, spec_json, model_dir, corpus, out_json, num_t
 # ------------------------------------------------------------------------------- assembly
 
 
-def link_or_copy(src, dst) -> None:
+def copy_into_bundle(src, dst) -> None:
+    """A real copy: the bundle folder is pushed to a phone as it is, and a link would share the
+    timestamp Snakemake sets on its outputs with the export it came from."""
     with atomic_path(dst) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
+        shutil.copyfile(src, tmp)
 
 
 def sha256(path) -> str:
@@ -233,7 +231,7 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_e
 
 def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, runtime_json, tokenizer_check,
                     decode_eval, float_json, out_prefill, out_runtime, out_readme, out_report) -> dict:
-    """Link the prefill model in, write the bundle's runtime.json and README.txt, inspect the whole
+    """Copy the prefill model in, write the bundle's runtime.json and README.txt, inspect the whole
     bundle and write the report (sizes, tokenizer check, decoding model quality)."""
     from shadowquant.sweep import read_point_json
 
@@ -245,7 +243,7 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     check = json.loads(Path(tokenizer_check).read_text(encoding="utf-8"))
     decode_metrics = {k: v for k, v in read_point_json(decode_eval).items() if k != "per_record"}
     float_metrics = {k: v for k, v in read_point_json(float_json).items() if k != "per_record"}
-    link_or_copy(prefill, out_prefill)
+    copy_into_bundle(prefill, out_prefill)
     bundle_dir = Path(out_prefill).parent
     files = {PREFILL: out_prefill, DECODE: decode, VOCAB: vocab, MERGES: merges}
     for file, path in files.items():

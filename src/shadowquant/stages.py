@@ -235,13 +235,23 @@ def export_pth(export_path: str | Path, out: str | Path) -> None:
 
 
 def link_primary(src: str | Path, dst: str | Path) -> None:
-    """The root model.mllm: a hard link where the filesystem allows, else a copy; atomic either way."""
-    with atomic_path(dst, suffix=".mllm") as tmp:
-        tmp.unlink()
+    """The root model.mllm (or runtime.json): a relative symbolic link to `src`, else a copy; atomic.
+
+    Not a hard link: Snakemake touches every output after its job, and a hard link shares its
+    timestamp with `src`, which would then look newer than everything built from it."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
         try:
-            os.link(src, tmp)
-        except OSError:
+            os.symlink(os.path.relpath(src, dst.parent), tmp)
+        except OSError:  # a file system without symbolic links
             shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fetch_lambada(out: str | Path, num_samples: int) -> None:

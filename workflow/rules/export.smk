@@ -77,13 +77,32 @@ rule convert_mllm:
         "../scripts/convert_mllm.py"
 
 
+# The root copies are two rules: one job linking both would leave model.mllm (written after
+# runtime.json) newer than its oldest output, and every later run would plan it again.
+rule primary_runtime:
+    input:
+        f"{RESULTS}/runtime.json",
+    output:
+        "runtime.json",
+    log:
+        f"{LOGS}/primary_runtime.log",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=200,
+        runtime=10,
+    script:
+        "../scripts/link_primary.py"
+
+
 rule primary_model:
     input:
-        model=f"{RESULTS}/model.mllm",
-        runtime=f"{RESULTS}/runtime.json",
-    output:
-        model="model.mllm",
+        f"{RESULTS}/model.mllm",
+        # So that model.mllm never lands without the runtime.json it was exported with.
         runtime="runtime.json",
+    output:
+        "model.mllm",
     log:
         f"{LOGS}/primary_model.log",
     conda:

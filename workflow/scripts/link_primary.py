@@ -1,11 +1,5 @@
-# Thin adapter: rule primary_model -> shadowquant.stages.link_primary (model.mllm and its runtime.json)
+# Thin adapter: rules primary_model, primary_runtime -> shadowquant.stages.link_primary (a root copy)
 from shadowquant.adapter import run_stage
 from shadowquant.stages import link_primary
 
-
-def link_both(**_):
-    link_primary(snakemake.input.model, snakemake.output.model)
-    link_primary(snakemake.input.runtime, snakemake.output.runtime)
-
-
-run_stage(snakemake, link_both)
+run_stage(snakemake, link_primary, src=snakemake.input[0], dst=snakemake.output[0])
