@@ -27,6 +27,7 @@ from shadowquant.mllm_tokenizer import (
     merges_mllm_skips,
     read_merges,
     read_vocab,
+    reference_ids,
     round_trip,
     tokenizer_files,
     write_merges,
@@ -130,7 +131,8 @@ def test_tokenizer_files_give_the_hugging_face_ids(tokenizer_files_dir, tiny_tok
     out, _, _, spec = tokenizer_files_dir
     hf = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     texts = heldout_texts_from_pydoc(1000)
-    result = round_trip(FileTokenizer(out / "vocab.mllm", out / "merges.txt", spec, as_mllm=False), hf, texts)
+    result = round_trip(FileTokenizer(out / "vocab.mllm", out / "merges.txt", spec, as_mllm=False), texts,
+                        reference_ids(hf, texts))
     assert result["records"] == 1000 and result["identical"] == 1000, result["mismatches"][:2]
     assert result["tokens"] == result["tokens_from_files"] > 50000
 

@@ -29,6 +29,7 @@ from shadowquant.mllm_tokenizer import (
     merges_mllm_skips,
     read_merges,
     read_vocab,
+    reference_ids,
     round_trip,
     tokenizer_files,
     write_merges,
@@ -119,10 +120,10 @@ def check_tokenizer(vocab, merges, spec_json, model_dir, corpus, out_json, num_t
 
     spec = TokenizerSpec.from_dict(json.loads(Path(spec_json).read_text(encoding="utf-8"))["spec"])
     texts = heldout_texts(corpus, num_texts, seed, offset)
-    hf = load_tokenizer(model_dir)
-    exact = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=False), hf, texts)
-    as_mllm = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=True), hf, texts)
-    runtime = round_trip(MllmV1Tokenizer(vocab, merges, spec), hf, texts)
+    expected = reference_ids(load_tokenizer(model_dir), texts)
+    exact = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=False), texts, expected)
+    as_mllm = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=True), texts, expected)
+    runtime = round_trip(MllmV1Tokenizer(vocab, merges, spec), texts, expected)
     result = {"texts": len(texts), "all_merges": exact, "as_mllm_reads": as_mllm, "mllm_v1_tokenizer": runtime,
               "merges_mllm_skips": merges_mllm_skips(read_merges(merges, as_mllm=False))}
     write_json(out_json, result)
@@ -301,7 +302,7 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
     """Check a bundle as a whole: every file there and readable, one vocabulary size, the shadow layers
     of runtime.json equal to the clip flags in the prefill file, and the decoding model holding a
     tensor for every weight of the prefill model (same names)."""
-    from shadowquant.runtime import get_profile, loaded_tensors
+    from shadowquant.inspector import inspect_mllm
 
     directory = Path(directory)
     report = BundleReport(directory)
@@ -355,19 +356,14 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
             problems.append(f"{DECODE}: {n} holds {decode.entry(n).numel} values, the prefill model's "
                             f"{prefill.entry(n).numel}")
             break
-    # What the profile's C++ model allocates, name by name (the loader drops a size mismatch silently).
+    # What the profile's C++ model allocates, name by name (the loader drops a size mismatch silently):
+    # the model file inspector's runtime check.
     try:
-        expected = loaded_tensors(get_profile(runtime["runtime"]), cfg, shadow)
+        prefill_report = inspect_mllm(directory / PREFILL, runtime=runtime)
     except PipelineError as exc:
         problems.append(f"{RUNTIME}: {exc}")
-        expected = {}
-    for name, (code, size) in expected.items():
-        if name not in prefill:
-            problems.append(f"{PREFILL}: no {name}, which the C++ model loads")
-        elif prefill.entry(name).size != size or prefill.entry(name).dtype != code:
-            entry = prefill.entry(name)
-            problems.append(f"{PREFILL}: {name} is {entry.size} bytes of {entry.dtype_name}, the C++ model allocates "
-                            f"{size} bytes of {DTYPE_NAMES[code]}")
+    else:
+        problems.extend(f"{PREFILL}: {p.name}: {p.what}" for p in prefill_report.problems)
     recorded = runtime.get("bundle", {}).get("files", {})
     for file, info in recorded.items():
         actual = (directory / file).stat().st_size

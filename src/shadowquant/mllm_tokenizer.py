@@ -325,13 +325,17 @@ class FileTokenizer:
         return ids
 
 
-def round_trip(tokenizer: FileTokenizer, hf_tokenizer, texts: list[str]) -> dict:
-    """How many of `texts` the files tokenize exactly as the Hugging Face tokenizer does."""
+def reference_ids(hf_tokenizer, texts: list[str]) -> list[list[int]]:
+    """The Hugging Face tokenizer's ids of `texts`, without special tokens (computed once per check)."""
+    return [hf_tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def round_trip(tokenizer: FileTokenizer, texts: list[str], expected: list[list[int]]) -> dict:
+    """How many of `texts` the files tokenize exactly as `expected` (reference_ids) has them."""
     mismatches = []
     tokens = our_tokens = 0
-    for index, text in enumerate(texts):
+    for index, (text, theirs) in enumerate(zip(texts, expected, strict=True)):
         ours = tokenizer.encode(text)
-        theirs = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
         tokens += len(theirs)
         our_tokens += len(ours)
         if ours != theirs:
