@@ -302,7 +302,7 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
     """Check a bundle as a whole: every file there and readable, one vocabulary size, the shadow layers
     of runtime.json equal to the clip flags in the prefill file, and the decoding model holding a
     tensor for every weight of the prefill model (same names)."""
-    from shadowquant.inspector import inspect_mllm
+    from shadowquant.runtime import get_profile, loaded_tensors
 
     directory = Path(directory)
     report = BundleReport(directory)
@@ -356,14 +356,19 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
             problems.append(f"{DECODE}: {n} holds {decode.entry(n).numel} values, the prefill model's "
                             f"{prefill.entry(n).numel}")
             break
-    # What the profile's C++ model allocates, name by name (the loader drops a size mismatch silently):
-    # the model file inspector's runtime check.
+    # What the profile's C++ model allocates, name by name (the loader drops a size mismatch silently).
     try:
-        prefill_report = inspect_mllm(directory / PREFILL, runtime=runtime)
+        expected = loaded_tensors(get_profile(runtime["runtime"]), cfg, shadow)
     except PipelineError as exc:
         problems.append(f"{RUNTIME}: {exc}")
-    else:
-        problems.extend(f"{PREFILL}: {p.name}: {p.what}" for p in prefill_report.problems)
+        expected = {}
+    for name, (code, size) in expected.items():
+        if name not in prefill:
+            problems.append(f"{PREFILL}: no {name}, which the C++ model loads")
+        elif prefill.entry(name).size != size or prefill.entry(name).dtype != code:
+            entry = prefill.entry(name)
+            problems.append(f"{PREFILL}: {name} is {entry.size} bytes of {entry.dtype_name}, the C++ model allocates "
+                            f"{size} bytes of {DTYPE_NAMES[code]}")
     recorded = runtime.get("bundle", {}).get("files", {})
     for file, info in recorded.items():
         actual = (directory / file).stat().st_size
