@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from shadowquant.errors import PipelineError
 from shadowquant.mllm import (
+    DTYPE_ITEMSIZE,
+    aligned_offset,
     DTYPE_BFLOAT16,
     DTYPE_FLOAT16,
     DTYPE_FLOAT32,
@@ -80,11 +82,12 @@ def test_v1_exact_bytes_bool_becomes_int8_and_bfloat16_becomes_float32(tmp_path)
     path = tmp_path / "two.mllm"
     write_mllm_v1(path, [("c", torch.tensor(True)), ("s", torch.tensor(1.5, dtype=torch.bfloat16))])
     index_size = 2 * (4 + 1 + 20)
+    # The float32 lands on the next multiple of 4 after the int8 (62 -> 64): mllm reads it in place.
     expected = (
         struct.pack("<iQ", 20012, index_size)
         + struct.pack("<i", 1) + b"c" + struct.pack("<QQi", 1, 12 + index_size, 16)
-        + struct.pack("<i", 1) + b"s" + struct.pack("<QQi", 4, 12 + index_size + 1, 0)
-        + b"\x01"
+        + struct.pack("<i", 1) + b"s" + struct.pack("<QQi", 4, 12 + index_size + 2, 0)
+        + b"\x01\x00"
         + struct.pack("<f", 1.5)
     )
     assert path.read_bytes() == expected
@@ -194,8 +197,9 @@ def test_v2_round_trip_and_layout(tmp_path):
         assert fields[5 : 5 + ndim] == tuple(tensors[tensor_name].shape)
         assert all(d == 0 for d in fields[5 + ndim : 21])
         assert fields[-1] == tensor_name.encode().ljust(256, b"\0")
-        assert offset == data_start
-        data_start += size
+        assert offset == aligned_offset(data_start, dtype) and offset % DTYPE_ITEMSIZE[dtype] == 0
+        assert raw[data_start:offset] == bytes(offset - data_start)  # zero padding up to the alignment
+        data_start = offset + size
     assert data_start == len(raw)
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from shadowquant.atomic import atomic_path
 from shadowquant.errors import PipelineError
 from shadowquant.q4_0 import BLOCK_BYTES as Q4_0_BLOCK_BYTES, BLOCK_VALUES as Q4_0_BLOCK_VALUES, dequantize_q4_0
+from shadowquant.q8_0 import BLOCK_BYTES as Q8_0_BLOCK_BYTES, BLOCK_VALUES as Q8_0_BLOCK_VALUES, dequantize_q8_0
 from shadowquant.safetensors_header import read_tensor_table
 
 # ---- dtype codes ---------------------------------------------------------------------------
@@ -29,6 +30,7 @@ from shadowquant.safetensors_header import read_tensor_table
 DTYPE_FLOAT32 = 0
 DTYPE_FLOAT16 = 1
 DTYPE_Q4_0 = 2  # ggml blocks of 32 values in 18 bytes (q4_0.py); mllm's CPU decoding models
+DTYPE_Q8_0 = 8  # ggml blocks of 32 values in 34 bytes (q8_0.py); MLLM_TYPE_Q8_0
 DTYPE_INT8 = 16
 DTYPE_INT16 = 17
 DTYPE_INT32 = 18
@@ -41,14 +43,18 @@ DTYPE_INT64 = 132
 DTYPE_UINT64 = 133
 
 V1_DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_FLOAT16, DTYPE_INT8, DTYPE_INT16, DTYPE_INT32})
-# What the reader accepts in v1: the writers' codes and the Q4_0 blocks of a CPU decoding model.
-V1_READ_DTYPES = V1_DTYPES | {DTYPE_Q4_0}
+# What the reader accepts in v1: the writers' codes and the Q4_0 / Q8_0 blocks of a CPU decoding model.
+V1_READ_DTYPES = V1_DTYPES | {DTYPE_Q4_0, DTYPE_Q8_0}
+# Block formats: code -> (bytes per block, values per block).
+BLOCK_DTYPES: dict[int, tuple[int, int]] = {DTYPE_Q4_0: (Q4_0_BLOCK_BYTES, Q4_0_BLOCK_VALUES),
+                                            DTYPE_Q8_0: (Q8_0_BLOCK_BYTES, Q8_0_BLOCK_VALUES)}
 V2_DTYPES = V1_DTYPES | {DTYPE_BFLOAT16, DTYPE_UINT8, DTYPE_UINT16, DTYPE_UINT32, DTYPE_INT64, DTYPE_UINT64}
 
 DTYPE_NAMES: dict[int, str] = {
     DTYPE_FLOAT32: "float32",
     DTYPE_FLOAT16: "float16",
     DTYPE_Q4_0: "q4_0",
+    DTYPE_Q8_0: "q8_0",
     DTYPE_INT8: "int8",
     DTYPE_INT16: "int16",
     DTYPE_INT32: "int32",
@@ -186,8 +192,9 @@ class MllmEntry:
 
     @property
     def numel(self) -> int:
-        if self.dtype == DTYPE_Q4_0:
-            return self.size // Q4_0_BLOCK_BYTES * Q4_0_BLOCK_VALUES
+        if self.dtype in BLOCK_DTYPES:
+            block_bytes, block_values = BLOCK_DTYPES[self.dtype]
+            return self.size // block_bytes * block_values
         return self.size // DTYPE_ITEMSIZE[self.dtype]
 
     @property
@@ -268,13 +275,22 @@ def _check_names(specs: Sequence[TensorSpec]) -> None:
         seen.add(spec.name)
 
 
+def aligned_offset(offset: int, code: int) -> int:
+    """`offset` rounded up to the alignment of dtype `code`: its element size (a block format: its float16
+    step). mllm maps the file and reads every tensor in place; the index's length depends on the names,
+    so the data does not start aligned by itself."""
+    unit = 2 if code in BLOCK_DTYPES else DTYPE_ITEMSIZE[code]
+    return -(-offset // unit) * unit
+
+
 def _plan_entries(specs: Sequence[TensorSpec], version: int, data_start: int) -> list[MllmEntry]:
-    """Lay out every tensor's bytes back to back from `data_start` (metadata only)."""
+    """Lay out every tensor's bytes from `data_start`, each at its dtype's alignment (metadata only)."""
     entries = []
     offset = data_start
     for spec in specs:
         code = stored_dtype_code(spec.dtype, version, spec.name)
         size = spec.numel * DTYPE_ITEMSIZE[code]
+        offset = aligned_offset(offset, code)
         entries.append(MllmEntry(spec.name, code, offset, size, spec.shape if version == 2 else None))
         offset += size
     return entries
@@ -314,6 +330,8 @@ def _write_file(
         out.write(prefix)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {Path(path).name}", leave=False) as bar:
             for spec, entry in zip(specs, entries):
+                if out.tell() < entry.offset:  # alignment padding
+                    out.write(bytes(entry.offset - out.tell()))
                 if out.tell() != entry.offset:  # only a bug in the layout code could do this
                     raise PipelineError(f"{path}: tensor {spec.name!r} would land at {out.tell()}, not {entry.offset}")
                 data = _tensor_bytes(load(spec.name), spec, entry.dtype)
@@ -362,6 +380,7 @@ def write_mllm_v1_encoded(
     for name, (text, code, size) in zip(encoded, items):
         if code not in V1_READ_DTYPES:
             raise PipelineError(f"tensor {text!r}: dtype code {code} is not an mllm v1 code")
+        offset = aligned_offset(offset, code)
         entries.append(MllmEntry(text, code, offset, size))
         parts.append(struct.pack("<i", len(name)) + name + V1_ENTRY_FIXED.pack(size, offset, code))
         offset += size
@@ -369,6 +388,7 @@ def write_mllm_v1_encoded(
         out.write(b"".join(parts))
         for entry in tqdm(entries, desc=f"write {Path(path).name}", unit="tensor", leave=False):
             data = load_bytes(entry.name)
+            out.write(bytes(entry.offset - out.tell()))  # alignment padding
             if len(data) != entry.size:
                 raise PipelineError(f"tensor {entry.name!r}: {len(data)} bytes, index says {entry.size}")
             out.write(data)
@@ -471,6 +491,8 @@ class MllmFile:
                 raise PipelineError(f"{self.path}: truncated while reading tensor {name!r}")
         if entry.dtype == DTYPE_Q4_0:
             return dequantize_q4_0(raw)
+        if entry.dtype == DTYPE_Q8_0:
+            return dequantize_q8_0(raw)
         if entry.dtype == DTYPE_BFLOAT16:
             halves = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
             array = halves.view(np.float32)
@@ -494,7 +516,7 @@ def _check_data_range(path: Path, name: str, code: int, offset: int, size: int, 
             f"tensor {name!r} data [{offset}, {offset + size}) lies outside the data region "
             f"[{data_start}, {file_size}): truncated or corrupt file",
         )
-    unit = Q4_0_BLOCK_BYTES if code == DTYPE_Q4_0 else DTYPE_ITEMSIZE[code]
+    unit = BLOCK_DTYPES[code][0] if code in BLOCK_DTYPES else DTYPE_ITEMSIZE[code]
     if size % unit:
         raise _fail(path, f"tensor {name!r}: {size} bytes is not a multiple of the {DTYPE_NAMES[code]} element size")
 
