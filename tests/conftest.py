@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+# As the workflow's jobs (common.smk): a busy machine must not change MKL's thread split, or the
+# last-bit comparisons (test_runtime's numbers from before the runtime profiles) see another sum order.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 from mllm_loader_helpers import build_native_loader
 from shadowquant.tiny import build_tiny_model, pydoc_texts, train_tokenizer

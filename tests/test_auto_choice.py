@@ -106,8 +106,8 @@ def test_resolve_auto_chooses_per_family_and_keeps_explicit_values():
     cfg = validate_config({})
     assert uses_auto(cfg) and cfg["runtime"]["profile"] == "auto" and cfg["transform"]["variants"] == "auto"
     llama, choices = resolve_auto(cfg, SourceInfo("llama", None, "model.type"))
-    assert llama["runtime"]["profile"] == "qwen-npu" and llama["transform"]["variants"] == ["rotate+smooth"]
-    assert choices["runtime.profile"]["value"] == "qwen-npu"
+    assert llama["runtime"]["profile"] == "qwen-npu-rotated" and llama["transform"]["variants"] == ["rotate+smooth"]
+    assert choices["runtime.profile"]["value"] == "qwen-npu-rotated"
     assert choices["transform.variants"]["family_from"] == "model.type"
     opt, choices = resolve_auto(cfg, SourceInfo("opt", {"model_type": "opt"}, "x"))
     assert opt["runtime"]["profile"] == "ideal" and "no NPU model" in choices["runtime.profile"]["reason"]

@@ -300,3 +300,42 @@ def test_mllms_loader_reads_q4_0_blocks_and_reports_what_the_model_would_miss(na
     _, _, statuses = run_native_loader(native_loader, tmp_path / "decode.mllm", {"w": (DTYPE_Q4_0, 36)}, tmp_path)
     assert statuses == {"w": "size"}
     assert math.isclose(float(dequantize_q4_0(blocks)[0]), float(weights[0, 0]), abs_tol=np.abs(weights[0, :32]).max() / 8)
+
+
+# ------------------------------------------------------------------------------------------ bundle inspection
+
+
+def test_the_bundle_inspection_checks_both_models_against_what_their_cpp_models_load(tokenizer_files_dir, tmp_path):
+    """Every tensor the NPU model and the CPU decoding model load, by name, dtype and byte size: a prefill
+    or decoding file without the q/k/v biases the C++ models always build is a problem."""
+    from shadowquant.bundle import BUNDLE_FILES, DECODE, PREFILL, RUNTIME, VOCAB, MERGES, inspect_bundle
+    from shadowquant.runtime import PROFILES, loaded_tensors
+    from test_inspector import TINY_DIMS, tiny_float_state
+
+    tokens, _, _, _ = tokenizer_files_dir
+    dims = {**TINY_DIMS, "vocab_size": len(read_vocab(tokens / "vocab.mllm")), "shadow_layers": []}
+    runtime = {"runtime": "qwen-npu", "cpp_config": dims, "shadow_layers": []}
+    (tmp_path / RUNTIME).write_text(json.dumps(runtime))
+    for name in (VOCAB, MERGES):
+        (tmp_path / name).write_bytes((tokens / name).read_bytes())
+    prefill = loaded_tensors(PROFILES["qwen-npu"], dims, [])
+
+    def write_prefill(items):
+        write_mllm_v1_encoded(tmp_path / PREFILL, [(n, c, s) for n, (c, s) in items.items()],
+                              lambda n: bytes(items[n][1]))
+
+    write_prefill(prefill)
+    write_decode_model(tiny_float_state(dims), tmp_path / DECODE)
+    for name in BUNDLE_FILES:
+        if not (tmp_path / name).exists():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("")
+    report = inspect_bundle(tmp_path)
+    assert report.problems == [] and report.facts["decode_loaded"] == 12 * 2 + 3
+    write_decode_model(tiny_float_state(dims), tmp_path / DECODE, qkv_bias=False)
+    assert inspect_bundle(tmp_path).problems == [
+        f"{DECODE}: no model.layers.0.self_attn.q_proj.bias (and 5 more), which the C++ model loads"]
+    write_decode_model(tiny_float_state(dims), tmp_path / DECODE)
+    write_prefill({n: v for n, v in prefill.items() if not n.endswith("k_proj.bias")})
+    assert inspect_bundle(tmp_path).problems == [
+        f"{PREFILL}: no model.layers.0.self_attn.k_proj.bias (and 1 more), which the C++ model loads"]

@@ -13,8 +13,9 @@ import json
 import pytest
 
 from shadowquant.inspector import main as inspect_main
-from shadowquant.mllm import DTYPE_Q4_0, read_mllm
-from shadowquant.runtime import get_profile, loaded_tensors
+from shadowquant.decode_model import decode_dtype
+from shadowquant.mllm import DTYPE_Q4_0, read_mllm, write_mllm_v1_encoded
+from shadowquant.runtime import decode_loaded_tensors, get_profile, loaded_tensors
 from mllm_loader_helpers import fnv1a64, run_native_loader
 from workflow_helpers import snakemake, tiny_config, write_config
 
@@ -24,9 +25,10 @@ pytestmark = pytest.mark.slow
 def check_bundle(tmp_path, name: str, native_loader):
     """Check every part of the bundle a run in `tmp_path` built (target 'bundle')."""
     bundle = tmp_path / f"results/{name}/bundle"
-    files = sorted(p.name for p in bundle.iterdir())
+    files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
     assert files == sorted(["prefill-int8.mllm", "decode-q4_0.mllm", "vocab.mllm", "merges.txt", "runtime.json",
-                            "README.txt"])
+                            "README.txt", "cpp/shadowquant_demo.cpp", "cpp/shadowquant_tokenizer.hpp",
+                            "cpp/CMakeLists.txt"])
     check = json.loads((tmp_path / f"results/{name}/bundle_check.json").read_text())
     assert check["inspection"]["ok"], check["inspection"]["problems"]
     assert set(check["sizes"]) == set(files) and check["total_bytes"] == sum(check["sizes"].values())
@@ -35,6 +37,7 @@ def check_bundle(tmp_path, name: str, native_loader):
     tokens = check["tokenizer_check"]
     assert tokens["texts"] > 150 and tokens["all_merges"]["identical"] == tokens["texts"]
     assert 0 <= tokens["mllm_v1_tokenizer"]["identical"] <= tokens["texts"]
+    assert tokens["demo_tokenizer"]["identical"] == tokens["texts"]  # the C++ demo's tokenizer (its Python twin)
 
     # The decoding model's quality, paired with float, with intervals.
     decode = check["decoding_model"]
@@ -53,7 +56,12 @@ def check_bundle(tmp_path, name: str, native_loader):
     for name in prefill.names:
         assert tensors[name]["hash"] == fnv1a64(prefill.read_raw(name)), name
         assert tensors[name]["dtype"] == prefill.entry(name).dtype and tensors[name]["misaligned"] == 0
-    decode_tensors, _, _ = run_native_loader(native_loader, bundle / "decode-q4_0.mllm")
+    # The CPU decoding model (QWenForCausalLM) loads q/k/v biases whatever the model: zero ones for LLaMA.
+    decode_expected = decode_loaded_tensors(get_profile(runtime["runtime"]), runtime["cpp_config"], decode_dtype)
+    decode_tensors, _, statuses = run_native_loader(native_loader, bundle / "decode-q4_0.mllm", decode_expected,
+                                                    tmp_path)
+    assert set(statuses.values()) == {"ok"} and len(statuses) == len(decode_expected)
+    assert any(name.endswith("q_proj.bias") for name in decode_expected)
     decode_file = read_mllm(bundle / "decode-q4_0.mllm")
     assert sorted(decode_tensors) == sorted(decode_file.names)
     for name in decode_file.names:
@@ -63,11 +71,23 @@ def check_bundle(tmp_path, name: str, native_loader):
 
     # The README names the demo command with the bundle's own files; runtime.json records the files.
     readme = (bundle / "README.txt").read_text()
-    assert "--qnn-model prefill-int8.mllm --decoding-model decode-q4_0.mllm" in readme
+    assert "--model decode-q4_0.mllm --qnn-model prefill-int8.mllm" in readme and "--mode cpu" in readme
+    assert "add_subdirectory(shadowquant)" in readme
+    demo = (bundle / "cpp/shadowquant_demo.cpp").read_text()
+    assert "c.shadow_layers = {" + ", ".join(str(i) for i in runtime["shadow_layers"]) + "};" in demo
     assert runtime["bundle"]["files"]["decode-q4_0.mllm"]["bytes"] == (bundle / "decode-q4_0.mllm").stat().st_size
 
-    # The inspector checks the whole folder, and catches a runtime.json that disagrees with the clip flags.
+    # The inspector checks the whole folder, and catches a runtime.json that disagrees with the clip flags
+    # and a decoding model without the q/k/v biases its C++ model loads.
     assert inspect_main([str(bundle)]) == 0
+    original = (bundle / "decode-q4_0.mllm").read_bytes()
+    kept = [(e.name, e.dtype, e.size) for e in decode_file.entries if not e.name.endswith("_proj.bias")]
+    write_mllm_v1_encoded(bundle / "decode-q4_0.mllm", kept, decode_file.read_raw)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert inspect_main([str(bundle)]) == 1
+    assert "decode-q4_0.mllm: no model.layers.0.self_attn.q_proj.bias" in printed.getvalue()
+    (bundle / "decode-q4_0.mllm").write_bytes(original)
     wrong = sorted(set(range(runtime["cpp_config"]["num_hidden_layers"])) - set(runtime["shadow_layers"]))[:1]
     runtime["shadow_layers"] = wrong
     (bundle / "runtime.json").write_text(json.dumps(runtime))

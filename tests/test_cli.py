@@ -92,7 +92,7 @@ def test_runtime_sweep_by_hand(tiny_model_dir, tiny_text_corpus, tmp_path):
                "--float-json", tmp_path / "float.json", "--out-json", tmp_path / "l1.json", "--point", "absmax-l1",
                "--sensitivity", tmp_path / "sensitivity.csv", "--runtime-scales", chosen) == 0
     point = json.loads((tmp_path / "l1.json").read_text())
-    assert point["runtime"] == "qwen-npu" and point["num_shadow_layers"] == 1 and point["cpu_share"] >= 0
+    assert point["runtime"] == "qwen-npu-rotated" and point["num_shadow_layers"] == 1 and point["cpu_share"] >= 0
     assert run("export", "--manifest", manifest, "--act-scales", scales, "--out", tmp_path / "int8.safetensors",
                "--point", "absmax-l1", "--sensitivity", tmp_path / "sensitivity.csv", "--runtime-scales", chosen,
                "--runtime-json", tmp_path / "runtime.json") == 0

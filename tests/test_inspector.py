@@ -214,3 +214,42 @@ def test_the_report_says_how_lm_head_is_stored(tmp_path):
         write_mllm_v1(path, names)
         report = inspect_mllm(path)
         assert expected in report.head and f"lm_head: {report.head}" in format_report(report)
+
+
+TINY_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "num_hidden_layers": 2, "vocab_size": 32, "tie_embedding_words": False}
+
+
+def tiny_float_state(dims: dict) -> dict[str, torch.Tensor]:
+    """A LLaMA-shaped float state without q/k/v biases, [out, in] weights."""
+    h, i, v = dims["hidden_size"], dims["intermediate_size"], dims["vocab_size"]
+    kv = dims["num_key_value_heads"] * h // dims["num_attention_heads"]
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+              "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    state = {"model.embed_tokens.weight": torch.randn(v, h)}
+    for layer in range(dims["num_hidden_layers"]):
+        state[f"model.layers.{layer}.input_layernorm.weight"] = torch.ones(h)
+        state.update({f"model.layers.{layer}.{n}.weight": torch.randn(*s) for n, s in shapes.items()})
+        state[f"model.layers.{layer}.post_attention_layernorm.weight"] = torch.ones(h)
+    state["model.norm.weight"] = torch.ones(h)
+    return state
+
+
+@pytest.mark.parametrize("profile, biases", [("qwen-npu", 6), ("phonelm-npu", 0)])
+def test_a_decoding_model_is_checked_against_what_its_cpu_model_loads(tmp_path, capsys, profile, biases):
+    """A Q4_0 file beside runtime.json is the decoding model: every tensor mllm's CPU model loads (q/k/v
+    biases for the Qwen model, none for PhoneLM's) with its dtype and size; without the biases it is refused."""
+    from shadowquant.decode_model import write_decode_model
+
+    runtime = {"runtime": profile, "cpp_config": TINY_DIMS, "shadow_layers": []}
+    (tmp_path / "runtime.json").write_text(json.dumps(runtime))
+    write_decode_model(tiny_float_state(TINY_DIMS), tmp_path / "decode.mllm")
+    report = inspect_mllm(tmp_path / "decode.mllm", runtime=runtime)
+    assert report.ok, report.problems
+    assert sum(linear.has_bias for linear in report.linears) == 6 and len(report.linears) == 14  # PhoneLM's ignores them
+    assert main([str(tmp_path / "decode.mllm")]) == 0
+    assert "CPU decoding model of runtime profile" in capsys.readouterr().out
+    write_decode_model(tiny_float_state(TINY_DIMS), tmp_path / "decode.mllm", qkv_bias=False)
+    problems = {(p.name, p.what) for p in inspect_mllm(tmp_path / "decode.mllm", runtime=runtime).problems}
+    wanted = {(f"model.layers.{i}.self_attn.{r}_proj.bias", "missing") for i in range(2) for r in "qkv"}
+    assert problems == (wanted if biases else set())

@@ -27,7 +27,7 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     """The default transform and runtime ('auto') with only the model changed: every family reaches model.mllm
     (and the LLaMA run goes on to the phone bundle)."""
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
-    # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu, opt
+    # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu-rotated, opt
     # under ideal with '-mse' points), the rest of the workflow for all eight.
     npu = family in NPU_FAMILIES
     full = family in ("llama", "opt")
@@ -55,7 +55,7 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
         expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio[1:]], "absmax-k2-mse"] if full \
             else ["float", *ratio[1:]]
     assert list(sweep["point"]) == expected
-    assert set(sweep.loc[sweep["point"] != "float", "runtime"]) == {"qwen-npu" if npu else "ideal"}
+    assert set(sweep.loc[sweep["point"] != "float", "runtime"]) == {"qwen-npu-rotated" if npu else "ideal"}
     assert sweep["perplexity"].notna().all() and sweep["perplexity_ci_low"].notna().all()
     assert (sweep["perplexity_ci_low"] <= sweep["perplexity"]).all()
     assert (sweep["perplexity"] <= sweep["perplexity_ci_high"]).all()
@@ -77,7 +77,7 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     mllm = results / "model.mllm"
     # runtime.json beside the file: the inspector checks what that runtime's C++ model loads.
     runtime = json.loads((results / "runtime.json").read_text())
-    assert runtime["runtime"] == ("qwen-npu" if npu else "ideal")
+    assert runtime["runtime"] == ("qwen-npu-rotated" if npu else "ideal")
     assert runtime["auto_choices"]["runtime.profile"]["value"] == runtime["runtime"]
     assert runtime["auto_choices"]["transform.variants"]["value"] == runtime["transform"] == "rotate+smooth"
     assert inspect_main([str(mllm), "--export", str(mllm.with_name("model-int8.safetensors"))]) == 0
@@ -94,7 +94,7 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
             assert f.entry(f"{layer}.clip_input").dtype == DTYPE_INT8
     with safe_open(str(mllm.with_name("model-int8.safetensors")), framework="pt") as st:
         meta = st.metadata()
-    assert meta["family"] == family and meta["runtime"] == ("qwen-npu" if npu else "ideal")
+    assert meta["family"] == family and meta["runtime"] == ("qwen-npu-rotated" if npu else "ideal")
     if family == "llama":
         check = check_bundle(tmp_path, f"tiny-{family}", native_loader)
         assert check["float"]["point"] == "float" and runtime["transform"] == "rotate+smooth"

@@ -5,7 +5,8 @@ results/<name>/bundle/ holds
 - decode-q4_0.mllm   the CPU decoding model (decode_model.py), from the same transformed weights
 - vocab.mllm, merges.txt  the tokenizer in mllm's format (mllm_tokenizer.py)
 - runtime.json       the export's runtime.json plus a `bundle` section (files, tokenizer, demo)
-- README.txt         what to build in mllm and the demo command
+- README.txt         how to build the demo in mllm and the commands to run it
+- cpp/               the demo program and tokenizer for mllm, written for this model (bundle_cpp.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_json, write_text
+from shadowquant.bundle_cpp import (
+    CMAKE_FILE,
+    CPP_DIR,
+    DEMO_SOURCE,
+    TARGET,
+    TOKENIZER_HEADER,
+    commands,
+    demo_tokenizer,
+    demo_tokenizer_facts,
+    write_cpp_folder,
+)
 from shadowquant.errors import PipelineError
 from shadowquant.mllm import DTYPE_INT8, DTYPE_Q4_0, DTYPE_NAMES, read_mllm
 from shadowquant.mllm_tokenizer import (
@@ -44,7 +56,11 @@ VOCAB = "vocab.mllm"
 MERGES = "merges.txt"
 RUNTIME = "runtime.json"
 README = "README.txt"
-BUNDLE_FILES = (PREFILL, DECODE, VOCAB, MERGES, RUNTIME, README)
+CPP_DEMO = f"{CPP_DIR}/{DEMO_SOURCE}"
+CPP_TOKENIZER = f"{CPP_DIR}/{TOKENIZER_HEADER}"
+CPP_CMAKE = f"{CPP_DIR}/{CMAKE_FILE}"
+CPP_BUNDLE_FILES = (CPP_DEMO, CPP_TOKENIZER, CPP_CMAKE)
+BUNDLE_FILES = (PREFILL, DECODE, VOCAB, MERGES, RUNTIME, README) + CPP_BUNDLE_FILES
 
 # Qwen2's pre-tokenizer (its tokenizer.json), which mllm's QWenTokenizer hard-codes (tokenizers/Unicode.hpp).
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -53,11 +69,6 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
 MLLM_TOKENIZERS = {
     "QWenTokenizer": ((QWEN2_PATTERN,), "models/qwen/tokenization_qwen.hpp"),
     "SmolLMTokenizer": ((r"\p{N}", GPT2_PATTERN), "models/smollm/tokenization_smollm.hpp"),
-}
-DEMOS = {
-    "qwen-npu": ("demo_qwen_npu", "examples/demo_qwen_npu.cpp"),
-    "qwen-npu-rotated": ("demo_qwen_npu", "examples/demo_qwen_npu.cpp"),
-    "phonelm-npu": ("demo_phonelm_npu", "examples/demo_phonelm_npu.cpp"),
 }
 
 
@@ -113,23 +124,38 @@ def heldout_texts(corpus, num_texts: int, seed: int, offset: int) -> list[str]:
 def check_tokenizer(vocab, merges, spec_json, model_dir, corpus, out_json, num_texts: int = 1000, seed: int = 42,
                     offset: int = 0) -> dict:
     """The bundle's tokenizer files against the Hugging Face tokenizer on held-out text: read with every
-    merge (the files are exact when all texts agree; anything else fails the rule), as mllm's reader
-    reads them, and as mllm v1's tokenizer then tokenizes (greedy longest match; reported, since no
-    file can change it)."""
+    merge (the files are exact when all texts agree; anything else fails the rule), as the bundle's C++
+    demo tokenizes (cpp/shadowquant_tokenizer.hpp: merges by rank, no NFC; with the chat template's
+    pieces on every turn of a conversation, which must agree too), as mllm's reader reads them, and as
+    mllm v1's tokenizer then tokenizes (greedy longest match; reported, since no file can change it)."""
     from shadowquant.models import load_tokenizer
 
     spec = TokenizerSpec.from_dict(json.loads(Path(spec_json).read_text(encoding="utf-8"))["spec"])
     texts = heldout_texts(corpus, num_texts, seed, offset)
-    expected = reference_ids(load_tokenizer(model_dir), texts)
+    hf_tokenizer = load_tokenizer(model_dir)
+    expected = reference_ids(hf_tokenizer, texts)
     exact = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=False), texts, expected)
+    cpp = demo_tokenizer(vocab, merges, spec)
+    demo = round_trip(cpp, texts, expected)
+    facts = demo_tokenizer_facts(hf_tokenizer, cpp, model_dir)
     as_mllm = round_trip(FileTokenizer(vocab, merges, spec, as_mllm=True), texts, expected)
     runtime = round_trip(MllmV1Tokenizer(vocab, merges, spec), texts, expected)
-    result = {"texts": len(texts), "all_merges": exact, "as_mllm_reads": as_mllm, "mllm_v1_tokenizer": runtime,
+    result = {"texts": len(texts), "all_merges": exact, "demo_tokenizer": demo, "demo": facts,
+              "demo_tokenizer_class": f"shadowquant::BpeTokenizer ({CPP_DIR}/{TOKENIZER_HEADER}), used by "
+                                      f"{CPP_DIR}/{DEMO_SOURCE}",
+              "as_mllm_reads": as_mllm, "mllm_v1_tokenizer": runtime,
               "merges_mllm_skips": merges_mllm_skips(read_merges(merges, as_mllm=False))}
     write_json(out_json, result)
-    log.info("tokenizer files vs Hugging Face on %d held-out texts: %d identical (all merges), %d identical as "
-             "mllm reads the merges, %d identical as mllm v1's tokenizer runs", len(texts), exact["identical"],
+    chat_ok = sum(c["identical"] for c in facts["chat_check"])
+    log.info("tokenizer files vs Hugging Face on %d held-out texts: %d identical (all merges), %d as the demo's "
+             "C++ tokenizer runs (chat template: %s), %d identical as mllm reads the merges, %d identical as mllm "
+             "v1's tokenizer runs", len(texts), exact["identical"], demo["identical"],
+             f"{chat_ok} of {len(facts['chat_check'])} conversations identical" if facts["chat"] else "none usable",
              as_mllm["identical"], runtime["identical"])
+    if chat_ok != len(facts["chat_check"]):
+        raise PipelineError(f"{vocab}: the demo's chat prompt gives other ids than the Hugging Face chat template "
+                            f"on {len(facts['chat_check']) - chat_ok} of {len(facts['chat_check'])} conversations; "
+                            f"see {out_json}")
     if exact["identical"] != len(texts):
         first = exact["mismatches"][0]
         raise PipelineError(f"{vocab}: the tokenizer files give other ids than the Hugging Face tokenizer on "
@@ -156,68 +182,74 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _demo_command(runtime: dict, config_name: str, chunk: int) -> str:
-    program, _ = DEMOS.get(runtime["runtime"], ("demo_qwen_npu", "examples/demo_qwen_npu.cpp"))
-    return (f"./{program} --vocab {VOCAB} --merge {MERGES} --qnn-model {PREFILL} --decoding-model {DECODE} "
-            f"--billion {config_name} --limits {max(chunk * 2, 400)}")
-
-
 def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_eval: dict | None,
                 check: dict | None = None) -> str:
     cfg = runtime.get("cpp_config", {})
-    config_name = f"{name}-shadowquant"
-    program, demo_source = DEMOS.get(runtime["runtime"], ("demo_qwen_npu", "examples/demo_qwen_npu.cpp"))
+    demo = (check or {}).get("demo") or {}
+    run = commands(runtime, demo)
+    shadow = runtime.get("shadow_layers", cfg.get("shadow_layers", []))
     lines = [
         f"shadowquant phone bundle for {name} (runtime profile {runtime['runtime']})",
         "",
-        "Files",
     ]
+    if runtime.get("mllm_v1_blocker"):  # the NPU model of this profile does not load in mllm v1 as it is
+        lines += [f"WARNING (NPU mode): {runtime['mllm_v1_blocker']}.", ""]
+    lines += ["Files"]
     for file, size in sizes.items():
-        lines.append(f"  {file:<20} {size / 1e6:10.2f} MB")
+        lines.append(f"  {file:<28} {size / 1e6:10.3f} MB")
     lines += [
         "",
-        "1. In mllm (branch v1), add a configuration with these values; the shadow layer set must be",
-        f"   exactly the one below ({runtime.get('shadow_layers_go_to', 'the C++ model config')}):",
-        f"   name {config_name}",
-    ]
-    for key, value in cfg.items():
-        lines.append(f"   {key} = {json.dumps(value)}")
-    cls = tokenizer.get("mllm_class")
-    lines += [
+        f"{CPP_DIR}/ is a demo program for mllm (branch v1), written for this model: {DEMO_SOURCE} builds",
+        f"QWenNPUConfig / QWenConfig with this model's values and shadow layers {sorted(shadow)} (the file lists every",
+        f"cpp_config value), and {TOKENIZER_HEADER} is the model's tokenizer (merges applied by rank, every",
+        "merge line, the added tokens and the model's pre-tokenization). Nothing in mllm is edited.",
         "",
-        f"2. Tokenizer: {tokenizer.get('mllm_class_note')}.",
-        f"   {len(tokenizer.get('merges_mllm_skips', []))} merges start with '#' and are skipped by mllm's merges "
-        "reader; see ../bundle_check.json for how often that changes the ids.",
+        "1. Copy the folder into mllm:",
+        f"     {run['copy']}",
+        "2. Add one line at the end of <mllm>/examples/CMakeLists.txt (on a line of its own: the file ends without",
+        "   a newline):",
+        f"     {run['cmake_line']}",
+        f"   e.g. {run['cmake_append']}",
+        "3. Build the target " + TARGET + ":",
+        "     phone (NPU; needs the QNN SDK, mllm's build with -DQNN=ON):",
+        f"       {run['build_npu']}",
+        "     any computer, CPU only (no QNN SDK):",
+        f"       {run['build_cpu']}",
+        "4. Run it in this folder (on the phone: push the folder and the binary):",
+        "     NPU prefill (int8, QNN) then CPU decoding (Q4_0), as mllm's demo_qwen_npu does:",
+        f"       {run['run_npu']}",
+        "     CPU only (the Q4_0 decoding model does the prompt too):",
+        f"       {run['run_cpu']}",
+        "   Options: --prompt TEXT, --chat (the prompt as the user turn of the model's chat template), --system TEXT,",
+        "   --chat-file FILE (<<<system>>> / <<<user>>> / <<<assistant>>> lines), --max-new-tokens N, --threads N,",
+        "   --print-ids (the prompt's token ids), --tokenize-file FILE (ids of NUL-separated texts),",
+        "   --score FILE (perplexity of a text under the CPU model).",
+        "",
+        "Tokenizer",
     ]
-    if check:
+    if check and check.get("demo_tokenizer"):
+        d = check["demo_tokenizer"]
+        lines.append(f"  The demo's tokenizer gives the model's ids on {d['identical']} of {d['records']} held-out "
+                     f"paragraphs ({d['tokens']} tokens).")
+    if demo.get("chat"):
+        chats = demo.get("chat_check", [])
+        lines.append(f"  Chat prompts: {sum(c['identical'] for c in chats)} of {len(chats)} conversations (1 to 3 user "
+                     "turns, with and without a system turn) give apply_chat_template's ids.")
+    elif check is not None:
+        lines.append("  The model's tokenizer has no chat template the demo can bake in: --chat is unavailable.")
+    if tokenizer.get("spec", {}).get("normalizer"):
+        lines.append(f"  The model's tokenizer normalizes text ({tokenizer['spec']['normalizer']}); the demo does not: "
+                     "give it normalized text.")
+    if check and check.get("mllm_v1_tokenizer"):
         v1 = check["mllm_v1_tokenizer"]
-        lines.append(f"   mllm v1's tokenizer matches words greedily instead of applying the merges: on {v1['records']} "
-                     f"held-out paragraphs it gives the model's ids for {v1['identical']} "
-                     f"({v1['tokens_from_files']} tokens where the model's tokenizer gives {v1['tokens']}).")
-    if cls is None:
-        lines.append("   Until such a class exists the demo's tokenizer gives other ids than the model was trained on.")
-    chunk = int(runtime.get("chunk_size") or 128)
-    lines += ["", f"3. Edit {demo_source} in mllm before building {program} with the QNN backend:"]
-    if program == "demo_qwen_npu":
-        tokenizer_line = (f"   - use {cls} ({MLLM_TOKENIZERS[cls][1]}) instead of QWenTokenizer" if cls not in (None,
-                          "QWenTokenizer") else "   - keep QWenTokenizer" if cls else
-                          "   - the tokenizer class: see 2.")
-        lines += [
-            f"   - QWenNPUConfig is built with the literal \"1.5b-rotated\": pass model_billion (so --billion "
-            f"{config_name} selects the config of step 1)",
-            f"   - the chunk is the literal 256 in QWenForCausalLM_NPU(config, 256) and tokenizeWithPadding(..., 256, "
-            f"...): {chunk} is what was measured (at most {runtime.get('max_chunk_size')})",
-            tokenizer_line,
-        ]
-    else:
-        lines.append(f"   - build the model with the config of step 1 and prefill in chunks of {chunk} tokens")
-    lines += [
-        "",
-        "4. Push this folder to the phone and run:",
-        "",
-        f"   {_demo_command(runtime, config_name, chunk)}",
-        "",
-    ]
+        lines.append(f"  mllm v1's own tokenizer classes match words greedily instead of applying the merges (on "
+                     f"{v1['records']} held-out paragraphs the model's ids for {v1['identical']}), and their merges "
+                     f"reader skips the {len(tokenizer.get('merges_mllm_skips', []))} merges starting with '#': the "
+                     "demo does not use them.")
+    lines += ["", "Values in the demo's config (runtime.json cpp_config):"]
+    for key, value in cfg.items():
+        lines.append(f"  {key} = {json.dumps(value)}")
+    lines.append("")
     if decode_eval:
         lines += [
             "Quality on held-out text (95 % bootstrap intervals, paired with float):",
@@ -231,9 +263,11 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_e
 
 
 def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, runtime_json, tokenizer_check,
-                    decode_eval, float_json, out_prefill, out_runtime, out_readme, out_report) -> dict:
-    """Copy the prefill model in, write the bundle's runtime.json and README.txt, inspect the whole
-    bundle and write the report (sizes, tokenizer check, decoding model quality)."""
+                    decode_eval, float_json, out_prefill, out_runtime, out_readme, out_report,
+                    out_cpp_dir=None) -> dict:
+    """Copy the prefill model in, write the C++ demo folder (bundle_cpp.py; `out_cpp_dir`, by default
+    cpp/ in the bundle), the bundle's runtime.json and README.txt, inspect the whole bundle and write the
+    report (sizes, tokenizer check, decoding model quality)."""
     from shadowquant.sweep import read_point_json
 
     runtime = json.loads(Path(runtime_json).read_text(encoding="utf-8"))
@@ -250,15 +284,28 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     for file, path in files.items():
         if Path(path).parent.resolve() != bundle_dir.resolve():
             raise PipelineError(f"{path}: bundle file {file} must be written into {bundle_dir}")
+    demo = check.get("demo") or {}
+    cpp_paths = write_cpp_folder(out_cpp_dir or bundle_dir / CPP_DIR, name, runtime,
+                                 TokenizerSpec.from_dict(tokenizer["spec"]), demo)
+    if Path(cpp_paths[DEMO_SOURCE]).parent.resolve() != (bundle_dir / CPP_DIR).resolve():
+        raise PipelineError(f"{out_cpp_dir}: the C++ demo must be written into {bundle_dir / CPP_DIR}")
+    files.update({f"{CPP_DIR}/{file}": path for file, path in cpp_paths.items()})
     sizes = {file: Path(path).stat().st_size for file, path in files.items()}
     config_name = f"{name}-shadowquant"
+    run = commands(runtime, demo)
     runtime["bundle"] = {
         "files": {file: {"bytes": sizes[file], "sha256": sha256(path)} for file, path in files.items()},
         "prefill_model": PREFILL, "decoding_model": DECODE, "decoding_dtype": "q4_0",
         "vocab": VOCAB, "merges": MERGES, "config_name": config_name,
         "tokenizer": {"mllm_class": tokenizer["mllm_class"], "note": tokenizer["mllm_class_note"],
                       "spec": tokenizer["spec"], "merges_mllm_skips": len(tokenizer["merges_mllm_skips"])},
-        "demo_command": _demo_command(runtime, config_name, int(runtime.get("chunk_size") or 128)),
+        "demo_command": run["run_npu"],
+        "cpp": {"folder": CPP_DIR, "files": [f"{CPP_DIR}/{file}" for file in cpp_paths], "target": TARGET,
+                "commands": run, "chat_template": demo.get("chat"), "stop_ids": demo.get("stop_ids", []),
+                "prefix_ids": demo.get("prefix_ids", []),
+                "tokenizer_check": {k: (check.get("demo_tokenizer") or {}).get(k)
+                                    for k in ("records", "identical", "tokens")},
+                "chat_check": demo.get("chat_check", [])},
     }
     write_json(out_runtime, runtime)
     sizes[RUNTIME] = Path(out_runtime).stat().st_size
@@ -301,8 +348,10 @@ def _clip_layers(prefill) -> set[int]:
 def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
     """Check a bundle as a whole: every file there and readable, one vocabulary size, the shadow layers
     of runtime.json equal to the clip flags in the prefill file, and the decoding model holding a
-    tensor for every weight of the prefill model (same names)."""
-    from shadowquant.runtime import get_profile, loaded_tensors
+    tensor for every weight of the prefill model (same names), and both models holding every tensor their
+    C++ model loads, with its dtype and byte size (runtime.loaded_tensors, runtime.decode_loaded_tensors)."""
+    from shadowquant.decode_model import decode_dtype
+    from shadowquant.runtime import decode_loaded_tensors, get_profile, loaded_tensors
 
     directory = Path(directory)
     report = BundleReport(directory)
@@ -362,13 +411,22 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
     except PipelineError as exc:
         problems.append(f"{RUNTIME}: {exc}")
         expected = {}
-    for name, (code, size) in expected.items():
-        if name not in prefill:
-            problems.append(f"{PREFILL}: no {name}, which the C++ model loads")
-        elif prefill.entry(name).size != size or prefill.entry(name).dtype != code:
-            entry = prefill.entry(name)
-            problems.append(f"{PREFILL}: {name} is {entry.size} bytes of {entry.dtype_name}, the C++ model allocates "
-                            f"{size} bytes of {DTYPE_NAMES[code]}")
+    # ... and what the CPU decoding model allocates (QWenForCausalLM: q/k/v biases whatever the model).
+    try:
+        decode_expected = decode_loaded_tensors(get_profile(runtime["runtime"]), cfg, decode_dtype)
+    except (PipelineError, KeyError, TypeError, ValueError) as exc:
+        problems.append(f"{RUNTIME}: {exc}")
+        decode_expected = {}
+    report.facts.update(prefill_loaded=len(expected), decode_loaded=len(decode_expected))
+    for label, stored, wanted in ((PREFILL, prefill, expected), (DECODE, decode, decode_expected)):
+        absent = [name for name in wanted if name not in stored]
+        if absent:
+            problems.append(f"{label}: no {absent[0]} (and {len(absent) - 1} more), which the C++ model loads")
+        for name, (code, size) in wanted.items():
+            if name in stored and (stored.entry(name).size != size or stored.entry(name).dtype != code):
+                entry = stored.entry(name)
+                problems.append(f"{label}: {name} is {entry.size} bytes of {entry.dtype_name}, the C++ model "
+                                f"allocates {size} bytes of {DTYPE_NAMES[code]}")
     recorded = runtime.get("bundle", {}).get("files", {})
     for file, info in recorded.items():
         actual = (directory / file).stat().st_size

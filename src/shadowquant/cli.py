@@ -40,6 +40,8 @@ def _runtime_args(s, scales_for: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shadowquant.runtime import DEFAULT_PROFILE
+
     p = argparse.ArgumentParser(prog="shadowquant", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples", required=True, help="calibration.jsonl; the first --num-samples records are used")
     s.add_argument("--act-scales", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--runtime", default="qwen-npu", help="an NPU runtime profile (docs/runtime.md)")
+    s.add_argument("--runtime", default=DEFAULT_PROFILE, help="an NPU runtime profile (docs/runtime.md)")
     s.add_argument("--cpu-cap", type=float, default=0.001, help="share of Linear multiply-adds the CPU may run")
     s.add_argument("--num-samples", type=int, default=32, help="records for the histograms")
     s.add_argument("--seq-len", type=int, default=256)

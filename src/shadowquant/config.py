@@ -208,7 +208,24 @@ def validate_config(config: dict[str, Any], source: str = "config") -> dict[str,
                             "expected a finite number")
     _check_transform_variants(cfg, source)
     _check_runtime(cfg, source)
+    _force_npu_dtype(cfg, source)
     return cfg
+
+
+# The dtype every stage of a run under an NPU profile loads the model in (config key `dtype`).
+NPU_DTYPE = "float32"
+
+
+def _force_npu_dtype(cfg: dict[str, Any], source: str) -> None:
+    """Under an NPU runtime profile the model is loaded in float32 on every device: the simulation reproduces
+    the phone's integer, float16 and float32 arithmetic on top of the float32 model, and `dtype: auto`
+    (bfloat16 on CUDA) or an explicit bfloat16/float16 would simulate another model. Says so on stderr."""
+    name = cfg["runtime"]["profile"]
+    if name in (AUTO, "ideal") or cfg.get("dtype") in (NPU_DTYPE, "fp32"):
+        return
+    print(f"shadowquant: dtype {cfg.get('dtype')} -> {NPU_DTYPE}: runtime.profile {name} is simulated on the "
+          f"float32 model on every device ({source})", file=sys.stderr)
+    cfg["dtype"] = NPU_DTYPE
 
 
 def _check_runtime(cfg: dict[str, Any], source: str) -> None:
@@ -259,8 +276,12 @@ def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dic
     family = info.family
     if cfg["runtime"]["profile"] == AUTO:
         npu = get_profile(DEFAULT_PROFILE)
-        if family in npu.families:
-            profile, reason = DEFAULT_PROFILE, f"family {family}: mllm's Qwen NPU model runs LLaMA-shaped models"
+        unfit = _npu_unfit(info.config, npu) if family in npu.families else None
+        if family in npu.families and unfit is None:
+            profile, reason = DEFAULT_PROFILE, (f"family {family}: mllm's Qwen NPU model runs LLaMA-shaped models; "
+                                                f"its float32-bias ('-rotated') configs load in mllm v1")
+        elif unfit is not None:
+            profile, reason = IDEAL, f"family {family}, but mllm's Qwen NPU model cannot run this model: {unfit}"
         else:
             profile, reason = IDEAL, (f"family {family}: mllm has no NPU model for it (the NPU profiles run "
                                       f"{'/'.join(npu.families)}); the idealized W8A8 is simulated")
@@ -276,7 +297,24 @@ def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dic
         choice["family_from"] = info.origin or "model.type"
     _check_transform_variants(cfg, source)
     _check_runtime(cfg, source)
+    _force_npu_dtype(cfg, source)
     return cfg, choices
+
+
+def _npu_unfit(config_json: dict[str, Any] | None, profile) -> str | None:
+    """Why mllm's NPU model config cannot represent the model of `config_json` (runtime.cpp_config's
+    refusal), or None (also when the config is not readable before the fetch)."""
+    from types import SimpleNamespace
+
+    from shadowquant.runtime import IDEAL_HINT, cpp_config
+
+    if not config_json or "hidden_size" not in config_json:  # not (yet) a whole config.json
+        return None
+    try:
+        cpp_config(SimpleNamespace(**config_json), profile, tied=bool(config_json.get("tie_word_embeddings")))
+    except PipelineError as exc:
+        return str(exc).removesuffix(IDEAL_HINT)
+    return None
 
 
 def choice_params(choices: dict[str, dict]) -> dict[str, dict]:

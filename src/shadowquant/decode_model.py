@@ -23,6 +23,7 @@ from shadowquant.atomic import write_json
 from shadowquant.errors import PipelineError
 from shadowquant.mllm import DTYPE_FLOAT32, DTYPE_Q4_0, read_mllm, write_mllm_v1_encoded
 from shadowquant.q4_0 import check_q4_0_shape, q4_0_nbytes, quantize_q4_0
+from shadowquant.runtime import QKV_ROLES, layer_role
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,21 @@ def decode_dtype(name: str) -> int:
     return DTYPE_Q4_0
 
 
-def decode_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The float tensors of the decoding model: the state, plus lm_head copied from a tied embedding."""
+def decode_tensors(state: dict[str, torch.Tensor], qkv_bias: bool = True) -> dict[str, torch.Tensor]:
+    """The float tensors of the decoding model: the state, plus lm_head copied from a tied embedding, plus
+    (`qkv_bias`) a zero bias beside every q/k/v weight that has none: mllm's CPU Qwen model
+    (QWenForCausalLM, modeling_qwen.hpp) builds q/k/v with bias whatever the model, and loads it
+    (runtime.decode_loaded_tensors); without one it adds uninitialised memory. A real bias is kept."""
     tensors = {name: tensor for name, tensor in state.items() if tensor.is_floating_point()}
     if LM_HEAD not in tensors:
         if EMBEDDING not in tensors:
             raise PipelineError(f"the model has neither {LM_HEAD} nor {EMBEDDING}; the decoding model needs a head")
         tensors[LM_HEAD] = tensors[EMBEDDING]
+    if qkv_bias:
+        for name in list(tensors):
+            layer, _, kind = name.rpartition(".")
+            if kind == "weight" and layer_role(layer) in QKV_ROLES and f"{layer}.bias" not in tensors:
+                tensors[f"{layer}.bias"] = torch.zeros(tensors[name].shape[0], dtype=torch.float32)
     return tensors
 
 
@@ -72,9 +81,10 @@ def _encoded(tensor: torch.Tensor, code: int) -> bytes:
     return quantize_q4_0(values) if code == DTYPE_Q4_0 else values.astype("<f4").tobytes()
 
 
-def write_decode_model(state: dict[str, torch.Tensor], out_path: str | Path) -> dict:
-    """Write the Q4_0 decoding model; returns {name: dtype} and the byte counts per dtype."""
-    tensors = decode_tensors(state)
+def write_decode_model(state: dict[str, torch.Tensor], out_path: str | Path, qkv_bias: bool = True) -> dict:
+    """Write the Q4_0 decoding model; returns {name: dtype} and the byte counts per dtype. `qkv_bias`: write
+    zero q/k/v biases where the model has none (mllm's CPU Qwen model loads them; PhoneLM's ignores them)."""
+    tensors = decode_tensors(state, qkv_bias)
     plan = decode_plan(tensors)
     codes = {name: code for name, code, _ in plan}
     write_mllm_v1_encoded(out_path, plan, lambda name: _encoded(tensors[name], codes[name]))

@@ -12,7 +12,7 @@ from shadowquant.atomic import atomic_path
 from shadowquant.decision import LayerQuant
 from shadowquant.errors import PipelineError
 from shadowquant.fakequant import layer_weight_range, quantize_per_tensor  # one definition for both
-from shadowquant.runtime import RuntimeProfile
+from shadowquant.runtime import QKV_ROLES, RuntimeProfile, layer_role
 from shadowquant.runtime_linear import int32_bias, runtime_step, side_scale
 
 def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant],
@@ -66,6 +66,11 @@ def runtime_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, Laye
     profile stores it (int32 + `bias.scale` = input step * weight step, or float32); clip flags only for
     the shadow role of the shadow layers, the only place the runtime reads them; lm_head.weight only
     where the C++ model reads it (never for a tied head under a 'tied-or-own' profile).
+
+    What the C++ model loads although the model has no such parameter is written too, with a value that
+    changes nothing: every Linear's `bias.scale` (QNNLinearINT8 asks for it bias or not; input step *
+    weight step, the accumulator's step), and zero q/k/v biases under the Qwen profiles (int32 or float32
+    as the profile stores them), which that model always builds (runtime.loaded_tensors).
     """
     quantized = list(quantized)
     missing = [n for n in quantized if n not in decisions]
@@ -103,6 +108,13 @@ def runtime_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, Laye
     for layer in quantized:
         out[f"{layer}.input_scale"] = torch.tensor(inputs[layer], dtype=torch.float32)
         out[f"{layer}.output_scale"] = torch.tensor(decisions[layer].output_scale, dtype=torch.float32)
+        if f"{layer}.bias.scale" not in out:
+            step = runtime_step(inputs[layer], specs[layer].input.bits)
+            out[f"{layer}.bias.scale"] = (torch.tensor(step, dtype=torch.float32)
+                                          * weight_scales[layer].detach().float().cpu()).reshape(())
+        if layer_role(layer) in QKV_ROLES and profile.bias in ("int32", "float32") and f"{layer}.bias" not in out:
+            rows = state[f"{layer}.weight"].shape[0]  # out_features of the [out, in] float weight
+            out[f"{layer}.bias"] = torch.zeros(rows, dtype=torch.int32 if profile.bias == "int32" else torch.float32)
         if specs[layer].shadow:
             out[f"{layer}.clip_input"] = torch.tensor(decisions[layer].clip_input, dtype=torch.bool)
             out[f"{layer}.clip_output"] = torch.tensor(decisions[layer].clip_output, dtype=torch.bool)

@@ -25,6 +25,7 @@ from shadowquant.mllm import (
     DTYPE_FLOAT32,
     DTYPE_INT8,
     DTYPE_NAMES,
+    DTYPE_Q4_0,
     MllmFile,
     read_mllm,
     read_safetensors_specs,
@@ -207,6 +208,41 @@ def _check_expected(
             problems.append(Problem(name, f"{entry.numel} elements, expected {math.prod(shape)} for shape {tuple(shape)}"))
 
 
+def _check_loaded(mllm: MllmFile, expected: dict[str, tuple[int, int]], problems: list[Problem]) -> _LinearChecker:
+    """Every tensor of `expected` ({name: (dtype code, byte size)}, what a C++ model's ops ask the loader
+    for) present, with that dtype and byte size: mllm's loader skips a missing name without a word (the
+    op computes with uninitialised memory) and rejects or truncates another size."""
+    checker = _LinearChecker(mllm, problems)
+    for name, (code, size) in expected.items():
+        if not checker.exists(name) or not checker.dtype_is(name, (code,)):
+            continue
+        entry = mllm.entry(name)
+        if entry.size != size:
+            checker.bad(name, f"{entry.size} bytes, the runtime allocates {size} (its loader would reject it)")
+    return checker
+
+
+def is_decoding_model(mllm: MllmFile) -> bool:
+    """A file holding Q4_0 tensors is a CPU decoding model (bundle's decode-q4_0.mllm), not an int8 export."""
+    return any(entry.dtype == DTYPE_Q4_0 for entry in mllm.entries)
+
+
+def _check_decoding(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> list[LinearInfo]:
+    """Every tensor the profile's CPU decoding model loads (runtime.decode_loaded_tensors): present, with the
+    dtype mllm's quantizer gives its name and that dtype's byte size."""
+    from shadowquant.decode_model import decode_dtype
+    from shadowquant.runtime import decode_loaded_tensors, get_profile
+
+    try:
+        expected = decode_loaded_tensors(get_profile(str(runtime.get("runtime"))), runtime["cpp_config"],
+                                         decode_dtype)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
+    _check_loaded(mllm, expected, problems)
+    return [LinearInfo(name[: -len(".weight")], True, f"{name[: -len('.weight')]}.bias" in mllm)
+            for name, (code, _) in expected.items() if code == DTYPE_Q4_0 and name.endswith("_proj.weight")]
+
+
 def _check_runtime(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> list[LinearInfo]:
     """Every tensor the runtime profile's C++ model loads: present, with its dtype and the byte size the op
     allocates (mllm's loader rejects another size and skips a missing name silently); scales positive,
@@ -218,17 +254,13 @@ def _check_runtime(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> li
         expected = loaded_tensors(profile, runtime["cpp_config"], runtime.get("shadow_layers", []))
     except (KeyError, TypeError, ValueError) as exc:
         raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
-    checker = _LinearChecker(mllm, problems)
-    for name, (code, size) in expected.items():
-        if not checker.exists(name) or not checker.dtype_is(name, (code,)):
-            continue
-        entry = mllm.entry(name)
-        if entry.size != size:
-            checker.bad(name, f"{entry.size} bytes, the runtime allocates {size} (its loader would reject it)")
-        elif name.endswith(ACTIVATION_SCALE_SUFFIXES + (".weight.scale", ".bias.scale")):
-            checker.positive_scale(name)
-        elif name.endswith(CLIP_FLAG_SUFFIXES):
-            checker.clip_flag(name)
+    checker = _check_loaded(mllm, expected, problems)
+    for name in expected:
+        if name in mllm and not any(p.name == name for p in problems):
+            if name.endswith(ACTIVATION_SCALE_SUFFIXES + (".weight.scale", ".bias.scale")):
+                checker.positive_scale(name)
+            elif name.endswith(CLIP_FLAG_SUFFIXES):
+                checker.clip_flag(name)
     shadow = set(runtime.get("shadow_layers", []))
     for entry in mllm.entries:
         if entry.name.endswith(CLIP_FLAG_SUFFIXES) and layer_index(entry.name) not in shadow:
@@ -260,7 +292,10 @@ def inspect_mllm(
         stat.count += 1
         stat.bytes += entry.size
     problems: list[Problem] = []
-    if runtime is not None and runtime.get("runtime", "ideal") != "ideal":
+    decoding = runtime is not None and runtime.get("runtime", "ideal") != "ideal" and is_decoding_model(mllm)
+    if decoding:
+        linears = _check_decoding(mllm, runtime, problems)
+    elif runtime is not None and runtime.get("runtime", "ideal") != "ideal":
         linears = _check_runtime(mllm, runtime, problems)
     else:
         checker = _LinearChecker(mllm, problems)
@@ -283,8 +318,10 @@ def inspect_mllm(
         linears=linears,
         problems=problems,
         head=head,
-        notes=[f"checked against runtime profile {runtime['runtime']}: every tensor its C++ model loads, with "
-               f"the byte size it allocates; shadow layers {runtime.get('shadow_layers', [])}"]
+        notes=[f"checked as the CPU decoding model of runtime profile {runtime['runtime']}: every tensor its C++ "
+               f"model loads, with the dtype and byte size it allocates"] if decoding else
+        [f"checked against runtime profile {runtime['runtime']}: every tensor its C++ model loads, with "
+         f"the byte size it allocates; shadow layers {runtime.get('shadow_layers', [])}"]
         if runtime is not None and runtime.get("runtime", "ideal") != "ideal" else [],
     )
 

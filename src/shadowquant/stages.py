@@ -161,8 +161,7 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
                        weight_range=weight_range_name(weight_range))
         write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
     if runtime_json is not None:
-        description = runtime_description(profile, model, shadow, tied, point, variant,
-                                          any(k.endswith("_proj.bias") for k in tensors))
+        description = runtime_description(profile, model, shadow, tied, point, variant)
         if auto_choices:
             description["auto_choices"] = auto_choices
         write_json(runtime_json, description)
@@ -171,13 +170,13 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
              "; lm_head.weight is its own tensor: the transform untied it from the embeddings" if untied else "")
 
 
-def runtime_description(profile, model, shadow_layers, tied: bool, point: str, variant: str, qkv_bias: bool) -> dict:
+def runtime_description(profile, model, shadow_layers, tied: bool, point: str, variant: str) -> dict:
     """runtime.json: the runtime a model file is for and what its C++ model must be built with."""
     if profile.ideal:
         return {"runtime": profile.name, "description": profile.description, "point": point, "transform": variant,
                 "note": "the idealized W8A8 of the original tools: no mllm NPU model runs exactly this file's "
                         "arithmetic; choose an NPU runtime profile (runtime.profile) for a phone"}
-    config = cpp_config(model.config, profile, tied, qkv_bias)
+    config = cpp_config(model.config, profile, tied)
     config["shadow_layers"] = sorted(shadow_layers)
     return {
         "runtime": profile.name, "description": profile.description, "cpp_model": profile.cpp_model,
@@ -186,6 +185,7 @@ def runtime_description(profile, model, shadow_layers, tied: bool, point: str, v
         "chunk_size": 128, "max_chunk_size": SHADOW_MAX_POSITIONS,
         "chunk_note": f"prefill in chunks of at most {SHADOW_MAX_POSITIONS} positions (the shadow op's buffers)",
         "cpp_config": config,
+        **({"mllm_v1_blocker": profile.mllm_v1_blocker} if profile.mllm_v1_blocker else {}),
     }
 
 

@@ -116,6 +116,9 @@ rule bundle:
         prefill=f"{BUNDLE}/prefill-int8.mllm",
         runtime=f"{BUNDLE}/runtime.json",
         readme=f"{BUNDLE}/README.txt",
+        cpp_demo=f"{BUNDLE}/cpp/shadowquant_demo.cpp",
+        cpp_tokenizer=f"{BUNDLE}/cpp/shadowquant_tokenizer.hpp",
+        cpp_cmake=f"{BUNDLE}/cpp/CMakeLists.txt",
         check=report(
             f"{RESULTS}/bundle_check.json",
             caption="../report/bundle.rst",

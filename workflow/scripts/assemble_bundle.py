@@ -1,4 +1,6 @@
 # Thin adapter: rule bundle -> shadowquant.bundle.assemble_bundle
+from pathlib import Path
+
 from shadowquant.adapter import run_stage
 from shadowquant.bundle import assemble_bundle, exported_variant
 
@@ -13,4 +15,4 @@ def assemble(**kwargs):
 run_stage(snakemake, assemble, name=p.name, prefill=i.prefill, decode=i.decode, vocab=i.vocab, merges=i.merges,
           tokenizer_json=i.tokenizer, runtime_json=i.runtime, tokenizer_check=i.tokenizer_check,
           decode_eval=i.decode_evaluation, out_prefill=o.prefill, out_runtime=o.runtime, out_readme=o.readme,
-          out_report=o.check)
+          out_report=o.check, out_cpp_dir=Path(o.cpp_demo).parent)
