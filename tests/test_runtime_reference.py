@@ -80,8 +80,12 @@ def ref_normal(x, w, b, spec, r_in, r_out, bias_mode, tol):
     inv = F64(F32(1) / so)
     outs = []
     for q in near(acc * inv, tol * mag * inv, np.rint):
-        y = clamp(q, spec.output.bits).astype(F32) * so
-        y = y + b if b is not None and bias_mode == "float32" else y
+        q = clamp(q, spec.output.bits)
+        if spec.output.hvx_dequantize:  # LLaMADequantize: the level in fp16, times the step (fp16 for fp16 out)
+            y = (q.astype(F16) * F16(so) if spec.output.dtype == "float16" else q.astype(F16).astype(F32) * so)
+        else:
+            y = q.astype(F32) * so
+        y = y.astype(F32) + b if b is not None and bias_mode == "float32" else y
         outs.append(y.astype(F16 if spec.output.dtype == "float16" else F32).astype(F64))
     return outs, np.zeros(1)
 
