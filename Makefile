@@ -24,8 +24,10 @@ lint: setup
 	snakefmt --check Snakefile workflow
 	snakemake --lint
 
+# Two pytest workers (pytest-xdist): the whole-workflow tests are single-process work most of the time.
+# The SLURM tests share one private cluster, so they stay on one worker (xdist_group, --dist loadgroup).
 test: lint
-	python -m pytest
+	python -m pytest -n $(CORES) --dist loadgroup
 
 report: setup
 	snakemake --cores $(CORES) --report report.html

@@ -34,6 +34,9 @@ import yaml
 
 from shadowquant.config import schema
 
+# One private cluster (fixed ports, one state directory): every SLURM test on the same pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("slurm")
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
 SLURM_PROFILE = REPO / "profiles" / "slurm"
