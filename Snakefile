@@ -2,6 +2,7 @@
 #   snakemake --cores 2 model.mllm          the primary model's mllm file
 #   snakemake --cores 2                     every default target
 #   snakemake --cores 2 bundle              the phone bundle (results/<name>/bundle/)
+#   snakemake --cores 2 demo                the bundle's prefill + decode as mllm's demo runs them
 #   snakemake --configfile other.yaml ...   another model, results under results/<name>/
 from snakemake.utils import min_version
 
@@ -21,6 +22,7 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/sweep.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/bundle.smk"
+include: "workflow/rules/demo.smk"
 
 
 drop_benchmarks_of_cached_rules()

@@ -32,6 +32,10 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     npu = family in NPU_FAMILIES
     full = family in ("llama", "opt")
     overrides = {"runtime.profile": "auto", "transform.variants": "auto"}
+    # Two decoding candidates (each is a job): the mixed Q4_0/Q8_0 file of the unrotated weights, and Q8_0.
+    decode_candidates = ["unrotated:q4_0i-down8-head8", "prefill:q8_0"]
+    if family == "llama":
+        overrides["bundle.decode"] = {"candidates": decode_candidates}
     if family == "opt":
         overrides.update({"sweep.clip_scales": ["max", "mse"], "sweep.weight_range": "auto"})
     elif not full:
@@ -96,7 +100,9 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
         meta = st.metadata()
     assert meta["family"] == family and meta["runtime"] == ("qwen-npu-rotated" if npu else "ideal")
     if family == "llama":
-        check = check_bundle(tmp_path, f"tiny-{family}", native_loader)
+        check = check_bundle(tmp_path, f"tiny-{family}", native_loader, decode_candidates)
+        assert check["decoding_model"]["candidate"] == "unrotated:q4_0i-down8-head8"  # the smaller, within budget
+        assert check["decoding_model"]["dtype_mix"] == "q4_0+q8_0"
         assert check["float"]["point"] == "float" and runtime["transform"] == "rotate+smooth"
         # The family is now read from the fetched model, no longer from model.type: nothing is stale.
         assert planned_jobs(snakemake(tmp_path, cfg, "-n", "all", "bundle")) == {}

@@ -2,7 +2,8 @@
 
 results/<name>/bundle/ holds
 - prefill-int8.mllm  the QNN prefill model (a copy of the export's model.mllm)
-- decode-q4_0.mllm   the CPU decoding model (decode_model.py), from the same transformed weights
+- decode.mllm        the CPU decoding model: the candidate bundle.decode chose (decode_model.py; Q4_0 / Q8_0
+                     per tensor, from the prefill variant's weights or the unrotated ones with the same KV cache)
 - vocab.mllm, merges.txt  the tokenizer in mllm's format (mllm_tokenizer.py)
 - runtime.json       the export's runtime.json plus a `bundle` section (files, tokenizer, demo)
 - README.txt         how to build the demo in mllm and the commands to run it
@@ -32,7 +33,8 @@ from shadowquant.bundle_cpp import (
     write_cpp_folder,
 )
 from shadowquant.errors import PipelineError
-from shadowquant.mllm import DTYPE_INT8, DTYPE_Q4_0, DTYPE_NAMES, read_mllm
+from shadowquant.jsonfile import read_json_object
+from shadowquant.mllm import DTYPE_INT8, DTYPE_NAMES, read_mllm
 from shadowquant.mllm_tokenizer import (
     GPT2_PATTERN,
     FileTokenizer,
@@ -51,7 +53,7 @@ from shadowquant.mllm_tokenizer import (
 log = logging.getLogger(__name__)
 
 PREFILL = "prefill-int8.mllm"
-DECODE = "decode-q4_0.mllm"
+DECODE = "decode.mllm"
 VOCAB = "vocab.mllm"
 MERGES = "merges.txt"
 RUNTIME = "runtime.json"
@@ -182,12 +184,14 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
-def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_eval: dict | None,
+def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_choice: dict | None,
                 check: dict | None = None) -> str:
     cfg = runtime.get("cpp_config", {})
     demo = (check or {}).get("demo") or {}
     run = commands(runtime, demo)
     shadow = runtime.get("shadow_layers", cfg.get("shadow_layers", []))
+    bundle = runtime.get("bundle", {})
+    decoding = f"{bundle.get('decoding_candidate', 'prefill:q4_0')}, {bundle.get('decoding_dtype', 'q4_0')}"
     lines = [
         f"shadowquant phone bundle for {name} (runtime profile {runtime['runtime']})",
         "",
@@ -216,9 +220,9 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_e
         "     any computer, CPU only (no QNN SDK):",
         f"       {run['build_cpu']}",
         "4. Run it in this folder (on the phone: push the folder and the binary):",
-        "     NPU prefill (int8, QNN) then CPU decoding (Q4_0), as mllm's demo_qwen_npu does:",
+        f"     NPU prefill (int8, QNN) then CPU decoding ({decoding}), as mllm's demo_qwen_npu does:",
         f"       {run['run_npu']}",
-        "     CPU only (the Q4_0 decoding model does the prompt too):",
+        "     CPU only (the decoding model does the prompt too):",
         f"       {run['run_cpu']}",
         "   Options: --prompt TEXT, --chat (the prompt as the user turn of the model's chat template), --system TEXT,",
         "   --chat-file FILE (<<<system>>> / <<<user>>> / <<<assistant>>> lines), --max-new-tokens N, --threads N,",
@@ -250,20 +254,25 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_e
     for key, value in cfg.items():
         lines.append(f"  {key} = {json.dumps(value)}")
     lines.append("")
-    if decode_eval:
+    if decode_choice:
+        m, c = decode_choice["metrics"], decode_choice
         lines += [
             "Quality on held-out text (95 % bootstrap intervals, paired with float):",
-            f"  decoding model (Q4_0): perplexity {decode_eval['perplexity']:.3f} "
-            f"({decode_eval['perplexity_increase']:+.1%} [{decode_eval['perplexity_increase_ci_low']:+.1%}, "
-            f"{decode_eval['perplexity_increase_ci_high']:+.1%}] over float), top-1 agreement "
-            f"{decode_eval['agreement']:.3f}",
+            f"  decoding model {c['chosen']} ({c['dtype_mix']}; {c['recipe_description']}; "
+            f"weights: {c['source_description']}):",
+            f"    perplexity {m['perplexity']:.3f} ({m['perplexity_increase']:+.1%} "
+            f"[{m['perplexity_increase_ci_low']:+.1%}, {m['perplexity_increase_ci_high']:+.1%}] over float), KL to "
+            f"float {m['kl']:.4f}, top-1 agreement {m['agreement']:.3f}",
+            f"    chosen: {c['why']}",
+            "    (measured with mllm's CPU numerics: Q8_0 activations at every Q4_0 / Q8_0 matmul, K/V in float16;",
+            "    every candidate evaluated is in results/<name>/decode_candidates.csv)",
             "",
         ]
     return "\n".join(lines)
 
 
 def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, runtime_json, tokenizer_check,
-                    decode_eval, float_json, out_prefill, out_runtime, out_readme, out_report,
+                    decode_choice, float_json, out_prefill, out_runtime, out_readme, out_report,
                     out_cpp_dir=None) -> dict:
     """Copy the prefill model in, write the C++ demo folder (bundle_cpp.py; `out_cpp_dir`, by default
     cpp/ in the bundle), the bundle's runtime.json and README.txt, inspect the whole bundle and write the
@@ -276,7 +285,9 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
                             "NPU profile (qwen-npu, qwen-npu-rotated, phonelm-npu) to build a bundle")
     tokenizer = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
     check = json.loads(Path(tokenizer_check).read_text(encoding="utf-8"))
-    decode_metrics = {k: v for k, v in read_point_json(decode_eval).items() if k != "per_record"}
+    choice = read_json_object(decode_choice, "decoding model choice", "re-run the bundle")
+    decode_metrics = {**choice["metrics"], "candidate": choice["chosen"], "why": choice["why"],
+                      "dtype_mix": choice["dtype_mix"], "file_bytes": choice["file_bytes"]}
     float_metrics = {k: v for k, v in read_point_json(float_json).items() if k != "per_record"}
     copy_into_bundle(prefill, out_prefill)
     bundle_dir = Path(out_prefill).parent
@@ -295,7 +306,12 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     run = commands(runtime, demo)
     runtime["bundle"] = {
         "files": {file: {"bytes": sizes[file], "sha256": sha256(path)} for file, path in files.items()},
-        "prefill_model": PREFILL, "decoding_model": DECODE, "decoding_dtype": "q4_0",
+        "prefill_model": PREFILL, "decoding_model": DECODE, "decoding_candidate": choice["chosen"],
+        "decoding_source": choice["source"], "decoding_recipe": choice["recipe"], "decoding_dtype": choice["dtype_mix"],
+        "decoding_tensors_by_dtype": choice["tensors_by_dtype"], "decoding_why": choice["why"],
+        "decoding_quality": {k: choice["metrics"].get(k) for k in ("perplexity", "perplexity_increase",
+                                                                  "perplexity_increase_ci_low",
+                                                                  "perplexity_increase_ci_high", "kl", "agreement")},
         "vocab": VOCAB, "merges": MERGES, "config_name": config_name,
         "tokenizer": {"mllm_class": tokenizer["mllm_class"], "note": tokenizer["mllm_class_note"],
                       "spec": tokenizer["spec"], "merges_mllm_skips": len(tokenizer["merges_mllm_skips"])},
@@ -309,12 +325,13 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     }
     write_json(out_runtime, runtime)
     sizes[RUNTIME] = Path(out_runtime).stat().st_size
-    text = readme_text(name, runtime, tokenizer, sizes, decode_metrics, check)
+    text = readme_text(name, runtime, tokenizer, sizes, choice, check)
     write_text(out_readme, text)
     sizes[README] = Path(out_readme).stat().st_size
     report = inspect_bundle(bundle_dir)
     result = {"bundle": str(bundle_dir), "sizes": sizes, "total_bytes": sum(sizes.values()),
-              "tokenizer_check": check, "decoding_model": decode_metrics, "float": float_metrics,
+              "tokenizer_check": check, "decoding_model": decode_metrics,
+              "decoding_candidates": choice.get("candidates", []), "float": float_metrics,
               "inspection": report.as_dict()}
     write_json(out_report, result)
     if report.problems:
@@ -349,8 +366,9 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
     """Check a bundle as a whole: every file there and readable, one vocabulary size, the shadow layers
     of runtime.json equal to the clip flags in the prefill file, and the decoding model holding a
     tensor for every weight of the prefill model (same names), and both models holding every tensor their
-    C++ model loads, with its dtype and byte size (runtime.loaded_tensors, runtime.decode_loaded_tensors)."""
-    from shadowquant.decode_model import decode_dtype
+    C++ model loads, with its dtype and byte size (runtime.loaded_tensors, runtime.decode_loaded_tensors; the
+    decoding model's weights may be Q4_0 or Q8_0, each checked with the size its own dtype needs)."""
+    from shadowquant.decode_model import decode_dtype_problems, dtype_mix, file_dtype_of
     from shadowquant.runtime import decode_loaded_tensors, get_profile, loaded_tensors
 
     directory = Path(directory)
@@ -397,9 +415,10 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
     absent = [n for n in weights if n not in decode]
     if absent:
         problems.append(f"{DECODE}: no {absent[0]} (and {len(absent) - 1} more weights of the prefill model)")
-    not_q4 = [n for n in weights if n in decode and decode.entry(n).dtype != DTYPE_Q4_0]
-    if not_q4:
-        problems.append(f"{DECODE}: {not_q4[0]} is {DTYPE_NAMES[decode.entry(not_q4[0]).dtype]}, expected q4_0")
+    # Q4_0 and Q8_0 weights in any mix (the chosen candidate's recipe), norms and biases float32.
+    problems.extend(decode_dtype_problems(decode, DECODE))
+    report.facts.update(decode_dtypes={DTYPE_NAMES[code]: sum(e.dtype == code for e in decode.entries)
+                                       for code in sorted({e.dtype for e in decode.entries})})
     for n in weights:
         if n in decode and decode.entry(n).numel != prefill.entry(n).numel:
             problems.append(f"{DECODE}: {n} holds {decode.entry(n).numel} values, the prefill model's "
@@ -413,7 +432,7 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
         expected = {}
     # ... and what the CPU decoding model allocates (QWenForCausalLM: q/k/v biases whatever the model).
     try:
-        decode_expected = decode_loaded_tensors(get_profile(runtime["runtime"]), cfg, decode_dtype)
+        decode_expected = decode_loaded_tensors(get_profile(runtime["runtime"]), cfg, file_dtype_of(decode))
     except (PipelineError, KeyError, TypeError, ValueError) as exc:
         problems.append(f"{RUNTIME}: {exc}")
         decode_expected = {}
@@ -428,6 +447,11 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
                 problems.append(f"{label}: {name} is {entry.size} bytes of {entry.dtype_name}, the C++ model "
                                 f"allocates {size} bytes of {DTYPE_NAMES[code]}")
     recorded = runtime.get("bundle", {}).get("files", {})
+    named = runtime.get("bundle", {}).get("decoding_dtype")
+    mix = dtype_mix({e.name: e.dtype_name for e in decode.entries})
+    report.facts.update(decode_dtype_mix=mix)
+    if named is not None and named != mix:
+        problems.append(f"{DECODE}: holds {mix} weights, runtime.json's bundle.decoding_dtype says {named}")
     for file, info in recorded.items():
         actual = (directory / file).stat().st_size
         if actual != info.get("bytes"):
@@ -453,16 +477,3 @@ def exported_variant(runtime_json, variants) -> int:
         raise PipelineError(f"{runtime_json}: exported from transform {transform!r}, which is not among the swept "
                             f"variants ({', '.join(variants)}); re-run the export")
     return variants.index(transform)
-
-
-def write_decode_model_of(manifests, runtime_json, variants, out) -> dict:
-    """The Q4_0 decoding model of the variant the prefill model was exported from."""
-    from shadowquant.decode_model import write_decode_model
-    from shadowquant.models import load_model_from_manifest
-
-    manifest = manifests[exported_variant(runtime_json, variants)]
-    model, _, _ = load_model_from_manifest(manifest, "cpu", "float32")
-    summary = write_decode_model(model.state_dict(), out)
-    log.info("decoding model from %s: %d tensors, %.1f MB Q4_0, %.2f MB float32", manifest, summary["tensors"],
-             summary["q4_0_bytes"] / 1e6, summary["float32_bytes"] / 1e6)
-    return summary

@@ -394,7 +394,7 @@ def commands(runtime: dict, facts: dict) -> dict:
     chunk = int(runtime.get("chunk_size") or 128)
     chat = '--chat --prompt "Write a Python function that returns the n-th Fibonacci number."' \
         if facts.get("chat") else '--prompt "def fibonacci(n):"'
-    files = "--vocab vocab.mllm --merges merges.txt --model decode-q4_0.mllm"
+    files = "--vocab vocab.mllm --merges merges.txt --model decode.mllm"
     return {
         "copy": f"cp -r cpp <mllm>/{MLLM_FOLDER}",
         "cmake_line": CMAKE_LINE,

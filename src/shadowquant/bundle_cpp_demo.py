@@ -286,7 +286,7 @@ int main(int argc, char **argv) {
                          false, SQ_DEFAULT_MODE);
     cmd.add<std::string>("vocab", 'v', "vocabulary file", false, "vocab.mllm");
     cmd.add<std::string>("merges", 'e', "merges file", false, "merges.txt");
-    cmd.add<std::string>("model", 'm', "CPU decoding model (Q4_0)", false, "decode-q4_0.mllm");
+    cmd.add<std::string>("model", 'm', "CPU decoding model (Q4_0 / Q8_0)", false, "decode.mllm");
     cmd.add<std::string>("qnn-model", 'q', "int8 QNN prefill model (npu mode)", false, "prefill-int8.mllm");
     cmd.add<std::string>("prompt", 'p', "the prompt", false, "Write a Python function that returns the n-th Fibonacci number.");
     cmd.add("chat", '\0', "put the prompt through the model's chat template (as the user turn)");

@@ -159,6 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-tensor int8 weight clip range (the workflow's weight_range.json says which)")
     _runtime_args(s, "for every point")
 
+    s = sub.add_parser("evaluate-demo", help="the bundle as mllm's NPU demo runs it: int8 prefill of each record's "
+                       "first half, CPU decoding model for the rest (docs/bundle.md)")
+    s.add_argument("--manifest", required=True, help="the exported variant's manifest (the prefill model's float)")
+    s.add_argument("--export", required=True, help="model-int8.safetensors")
+    s.add_argument("--runtime-json", required=True, help="the export's runtime.json (chunk_size)")
+    s.add_argument("--samples", required=True, help="evaluation.jsonl")
+    s.add_argument("--decode", required=True, help="the decoding model file (.mllm)")
+    s.add_argument("--decode-choice", default=None, help="decode_choice.json (its manifest: the decoding model's "
+                   "float model); default the --manifest")
+    s.add_argument("--baseline", default=None, help="the --manifest's float-baseline.safetensors on these records")
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--prefill-fraction", type=float, default=0.5)
+    s.add_argument("--handover", choices=["float16", "float32"], default="float16")
+    s.add_argument("--records", type=int, default=None, help="only the first N records (a quick look)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+
     s = sub.add_parser("choose-weight-range", help="int8 weight clip range (max or mse) by weights-only perplexity")
     s.add_argument("--manifest", required=True)
     s.add_argument("--samples", required=True, help="calibration.jsonl; the first --num-samples records are used")
@@ -259,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
                            args.out_json, args.point, args.seq_len, args.batch_size, args.device, args.dtype,
                            args.bootstrap, args.sensitivity, args.part, args.clip_scales, args.weight_range,
                            args.runtime, args.runtime_scales)
+        elif args.command == "evaluate-demo":
+            from shadowquant.demo_evaluation import evaluate_demo
+
+            evaluate_demo(args.manifest, args.export, args.runtime_json, args.samples, args.decode, args.out_json,
+                          args.out_md, args.seq_len, decode_choice=args.decode_choice,
+                          prefill_fraction=args.prefill_fraction, handover=args.handover, baseline=args.baseline,
+                          device=args.device, num_resamples=args.bootstrap, records=args.records)
         elif args.command == "clip-scales":
             from shadowquant.sensitivity import clip_scales_stage
 

@@ -26,6 +26,7 @@ from shadowquant.mllm import (
     DTYPE_INT8,
     DTYPE_NAMES,
     DTYPE_Q4_0,
+    DTYPE_Q8_0,
     MllmFile,
     read_mllm,
     read_safetensors_specs,
@@ -223,24 +224,28 @@ def _check_loaded(mllm: MllmFile, expected: dict[str, tuple[int, int]], problems
 
 
 def is_decoding_model(mllm: MllmFile) -> bool:
-    """A file holding Q4_0 tensors is a CPU decoding model (bundle's decode-q4_0.mllm), not an int8 export."""
-    return any(entry.dtype == DTYPE_Q4_0 for entry in mllm.entries)
+    """A file holding Q4_0 or Q8_0 tensors is a CPU decoding model (the bundle's decode.mllm), not an int8
+    export."""
+    return any(entry.dtype in (DTYPE_Q4_0, DTYPE_Q8_0) for entry in mllm.entries)
 
 
 def _check_decoding(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> list[LinearInfo]:
     """Every tensor the profile's CPU decoding model loads (runtime.decode_loaded_tensors): present, with the
-    dtype mllm's quantizer gives its name and that dtype's byte size."""
-    from shadowquant.decode_model import decode_dtype
+    byte size its own dtype needs (Q4_0 and Q8_0 weights in any mix, as the bundle's recipes write them),
+    norms and biases float32."""
+    from shadowquant.decode_model import decode_dtype_issues, file_dtype_of
     from shadowquant.runtime import decode_loaded_tensors, get_profile
 
     try:
         expected = decode_loaded_tensors(get_profile(str(runtime.get("runtime"))), runtime["cpp_config"],
-                                         decode_dtype)
+                                         file_dtype_of(mllm))
     except (KeyError, TypeError, ValueError) as exc:
         raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
+    problems.extend(Problem(name, f"dtype {what}") for name, what in decode_dtype_issues(mllm))
     _check_loaded(mllm, expected, problems)
     return [LinearInfo(name[: -len(".weight")], True, f"{name[: -len('.weight')]}.bias" in mllm)
-            for name, (code, _) in expected.items() if code == DTYPE_Q4_0 and name.endswith("_proj.weight")]
+            for name, (code, _) in expected.items()
+            if code in (DTYPE_Q4_0, DTYPE_Q8_0) and name.endswith("_proj.weight")]
 
 
 def _check_runtime(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> list[LinearInfo]:

@@ -353,15 +353,16 @@ def loaded_tensors(profile: RuntimeProfile, dims: dict, shadow_layers) -> dict[s
 def decode_loaded_tensors(profile: RuntimeProfile, dims: dict, dtype_of, tied: bool = False
                           ) -> dict[str, tuple[int, int]]:
     """{name: (mllm dtype code, byte size)} of every tensor mllm's CPU decoding model asks its loader for,
-    from the Q4_0 decoding file: QWenForCausalLM (models/qwen/modeling_qwen.hpp) under the Qwen profiles,
+    from the decoding file: QWenForCausalLM (models/qwen/modeling_qwen.hpp) under the Qwen profiles,
     whose MultiHeadAttention is built with q/k/v bias on whatever the model (so a model without q/k/v
     biases needs zero ones), and PhoneLMForCausalLM (models/phonelm/modeling_phonelm.hpp, no bias) under
     phonelm-npu. Every CPU op there (CPULinear, CPUEmbedding, CPURMSNorm, CPUParameter) takes the dtype
-    from the file, so the byte size follows the dtype mllm's quantizer gives the name: `dtype_of(name)`
-    (decode_model.decode_dtype), Q4_0 18 bytes per 32 values, float32 4 bytes a value.
+    from the file, so the byte size follows the name's dtype: `dtype_of(name)` (decode_model.decode_dtype for
+    mllm's quantizer's Q4_0 recipe, decode_model.file_dtype_of for a written file of any recipe), Q4_0 18
+    bytes per 32 values, Q8_0 34, float32 4 bytes a value.
 
     `tied`: a C++ config with tie_embedding_words builds the head as a Parameter reading
-    `model.embed_tokens.weight` (the embedding's Q4_0 blocks) and asks for no `lm_head.weight`. The decoding
+    `model.embed_tokens.weight` (the embedding's blocks) and asks for no `lm_head.weight`. The decoding
     file always stores `lm_head.weight` beside the embedding, so the untied list (the default) holds both.
     """
     from shadowquant.q4_0 import q4_0_nbytes

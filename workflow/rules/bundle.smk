@@ -1,4 +1,12 @@
-# Stage 5: the phone bundle (snakemake bundle): prefill model, Q4_0 decoding model, tokenizer, README.
+# Stage 5: the phone bundle (snakemake bundle): prefill model, the decoding model chosen among measured
+# candidates (bundle.decode), tokenizer, README.
+
+# The decoding candidates evaluated: bundle.decode.candidates, plus a named choice when it is not among them.
+DECODE_CANDIDATES = list(config["bundle"]["decode"]["candidates"])
+if config["bundle"]["decode"]["choice"] not in ["auto", *DECODE_CANDIDATES]:
+    DECODE_CANDIDATES.append(config["bundle"]["decode"]["choice"])
+DECODE_DIR = f"{RESULTS}/decode_candidates"
+DECODE_PATHS = [f"{DECODE_DIR}/{c.replace(':', '/')}" for c in DECODE_CANDIDATES]
 
 
 rule bundle_tokenizer:
@@ -10,6 +18,8 @@ rule bundle_tokenizer:
         spec=f"{RESULTS}/bundle_tokenizer.json",
     log:
         f"{LOGS}/bundle_tokenizer.log",
+    benchmark:
+        f"{BENCH}/bundle_tokenizer.tsv"
     conda:
         CONDA_ENV
     threads: 1
@@ -46,13 +56,63 @@ rule check_bundle_tokenizer:
         "../scripts/check_bundle_tokenizer.py"
 
 
-rule bundle_decode_model:
+rule evaluate_decode_model:
+    # One decoding candidate: written, read back and evaluated on the held-out records.
     input:
-        # Per variant the export may come from; the script takes the exported one's (runtime.json).
         manifests=[variant_manifest(v) for v in EXPORT_VARIANTS],
         runtime=bundle_runtime_json,
+        samples=f"{RESULTS}/evaluation.jsonl",
+        floats=export_inputs(f"{RUN_RESULTS}/sweep/float.json"),
+        baselines=export_inputs(f"{RUN_RESULTS}/sweep/float-baseline.safetensors"),
+        # Used by the unrotated source (the fetched model) and the imatrix recipes (calibration records).
+        original=FETCHED_MANIFEST,
+        calibration=f"{RESULTS}/calibration.jsonl",
     output:
-        f"{BUNDLE}/decode-q4_0.mllm",
+        model=temp(f"{DECODE_DIR}/{{source}}/{{recipe}}.mllm"),
+        result=f"{DECODE_DIR}/{{source}}/{{recipe}}.json",
+    log:
+        f"{LOGS}/evaluate_decode_model/{{source}}/{{recipe}}.log",
+    benchmark:
+        f"{BENCH}/evaluate_decode_model/{{source}}/{{recipe}}.tsv"
+    wildcard_constraints:
+        source="prefill|unrotated",
+        recipe="[a-z0-9_-]+",
+    conda:
+        CONDA_ENV
+    threads: rule_threads("evaluate_decode_model")
+    resources:
+        # The unrotated source holds the prefill variant and the fetched model.
+        mem_mb=lambda wildcards, input, attempt: 2
+        * model_mem_mb(wildcards, input, attempt),
+        runtime=120,
+        gpu=USES_GPU,
+    params:
+        variants=EXPORT_VARIANTS,
+        seq_len=config["evaluation"]["seq_len"],
+        batch_size=config["evaluation"]["batch_size"],
+        calibration_seq_len=config["calibration"]["seq_len"],
+        imatrix_samples=config["bundle"]["decode"]["imatrix_samples"],
+        device=config["device"],
+        dtype=config["dtype"],
+        num_resamples=NUM_RESAMPLES,
+    script:
+        "../scripts/evaluate_decode_model.py"
+
+
+rule bundle_decode_model:
+    # The candidates' table, the choice, and the chosen file as the bundle's decoding model.
+    input:
+        results=[f"{path}.json" for path in DECODE_PATHS],
+        models=[f"{path}.mllm" for path in DECODE_PATHS],
+    output:
+        decode=f"{BUNDLE}/decode.mllm",
+        choice=f"{RESULTS}/decode_choice.json",
+        table=f"{RESULTS}/decode_candidates.csv",
+        html=report(
+            f"{RESULTS}/decode_candidates.html",
+            caption="../report/decode_candidates.rst",
+            category="Phone bundle",
+        ),
     log:
         f"{LOGS}/bundle_decode_model.log",
     benchmark:
@@ -61,56 +121,26 @@ rule bundle_decode_model:
         CONDA_ENV
     threads: rule_threads("bundle_decode_model")
     resources:
-        mem_mb=model_mem_mb,
-        runtime=60,
+        mem_mb=1000,
+        runtime=10,
     params:
-        variants=EXPORT_VARIANTS,
+        candidates=DECODE_CANDIDATES,
+        choice=config["bundle"]["decode"]["choice"],
+        budget=config["bundle"]["decode"]["budget"],
     script:
         "../scripts/bundle_decode_model.py"
-
-
-rule evaluate_decode_model:
-    input:
-        manifests=[variant_manifest(v) for v in EXPORT_VARIANTS],
-        runtime=f"{RESULTS}/runtime.json",
-        decode=f"{BUNDLE}/decode-q4_0.mllm",
-        samples=f"{RESULTS}/evaluation.jsonl",
-        floats=export_inputs(f"{RUN_RESULTS}/sweep/float.json"),
-        baselines=export_inputs(f"{RUN_RESULTS}/sweep/float-baseline.safetensors"),
-    output:
-        f"{RESULTS}/decode_evaluation.json",
-    log:
-        f"{LOGS}/evaluate_decode_model.log",
-    benchmark:
-        f"{BENCH}/evaluate_decode_model.tsv"
-    conda:
-        CONDA_ENV
-    threads: rule_threads("evaluate_decode_model")
-    resources:
-        mem_mb=model_mem_mb,
-        runtime=120,
-        gpu=USES_GPU,
-    params:
-        variants=EXPORT_VARIANTS,
-        seq_len=config["evaluation"]["seq_len"],
-        batch_size=config["evaluation"]["batch_size"],
-        device=config["device"],
-        dtype=config["dtype"],
-        num_resamples=NUM_RESAMPLES,
-    script:
-        "../scripts/evaluate_decode_model.py"
 
 
 rule bundle:
     input:
         prefill=f"{RESULTS}/model.mllm",
         runtime=bundle_runtime_json,
-        decode=f"{BUNDLE}/decode-q4_0.mllm",
+        decode=f"{BUNDLE}/decode.mllm",
         vocab=f"{BUNDLE}/vocab.mllm",
         merges=f"{BUNDLE}/merges.txt",
         tokenizer=f"{RESULTS}/bundle_tokenizer.json",
         tokenizer_check=f"{RESULTS}/bundle_tokenizer_check.json",
-        decode_evaluation=f"{RESULTS}/decode_evaluation.json",
+        decode_choice=f"{RESULTS}/decode_choice.json",
         floats=export_inputs(f"{RUN_RESULTS}/sweep/float.json"),
     output:
         prefill=f"{BUNDLE}/prefill-int8.mllm",
@@ -126,6 +156,8 @@ rule bundle:
         ),
     log:
         f"{LOGS}/bundle.log",
+    benchmark:
+        f"{BENCH}/bundle.tsv"
     conda:
         CONDA_ENV
     threads: 1

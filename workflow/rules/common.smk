@@ -141,6 +141,7 @@ THREADS_CONFIG_KEYS = {
     "transform_model": "threads.export",
     "export_pth": "threads.export",
     "bundle_decode_model": "threads.export",
+    "evaluate_demo": "threads.evaluate",
 }
 
 

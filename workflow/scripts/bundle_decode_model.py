@@ -1,7 +1,8 @@
-# Thin adapter: rule bundle_decode_model -> shadowquant.bundle.write_decode_model_of
+# Thin adapter: rule bundle_decode_model -> shadowquant.decode_model.choose_decode_model
 from shadowquant.adapter import run_stage
-from shadowquant.bundle import write_decode_model_of
+from shadowquant.decode_model import choose_decode_model
 
-i = snakemake.input
-run_stage(snakemake, write_decode_model_of, manifests=list(i.manifests), runtime_json=i.runtime,
-          variants=snakemake.params.variants, out=snakemake.output[0])
+i, o, p = snakemake.input, snakemake.output, snakemake.params
+run_stage(snakemake, choose_decode_model, candidate_jsons=list(i.results), candidate_models=list(i.models),
+          candidates=p.candidates, out_csv=o.table, out_html=o.html, out_choice=o.choice, out_decode=o.decode,
+          choice=p.choice, budget=p.budget)
