@@ -39,26 +39,17 @@ import numpy as np
 import torch
 
 from shadowquant.errors import PipelineError
-from shadowquant.q4_0 import BLOCK_BYTES as Q4_BLOCK_BYTES, BLOCK_DTYPE as Q4_BLOCK_DTYPE
-from shadowquant.q8_0 import (BLOCK_BYTES as Q8_BLOCK_BYTES, BLOCK_DTYPE as Q8_BLOCK_DTYPE, BLOCK_VALUES, VARIANTS,
-                              q8_0_blocks, q8_0_codes)
+from shadowquant.q4_0 import BLOCK_BYTES as Q4_BLOCK_BYTES, q4_0_blocks
+from shadowquant.q8_0 import BLOCK_BYTES as Q8_BLOCK_BYTES, BLOCK_VALUES, VARIANTS, q8_0_blocks, quantize_q8_0
 
 # ---- NumPy references of ggml's dot products -------------------------------------------------
-
-
-def _q4_0_blocks(data: bytes | np.ndarray) -> np.ndarray:
-    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if raw.size % Q4_BLOCK_BYTES:
-        raise PipelineError(f"{raw.size} bytes are not whole Q4_0 blocks of {Q4_BLOCK_BYTES} bytes")
-    return raw.view(Q4_BLOCK_DTYPE)
 
 
 def vec_dot_q4_0_q8_0(weight_row: bytes | np.ndarray, x_row: bytes | np.ndarray) -> np.float32:
     """ggml's scalar vec_dot_q4_0_q8_0 on one row of Q4_0 weight blocks and one row of Q8_0 activation
     blocks: per block sumi = sum_j (lo_j - 8) * y_j + (hi_j - 8) * y_{j+16} in int32, then
     sumf += sumi * (float(d_w) * float(d_x)) in float32, block by block."""
-    wb, xb = _q4_0_blocks(weight_row), q8_0_blocks(x_row)
+    wb, xb = q4_0_blocks(weight_row), q8_0_blocks(x_row)
     if wb.size != xb.size:
         raise PipelineError(f"{wb.size} Q4_0 blocks against {xb.size} Q8_0 blocks")
     sumf = np.float32(0.0)
@@ -103,19 +94,12 @@ def linear_reference(weight: bytes, weight_format: str, out_features: int, in_fe
     x = np.asarray(x, dtype=np.float32).reshape(-1, in_features)
     out = np.empty((x.shape[0], out_features), dtype=np.float32)
     for m in range(x.shape[0]):
-        xq = _q8_0_bytes(x[m], variant)
+        xq = quantize_q8_0(x[m], variant)
         for n in range(out_features):
             out[m, n] = dot(weight[n * row_bytes:(n + 1) * row_bytes], xq)
     if bias is not None:
         out = (out + np.asarray(bias, dtype=np.float32)[None, :]).astype(np.float32)
     return out
-
-
-def _q8_0_bytes(row: np.ndarray, variant: str) -> bytes:
-    d, codes = q8_0_codes(row, variant)
-    out = np.empty(d.size, dtype=Q8_BLOCK_DTYPE)
-    out["d"], out["qs"] = d, codes
-    return out.tobytes()
 
 
 # ---- torch simulation --------------------------------------------------------------------------

@@ -17,24 +17,25 @@ from __future__ import annotations
 import numpy as np
 
 from shadowquant.errors import PipelineError
+from shadowquant.ggml_blocks import BLOCK_VALUES, block_nbytes, block_view, check_block_shape
 
-BLOCK_VALUES = 32
 BLOCK_BYTES = 18
 BLOCK_DTYPE = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 
 
 def q4_0_nbytes(num_values: int) -> int:
     """Bytes of `num_values` values in Q4_0 (a multiple of 32)."""
-    if num_values % BLOCK_VALUES:
-        raise PipelineError(f"{num_values} values do not fill whole Q4_0 blocks of {BLOCK_VALUES}")
-    return num_values // BLOCK_VALUES * BLOCK_BYTES
+    return block_nbytes(num_values, BLOCK_BYTES, "Q4_0")
 
 
 def check_q4_0_shape(name: str, shape: tuple[int, ...]) -> None:
     """Refuse a tensor whose rows do not split into whole Q4_0 blocks."""
-    if not shape or shape[-1] % BLOCK_VALUES:
-        raise PipelineError(f"{name}: shape {tuple(shape)} cannot be stored as Q4_0: its last dimension must be a "
-                            f"multiple of {BLOCK_VALUES} (mllm's CPU matmul reads whole blocks per row)")
+    check_block_shape(name, shape, "Q4_0")
+
+
+def q4_0_blocks(data: bytes | np.ndarray) -> np.ndarray:
+    """The structured block array (fields `d`, `qs`) of Q4_0 bytes."""
+    return block_view(data, BLOCK_DTYPE, "Q4_0")
 
 
 def quantize_q4_0(values: np.ndarray) -> bytes:
@@ -60,11 +61,7 @@ def quantize_q4_0(values: np.ndarray) -> bytes:
 
 def dequantize_q4_0(data: bytes | np.ndarray, num_values: int | None = None) -> np.ndarray:
     """The float32 values stored in Q4_0 bytes (flat)."""
-    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if raw.size % BLOCK_BYTES:
-        raise PipelineError(f"{raw.size} bytes are not whole Q4_0 blocks of {BLOCK_BYTES} bytes")
-    blocks = raw.view(BLOCK_DTYPE)
+    blocks = q4_0_blocks(data)
     if num_values is not None and num_values != blocks.size * BLOCK_VALUES:
         raise PipelineError(f"Q4_0 data holds {blocks.size * BLOCK_VALUES} values, expected {num_values}")
     low = (blocks["qs"] & 0x0F).astype(np.int8) - 8

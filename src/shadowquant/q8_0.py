@@ -25,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 from shadowquant.errors import PipelineError
+from shadowquant.ggml_blocks import BLOCK_VALUES, block_nbytes, block_view, check_block_shape
 
 DTYPE_CODE = 8  # MLLM_TYPE_Q8_0
-BLOCK_VALUES = 32
 BLOCK_BYTES = 34
 BLOCK_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK_VALUES,))])
 VARIANTS = ("neon", "avx2", "reference")
@@ -36,16 +36,12 @@ assert BLOCK_DTYPE.itemsize == BLOCK_BYTES
 
 def q8_0_nbytes(num_values: int) -> int:
     """Bytes of `num_values` values in Q8_0 (a multiple of 32)."""
-    if num_values % BLOCK_VALUES:
-        raise PipelineError(f"{num_values} values do not fill whole Q8_0 blocks of {BLOCK_VALUES}")
-    return num_values // BLOCK_VALUES * BLOCK_BYTES
+    return block_nbytes(num_values, BLOCK_BYTES, "Q8_0")
 
 
 def check_q8_0_shape(name: str, shape: tuple[int, ...]) -> None:
     """Refuse a tensor whose rows do not split into whole Q8_0 blocks."""
-    if not shape or shape[-1] % BLOCK_VALUES:
-        raise PipelineError(f"{name}: shape {tuple(shape)} cannot be stored as Q8_0: its last dimension must be a "
-                            f"multiple of {BLOCK_VALUES} (mllm's CPU matmul reads whole blocks per row)")
+    check_block_shape(name, shape, "Q8_0")
 
 
 def _blocks(values: np.ndarray) -> np.ndarray:
@@ -91,11 +87,7 @@ def quantize_q8_0(values: np.ndarray, variant: str = "avx2") -> bytes:
 
 def q8_0_blocks(data: bytes | np.ndarray) -> np.ndarray:
     """The structured block array (fields `d`, `qs`) of Q8_0 bytes."""
-    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if raw.size % BLOCK_BYTES:
-        raise PipelineError(f"{raw.size} bytes are not whole Q8_0 blocks of {BLOCK_BYTES} bytes")
-    return raw.view(BLOCK_DTYPE)
+    return block_view(data, BLOCK_DTYPE, "Q8_0")
 
 
 def dequantize_q8_0(data: bytes | np.ndarray, num_values: int | None = None) -> np.ndarray:
