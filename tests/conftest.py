@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -62,3 +63,27 @@ def native_loader(tmp_path_factory) -> Path:
     if binary is None:
         pytest.skip("no C++ compiler for mllm's loader re-implementation (Debian: apt-get install g++)")
     return binary
+
+
+@pytest.fixture(scope="session")
+def profiled_tiny_llama(tmp_path_factory, tiny_model_dir, tiny_text_corpus) -> Callable[[Path], Path]:
+    """Factory: directory -> that directory holding a tiny llama fetched (model/manifest.json), 8
+    calibration records (calib.jsonl) profiled at 32 tokens (act.json, act.csv) and its qwen-npu runtime
+    scales (rs.json); profiled once per session, copied for each caller, who adds its own files."""
+    from shadowquant import stages
+    from shadowquant.runtime_scales import runtime_scales_stage
+
+    base = tmp_path_factory.mktemp("profiled_llama")
+    manifest = base / "model" / "manifest.json"
+    stages.fetch_model(str(tiny_model_dir("llama")), manifest)
+    stages.select_samples(tiny_text_corpus, base / "calib.jsonl", 8)
+    stages.profile(manifest, base / "calib.jsonl", base / "act.json", base / "act.csv", seq_len=32, batch_size=4,
+                   progress=False)
+    runtime_scales_stage(manifest, base / "calib.jsonl", base / "act.json", base / "rs.json", "qwen-npu", 0.001, 8,
+                         32, 2, 16)
+
+    def copy(into: Path) -> Path:
+        shutil.copytree(base, into, dirs_exist_ok=True, symlinks=True)
+        return into
+
+    return copy

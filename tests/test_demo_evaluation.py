@@ -18,21 +18,15 @@ from shadowquant.demo_evaluation import (MODELS, _with_cache, chunk_size_of, dec
 from shadowquant.errors import PipelineError
 from shadowquant.metrics import evaluate
 from shadowquant.models import load_model_from_manifest
-from shadowquant.runtime_scales import runtime_scales_stage
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_dir, tiny_text_corpus):
+def run(tmp_path_factory, profiled_tiny_llama, tiny_text_corpus):
     """A tiny llama with its qwen-npu export (every down_proj shadowed), runtime.json, float baseline on 6
     held-out records and a Q4_0 decoding model of the same weights."""
-    d = tmp_path_factory.mktemp("demo")
+    d = profiled_tiny_llama(tmp_path_factory.mktemp("demo"))
     manifest = d / "model" / "manifest.json"
-    stages.fetch_model(str(tiny_model_dir("llama")), manifest)
-    stages.select_samples(tiny_text_corpus, d / "calib.jsonl", 8)
     stages.select_samples(tiny_text_corpus, d / "eval.jsonl", 6, offset=8)
-    stages.profile(manifest, d / "calib.jsonl", d / "act.json", d / "act.csv", seq_len=32, batch_size=4,
-                   progress=False)
-    runtime_scales_stage(manifest, d / "calib.jsonl", d / "act.json", d / "rs.json", "qwen-npu", 0.001, 8, 32, 2, 16)
     stages.export(manifest, d / "act.json", d / "export.safetensors", point="absmax-t1", runtime="qwen-npu",
                   runtime_scales=d / "rs.json", runtime_json=d / "runtime.json", shadow_json=d / "shadow.json")
     runtime = json.loads((d / "runtime.json").read_text())

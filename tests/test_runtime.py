@@ -28,22 +28,17 @@ from mllm_loader_helpers import run_native_loader
 from shadowquant.runtime_decision import (read_runtime_scales, runtime_decisions, shadow_fraction, shadow_range,
                                           shadow_layers_of_point)
 from shadowquant.runtime_linear import apply_runtime, apply_runtime_from_export
-from shadowquant.runtime_scales import runtime_scales_stage, shadow_ranges
+from shadowquant.runtime_scales import shadow_ranges
 from shadowquant.selection import choose
 
 
 @pytest.fixture(scope="module")
-def llama_run(tmp_path_factory, tiny_model_dir, tiny_text_corpus):
+def llama_run(tmp_path_factory, profiled_tiny_llama, tiny_text_corpus):
     """A tiny llama profiled on 8 records, with its float evaluation and qwen-npu runtime scales."""
-    d = tmp_path_factory.mktemp("runtime_llama")
+    d = profiled_tiny_llama(tmp_path_factory.mktemp("runtime_llama"))
     manifest = d / "model" / "manifest.json"
-    stages.fetch_model(str(tiny_model_dir("llama")), manifest)
-    stages.select_samples(tiny_text_corpus, d / "calib.jsonl", 8)
     stages.select_samples(tiny_text_corpus, d / "eval.jsonl", 8, offset=8)
-    stages.profile(manifest, d / "calib.jsonl", d / "act.json", d / "act.csv", seq_len=32, batch_size=4,
-                   progress=False)
     sweep.evaluate_float(manifest, d / "eval.jsonl", d / "float.json", d / "base.safetensors", seq_len=32)
-    runtime_scales_stage(manifest, d / "calib.jsonl", d / "act.json", d / "rs.json", "qwen-npu", 0.001, 8, 32, 2, 16)
     return d
 
 
