@@ -176,7 +176,7 @@ _FORMAT_OF_CODE = {0: "f32", 1: "f16", 2: "q4_0", 8: "q8_0", 12: "q4_k", 14: "q6
 
 def formats_from_dtypes(model: torch.nn.Module, dtypes: dict[str, int]) -> dict[str, str]:
     """{Linear name: weight format} for mllm_cpu_numerics from a decoding file's {tensor name: mllm dtype code}
-    (e.g. {name: code for name, code, _ in decode_plan(...)} or read_mllm(path).entries): every nn.Linear of
+    (e.g. from read_mllm(path).entries): every nn.Linear of
     `model` whose `<name>.weight` the file stores. A Linear the file lacks is refused."""
     out = {}
     for name in linear_names(model):

@@ -154,11 +154,6 @@ def recipe_plan(tensors: dict[str, torch.Tensor], recipe: str = "q4_0") -> list[
     return plan
 
 
-def decode_plan(tensors: dict[str, torch.Tensor], recipe: str = "q4_0") -> list[tuple[str, int, int]]:
-    """(name, dtype code, byte size) of every tensor, in the state's order."""
-    return [(name, code, size) for name, _, code, size in recipe_plan(tensors, recipe)]
-
-
 def _encoded(tensor: torch.Tensor, encoding: str, importance: np.ndarray | None = None) -> bytes:
     values = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
     if encoding == Q4:
@@ -298,6 +293,7 @@ def evaluate_decode_candidate(candidate: str, prefill_manifest, samples, baselin
     import time
 
     from shadowquant.cpu_numerics import formats_from_dtypes, mllm_cpu_numerics
+    from shadowquant.imatrix import collect_importance
     from shadowquant.metrics import _output_head, evaluate, per_record, result_from_per_record, summarize
     from shadowquant.models import load_model_from_manifest
     from shadowquant.sweep import _clean, evaluation_sequences, read_point_json
@@ -322,7 +318,7 @@ def evaluate_decode_candidate(candidate: str, prefill_manifest, samples, baselin
             raise PipelineError(f"decoding candidate {candidate}: recipe {recipe} needs calibration records")
         calib = _calibration_sequences(tokenizer, calibration, imatrix_samples, calibration_seq_len)
         calibration_tokens = sum(len(ids) for ids in calib)
-        importance = collect_importance_of(model, calib, batch_size)
+        importance = collect_importance(model, calib, batch_size=batch_size)
         log.info("importance of %d Linears from %d calibration records (%d tokens)", len(importance), len(calib),
                  calibration_tokens)
     summary = write_decode_model(state, out_model, qkv_bias=qkv_bias, recipe=recipe, importance=importance)
@@ -351,14 +347,6 @@ def evaluate_decode_candidate(candidate: str, prefill_manifest, samples, baselin
              100 * (metrics["perplexity_increase"] or 0.0), metrics["kl"] or 0.0, metrics["agreement"] or 0.0,
              out["file_bytes"] / 1e6)
     return out
-
-
-def collect_importance_of(model: torch.nn.Module, sequences: list[torch.Tensor], batch_size: int = 4
-                          ) -> dict[str, np.ndarray]:
-    """Mean squared input per column of every Linear of `model` (imatrix.collect_importance), by Linear name."""
-    from shadowquant.imatrix import collect_importance
-
-    return collect_importance(model, sequences, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------- the choice
