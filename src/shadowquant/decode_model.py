@@ -294,7 +294,7 @@ def evaluate_decode_candidate(candidate: str, prefill_manifest, samples, baselin
 
     from shadowquant.cpu_numerics import formats_from_dtypes, mllm_cpu_numerics
     from shadowquant.imatrix import collect_importance
-    from shadowquant.metrics import _output_head, evaluate, per_record, result_from_per_record, summarize
+    from shadowquant.metrics import output_head, evaluate, per_record, result_from_per_record, summarize
     from shadowquant.models import load_model_from_manifest
     from shadowquant.sweep import _clean, evaluation_sequences, read_point_json
 
@@ -302,7 +302,7 @@ def evaluate_decode_candidate(candidate: str, prefill_manifest, samples, baselin
     start = time.time()
     model, tokenizer, family = load_model_from_manifest(prefill_manifest, device, dtype)
     # KL needs the float logits: the prefill variant's float head, kept before the file's head replaces it.
-    float_head = copy.deepcopy(_output_head(model))
+    float_head = copy.deepcopy(output_head(model))
     manifest = prefill_manifest
     if source == "unrotated":
         if original_manifest is None:
