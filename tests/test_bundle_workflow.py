@@ -114,6 +114,7 @@ def check_bundle(tmp_path, name: str, native_loader, candidates=DEFAULT_CANDIDAT
         assert inspect_main([str(bundle)]) == 1
     assert "decode.mllm: no model.layers.0.self_attn.q_proj.bias" in printed.getvalue()
     (bundle / "decode.mllm").write_bytes(original)
+    saved = (bundle / "runtime.json").read_bytes()
     wrong = sorted(set(range(runtime["cpp_config"]["num_hidden_layers"])) - set(runtime["shadow_layers"]))[:1]
     runtime["shadow_layers"] = wrong
     (bundle / "runtime.json").write_text(json.dumps(runtime))
@@ -121,6 +122,7 @@ def check_bundle(tmp_path, name: str, native_loader, candidates=DEFAULT_CANDIDAT
     with contextlib.redirect_stdout(printed):
         assert inspect_main([str(bundle)]) == 1
     assert f"runtime.json's shadow layers are {wrong}" in printed.getvalue()
+    (bundle / "runtime.json").write_bytes(saved)
     return check
 
 

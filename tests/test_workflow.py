@@ -1,7 +1,10 @@
-"""The whole pipeline through the snakemake CLI on tiny random models of every family."""
+"""The whole pipeline through the snakemake CLI on tiny random models of every family: one run per family
+(a module-scoped fixture), checked concern by concern."""
 
 import json
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -20,98 +23,162 @@ pytestmark = pytest.mark.slow
 # The runtime each family's run simulates under the default runtime.profile 'auto': mllm's Qwen NPU model runs
 # LLaMA-shaped models; the others take the idealized W8A8 of the original tools (mllm has no NPU model for them).
 NPU_FAMILIES = ("llama", "qwen1", "qwen2")
+# The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu-rotated, opt
+# under ideal with '-mse' points), the rest of the workflow for all eight.
+FULL_FAMILIES = ("llama", "opt")
+# Two decoding candidates of the LLaMA bundle (each is a job): the mixed Q4_0/Q8_0 file of the unrotated
+# weights, and Q8_0.
+DECODE_CANDIDATES = ["unrotated:q4_0i-down8-head8", "prefill:q8_0"]
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path, native_loader):
-    """The default transform and runtime ('auto') with only the model changed: every family reaches model.mllm
-    (and the LLaMA run goes on to the phone bundle)."""
+@dataclass
+class FamilyRun:
+    family: str
+    workdir: Path
+    config: Path
+
+    @property
+    def npu(self) -> bool:
+        return self.family in NPU_FAMILIES
+
+    @property
+    def full(self) -> bool:
+        return self.family in FULL_FAMILIES
+
+    @property
+    def results(self) -> Path:
+        return self.workdir / f"results/tiny-{self.family}"
+
+    @property
+    def run(self) -> Path:
+        """Every tiny model takes rotate+smooth, the best exact variant, in its own run directory."""
+        return self.workdir / f"results/tiny-{self.family}.rotate+smooth"
+
+    @property
+    def runtime_name(self) -> str:
+        return "qwen-npu-rotated" if self.npu else "ideal"
+
+    def json(self, path: Path) -> dict:
+        return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module",
+                params=[pytest.param(f, marks=pytest.mark.xdist_group(f"workflow-{f}")) for f in FAMILIES])
+def family_run(request, tiny_model_dir, tiny_text_corpus, tmp_path_factory) -> FamilyRun:
+    """The default transform and runtime ('auto') with only the model changed: every family reaches
+    model.mllm (and the LLaMA run goes on to the phone bundle). One run per family, shared by the tests
+    below (xdist keeps a family's tests on one worker)."""
+    family = request.param
+    workdir = tmp_path_factory.mktemp(f"workflow_{family}")
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
-    # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu-rotated, opt
-    # under ideal with '-mse' points), the rest of the workflow for all eight.
-    npu = family in NPU_FAMILIES
-    full = family in ("llama", "opt")
     overrides = {"runtime.profile": "auto", "transform.variants": "auto"}
-    # Two decoding candidates (each is a job): the mixed Q4_0/Q8_0 file of the unrotated weights, and Q8_0.
-    decode_candidates = ["unrotated:q4_0i-down8-head8", "prefill:q8_0"]
     if family == "llama":
-        overrides["bundle.decode"] = {"candidates": decode_candidates}
+        overrides["bundle.decode"] = {"candidates": DECODE_CANDIDATES}
     if family == "opt":
         overrides.update({"sweep.clip_scales": ["max", "mse"], "sweep.weight_range": "auto"})
-    elif not full:
+    elif family not in FULL_FAMILIES:
         overrides.update({"sweep.shadow_sides": [], "sweep.shadow_layers": [], "sweep.breakdown": False})
-    cfg = write_config(tmp_path, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}",
-                                             **{"model.type": family}, **overrides))
+    cfg = write_config(workdir, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}",
+                                            **{"model.type": family}, **overrides))
     # The default target: sweep, selection, export, mllm, evaluation, plots (LLaMA: and the phone bundle).
-    snakemake(tmp_path, cfg, *(["all", "bundle"] if family == "llama" else []))
-    results = tmp_path / f"results/tiny-{family}"
-    # Every tiny model takes rotate+smooth, the best exact variant, in its own run directory.
-    run = tmp_path / f"results/tiny-{family}.rotate+smooth"
-    transform = json.loads((tmp_path / f"resources/models/tiny-{family}/transformed/rotate+smooth/hf/"
-                                       "transform.json").read_text())
+    snakemake(workdir, cfg, *(["all", "bundle"] if family == "llama" else []))
+    return FamilyRun(family, workdir, cfg)
+
+
+def test_auto_takes_the_best_exact_transform(family_run):
+    transform = family_run.json(family_run.workdir / f"resources/models/tiny-{family_run.family}/transformed/"
+                                                     "rotate+smooth/hf/transform.json")
     assert transform["transforms"] == ["rotate", "smooth"]
-    assert transform["chosen_by"].startswith(f"transform.variants auto: family {family}: rotate and smooth are exact")
-    sweep = pd.read_csv(run / "sweep.csv")
+    assert transform["chosen_by"].startswith(f"transform.variants auto: family {family_run.family}: "
+                                             "rotate and smooth are exact")
+
+
+def test_sweep_has_the_points_of_its_runtime_with_intervals(family_run):
+    sweep = pd.read_csv(family_run.run / "sweep.csv")
     ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]  # ideal: t = 1 comes with the breakdown
-    if npu:  # shadow layers: no shadow layer (always), the layer front, the ratio rule per layer, no '-mse' twins
-        expected = ["float", "absmax-l0", "absmax-l1", *ratio[1:]] if full else ["float", "absmax-l0", *ratio[1:]]
+    if family_run.npu:  # shadow layers: none (always), the layer front, the ratio rule per layer, no '-mse' twins
+        expected = ["float", "absmax-l0", "absmax-l1", *ratio[1:]] if family_run.full \
+            else ["float", "absmax-l0", *ratio[1:]]
     else:  # t = 1 clips no side, so it has no '-mse' twin.
-        expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio[1:]], "absmax-k2-mse"] if full \
-            else ["float", *ratio[1:]]
+        expected = ["float", *ratio, "absmax-k2", *[f"{p}-mse" for p in ratio[1:]], "absmax-k2-mse"] \
+            if family_run.full else ["float", *ratio[1:]]
     assert list(sweep["point"]) == expected
-    assert set(sweep.loc[sweep["point"] != "float", "runtime"]) == {"qwen-npu-rotated" if npu else "ideal"}
+    assert set(sweep.loc[sweep["point"] != "float", "runtime"]) == {family_run.runtime_name}
     assert sweep["perplexity"].notna().all() and sweep["perplexity_ci_low"].notna().all()
     assert (sweep["perplexity_ci_low"] <= sweep["perplexity"]).all()
     assert (sweep["perplexity"] <= sweep["perplexity_ci_high"]).all()
-    selection = json.loads((results / "selection.json").read_text())
+    selection = family_run.json(family_run.results / "selection.json")
     assert selection["point"] in set(sweep["point"]) - {"float"}
-    if full:
-        if family == "opt":
-            chosen = json.loads((run / "weight_range.json").read_text())["weight_range"]
-            assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
-        breakdown = json.loads((run / "breakdown.json").read_text())
-        assert set(breakdown["parts"]) == {"float", "weights", "inputs", "outputs", "all"}
-        assert breakdown["point"] == ("absmax-l0" if npu else "absmax-t1")
-        for plot in ("fronts.png", "sensitivity.png", "breakdown.png"):
-            assert (run / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    evaluation = json.loads((results / "evaluation.json").read_text())
-    assert evaluation["generations"][0]["prompt"] == "The list"
+    if family_run.family == "opt":
+        chosen = family_run.json(family_run.run / "weight_range.json")["weight_range"]
+        assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
+
+
+def test_breakdown_fronts_and_plots(family_run):
     for plot in ("sweep_threshold.png", "sweep_shadow.png", "outlier_ratios.png"):
-        assert (run / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    mllm = results / "model.mllm"
-    # runtime.json beside the file: the inspector checks what that runtime's C++ model loads.
-    runtime = json.loads((results / "runtime.json").read_text())
-    assert runtime["runtime"] == ("qwen-npu-rotated" if npu else "ideal")
+        assert (family_run.run / "plots" / plot).read_bytes()[:8] == PNG
+    if not family_run.full:
+        assert not (family_run.run / "breakdown.json").exists()
+        return
+    breakdown = family_run.json(family_run.run / "breakdown.json")
+    assert set(breakdown["parts"]) == {"float", "weights", "inputs", "outputs", "all"}
+    assert breakdown["point"] == ("absmax-l0" if family_run.npu else "absmax-t1")
+    for plot in ("fronts.png", "sensitivity.png", "breakdown.png"):
+        assert (family_run.run / "plots" / plot).read_bytes()[:8] == PNG
+
+
+def test_final_evaluation_generates_from_the_export(family_run):
+    evaluation = family_run.json(family_run.results / "evaluation.json")
+    assert evaluation["generations"][0]["prompt"] == "The list"
+
+
+def test_runtime_json_and_export_metadata_name_the_runtime(family_run):
+    runtime = family_run.json(family_run.results / "runtime.json")
+    assert runtime["runtime"] == family_run.runtime_name
     assert runtime["auto_choices"]["runtime.profile"]["value"] == runtime["runtime"]
     assert runtime["auto_choices"]["transform.variants"]["value"] == runtime["transform"] == "rotate+smooth"
+    with safe_open(str(family_run.results / "model-int8.safetensors"), framework="pt") as st:
+        meta = st.metadata()
+    assert meta["family"] == family_run.family and meta["runtime"] == family_run.runtime_name
+
+
+def test_mllm_file_holds_what_its_runtime_loads(family_run):
+    mllm = family_run.results / "model.mllm"
+    # runtime.json beside the file: the inspector checks what that runtime's C++ model loads.
     assert inspect_main([str(mllm), "--export", str(mllm.with_name("model-int8.safetensors"))]) == 0
+    runtime = family_run.json(family_run.results / "runtime.json")
     f = read_mllm(mllm)
-    scales = json.loads((run / "act_scales.json").read_text())
+    scales = family_run.json(family_run.run / "act_scales.json")
     assert "lm_head" in scales["ori"]
-    linears = [n for n in scales["ori"] if n != "lm_head"]
-    for layer in linears:
+    shadow_layers = {f"model.layers.{i}" for i in runtime["shadow_layers"]}
+    for layer in (n for n in scales["ori"] if n != "lm_head"):
         assert f.entry(f"{layer}.weight").dtype == DTYPE_INT8
-        if npu:  # clip flags only where the runtime reads them: down_proj of the shadow layers
-            shadow = f"model.layers.{layer.split('.')[2]}" in {f"model.layers.{i}" for i in runtime["shadow_layers"]}
+        if family_run.npu:  # clip flags only where the runtime reads them: down_proj of the shadow layers
+            shadow = f"model.layers.{layer.split('.')[2]}" in shadow_layers
             assert (f"{layer}.clip_input" in f) == (shadow and layer.endswith("down_proj"))
         else:
             assert f.entry(f"{layer}.clip_input").dtype == DTYPE_INT8
-    with safe_open(str(mllm.with_name("model-int8.safetensors")), framework="pt") as st:
-        meta = st.metadata()
-    assert meta["family"] == family and meta["runtime"] == ("qwen-npu-rotated" if npu else "ideal")
-    if family == "llama":
-        check = check_bundle(tmp_path, f"tiny-{family}", native_loader, decode_candidates)
-        assert check["decoding_model"]["candidate"] == "unrotated:q4_0i-down8-head8"  # the smaller, within budget
-        assert check["decoding_model"]["dtype_mix"] == "q4_0+q8_0"
-        assert check["float"]["point"] == "float" and runtime["transform"] == "rotate+smooth"
-        # The family is now read from the fetched model, no longer from model.type: nothing is stale.
-        assert planned_jobs(snakemake(tmp_path, cfg, "-n", "all", "bundle")) == {}
-        # Relinking the root model.mllm (Snakemake touches the new output) leaves the export and the bundle
-        # as they were: the root copy shares no timestamp with results/.
-        (tmp_path / "model.mllm").unlink()
-        snakemake(tmp_path, cfg, "model.mllm")
-        assert (tmp_path / "model.mllm").is_symlink()
-        assert planned_jobs(snakemake(tmp_path, cfg, "-n", "all", "bundle")) == {}
+
+
+def test_bundle_where_asked_and_nothing_stale_afterwards(family_run, native_loader):
+    """Only the LLaMA run asks for the bundle (the other families' refusals: test_bundle_workflow)."""
+    if family_run.family != "llama":
+        assert not (family_run.results / "bundle").exists()
+        return
+    check = check_bundle(family_run.workdir, "tiny-llama", native_loader, DECODE_CANDIDATES)
+    assert check["decoding_model"]["candidate"] == "unrotated:q4_0i-down8-head8"  # the smaller, within budget
+    assert check["decoding_model"]["dtype_mix"] == "q4_0+q8_0"
+    assert check["float"]["point"] == "float"
+    workdir, cfg = family_run.workdir, family_run.config
+    # The family is now read from the fetched model, no longer from model.type: nothing is stale.
+    assert planned_jobs(snakemake(workdir, cfg, "-n", "all", "bundle")) == {}
+    # Relinking the root model.mllm (Snakemake touches the new output) leaves the export and the bundle
+    # as they were: the root copy shares no timestamp with results/.
+    (workdir / "model.mllm").unlink()
+    snakemake(workdir, cfg, "model.mllm")
+    assert (workdir / "model.mllm").is_symlink()
+    assert planned_jobs(snakemake(workdir, cfg, "-n", "all", "bundle")) == {}
 
 
 def test_threshold_change_reruns_export_but_not_profiling(tiny_model_dir, tiny_text_corpus, tmp_path):
