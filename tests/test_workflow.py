@@ -8,18 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shadowquant.families import FAMILIES
+from shadowquant.families import FAMILIES, NPU_FAMILIES
 from shadowquant.inspector import main as inspect_main
 from shadowquant.mllm import DTYPE_INT8, read_mllm
 from test_bundle_workflow import check_bundle
 from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
-
-
-# The runtime each family's run simulates under the default runtime.profile 'auto': mllm's Qwen NPU model runs
-# LLaMA-shaped models; the others take the idealized W8A8 of the original tools (mllm has no NPU model for them).
-NPU_FAMILIES = ("llama", "qwen1", "qwen2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -29,6 +24,8 @@ def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
     # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu-rotated, opt
     # under ideal with '-mse' points), the rest of the workflow for all eight.
+    # The runtime each family's run simulates under the default runtime.profile 'auto': mllm's Qwen NPU model runs
+    # LLaMA-shaped models; the others take the idealized W8A8 of the original tools (mllm has no NPU model for them).
     npu = family in NPU_FAMILIES
     full = family in ("llama", "opt")
     overrides = {"runtime.profile": "auto", "transform.variants": "auto"}
