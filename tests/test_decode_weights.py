@@ -10,6 +10,7 @@ from torch import nn
 
 from shadowquant.decode_weights import decoding_state_dict, kv_basis
 from shadowquant.errors import PipelineError
+from shadowquant.families import get_family
 from shadowquant.models import load_model
 from shadowquant.transforms import apply_transforms
 
@@ -24,7 +25,7 @@ def _inputs() -> torch.Tensor:
 def _perturb(model, family: str) -> None:
     """Random norm scales and Linear biases (the tiny models start at 1 and 0), so folding them matters."""
     generator = torch.Generator().manual_seed(3)
-    offset = 1.0 if family == "gemma" else 0.0
+    offset = get_family(family).norm_offset
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and module.bias is not None:

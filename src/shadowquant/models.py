@@ -20,7 +20,7 @@ from torch import nn
 
 from shadowquant.atomic import atomic_directory
 from shadowquant.errors import PipelineError
-from shadowquant.families import detect_family
+from shadowquant.families import detect_family, get_family
 from shadowquant.manifest import read_manifest
 from shadowquant.moe import unfuse_mixtral_experts
 from shadowquant.safetensors_header import read_tensor_table
@@ -311,7 +311,7 @@ def prepare_for_quantization(model: nn.Module, family: str) -> nn.Module:
 
     Every stage that loads a model calls this, so profiled, quantized and exported names agree.
     """
-    if family == "mixtral":
+    if get_family(family).moe:
         unfuse_mixtral_experts(model)
     return model
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.errors import PipelineError
+from shadowquant.families import get_family
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ def load_profiling_inputs(manifest: str | Path, samples: str | Path, seq_len: in
     info = read_manifest(manifest)
     texts = corpus.read_jsonl_texts(samples)
     model, tokenizer, family = load_model_from_manifest(manifest, device=device, dtype=dtype)
-    if family == "mixtral" and batch_size > 1:
+    if get_family(family).moe and batch_size > 1:
         # Routed experts see flattened tokens, where padding cannot be told apart: profile unbatched.
-        log.warning("mixtral: profiling with batch_size 1 so padded tokens never reach the experts")
+        log.warning("%s: profiling with batch_size 1 so padded tokens never reach the experts", family)
         batch_size = 1
     sequences = tokenize_samples(tokenizer, texts, seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from shadowquant.errors import PipelineError
+from shadowquant.families import FAMILIES, NPU_FAMILIES
 
 IDEAL = "ideal"
 FP16_MAX = 65504.0
@@ -151,7 +152,6 @@ def layer_role(layer: str) -> str:
 INT16 = SideSpec(bits=16)
 _QKV_INPUT = SideSpec(bits=16, scale_from=("q_proj", "input"), rounding="half_up")
 _MLP_INPUT = SideSpec(bits=8, scale_from=("up_proj", "input"), rounding="half_up")
-_LLAMA_SHAPED = ("llama", "qwen1", "qwen2")
 
 # Every NPU output goes through LLaMADequantize (hvx_dequantize): int16 levels lose integers beyond 2048.
 _I16_TO_F32 = SideSpec(bits=16, dtype="float32", hvx_dequantize=True)
@@ -221,7 +221,7 @@ QWEN_NPU = RuntimeProfile(
     description="mllm's Qwen NPU model (modeling_qwen_npu_v2), int32 bias (use_i32_bias, the default configs)",
     roles=QWEN_NPU_ROLES, shadow_roles=QWEN_NPU_SHADOW_ROLES, cpu_layer_roles=QWEN_NPU_CPU_LAYER_ROLES,
     npu_norm_eps=NPU_RMSNORM_EPS, silu="fp16-sigmoid", attention="fp16-cpu",
-    families=_LLAMA_SHAPED, shadow_role="down_proj", bias="int32", lm_head="tied-or-own",
+    families=NPU_FAMILIES, shadow_role="down_proj", bias="int32", lm_head="tied-or-own",
     cpp_model="mllm/models/qwen/modeling_qwen_npu_v2.hpp (QWenForCausalLM_NPU)",
     shadow_set_location=_QWEN_NOTE, mllm_v1_blocker=MLLM_V1_LOAD_CRASH)
 
@@ -236,7 +236,7 @@ PROFILES: dict[str, RuntimeProfile] = {
     "phonelm-npu": RuntimeProfile(
         name="phonelm-npu",
         description="mllm's PhoneLM NPU model (modeling_phonelm_npu): every Linear int8, no bias",
-        roles=PHONELM_ROLES, shadow_roles=PHONELM_SHADOW_ROLES, families=_LLAMA_SHAPED,
+        roles=PHONELM_ROLES, shadow_roles=PHONELM_SHADOW_ROLES, families=NPU_FAMILIES,
         shadow_role="down_proj", bias="none", lm_head="own",
         cpp_model="mllm/models/phonelm/modeling_phonelm_npu.hpp (PhoneLMForCausalLM_NPU)",
         shadow_set_location="models/phonelm/modeling_phonelm_npu.hpp: the global phonelmShadowLayers set",
@@ -246,7 +246,7 @@ PROFILES: dict[str, RuntimeProfile] = {
         name=IDEAL,
         description=("idealized W8A8 of the original profiling tools: every Linear int8, any side a shadow "
                      "side restored exactly; no phone runs this"),
-        roles={}, families=("llama", "qwen1", "qwen2", "gemma", "phi", "opt", "mixtral", "falcon"),
+        roles={}, families=FAMILIES,
         shadow_role="any", bias="int8", lm_head="float"),
 }
 PROFILE_NAMES = tuple(PROFILES)

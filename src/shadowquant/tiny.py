@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from shadowquant.errors import PipelineError
-from shadowquant.families import FAMILIES, in_decoder_layer
+from shadowquant.families import FAMILIES, REGISTRY, in_decoder_layer
 from shadowquant.atomic import atomic_directory
 from shadowquant.models import quiet_transformers
 
@@ -75,23 +75,8 @@ def _tiny_config(family: str, vocab_size: int, token_ids: dict[str, int]):
         max_position_embeddings=MAX_POSITIONS,
         **token_ids,
     )
-    llama_like = dict(common, intermediate_size=INTERMEDIATE_SIZE, num_key_value_heads=NUM_HEADS // 2)
-    if family == "llama":
-        return transformers.LlamaConfig(**llama_like, tie_word_embeddings=False)
-    if family in ("qwen1", "qwen2"):  # Qwen1.5 checkpoints are the qwen2 architecture
-        return transformers.Qwen2Config(**llama_like, tie_word_embeddings=False)
-    if family == "gemma":
-        return transformers.GemmaConfig(**llama_like, head_dim=HIDDEN_SIZE // NUM_HEADS)
-    if family == "mixtral":
-        return transformers.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2,
-                                          tie_word_embeddings=False)
-    if family == "phi":
-        return transformers.PhiConfig(**common, intermediate_size=INTERMEDIATE_SIZE)
-    if family == "opt":
-        return transformers.OPTConfig(**common, ffn_dim=INTERMEDIATE_SIZE, word_embed_proj_dim=HIDDEN_SIZE)
-    if family == "falcon":
-        return transformers.FalconConfig(**common)
-    raise PipelineError(f"no tiny model for family {family!r}; valid values: {', '.join(FAMILIES)}")
+    record = REGISTRY[family]
+    return getattr(transformers, record.config_class)(**common, **record.tiny_config(common, INTERMEDIATE_SIZE))
 
 
 def _add_outlier_channels(model: nn.Module, generator: torch.Generator) -> None:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from shadowquant.errors import PipelineError
+from shadowquant.families import LAYERNORM, get_family
 
 TRANSFORM_ORDER = ("rotate", "equalize", "smooth")
-FAMILIES_WITH_TRANSFORMS = ("llama", "qwen1", "qwen2", "mixtral", "gemma", "opt", "phi", "falcon")
-# Families whose norms are LayerNorms with a bias (the rest use RMSNorm).
-LAYERNORM_FAMILIES = ("opt", "phi", "falcon")
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
@@ -26,10 +23,11 @@ def _get(config: Any, key: str, default: Any) -> Any:
 
 def has_final_norm(config: Any, family: str) -> bool:
     """Whether the model ends in a norm before lm_head (OPT drops it when post-LayerNorm or for old
-    checkpoints marked _remove_final_layer_norm)."""
-    if family != "opt":
-        return True
-    return bool(_get(config, "do_layer_norm_before", True)) and not _get(config, "_remove_final_layer_norm", False)
+    checkpoints marked _remove_final_layer_norm: the record's pre_norm_flag and no_final_norm_flag)."""
+    record = get_family(family)
+    pre_norm = record.pre_norm_flag is None or bool(_get(config, record.pre_norm_flag, True))
+    removed = record.no_final_norm_flag is not None and bool(_get(config, record.no_final_norm_flag, False))
+    return pre_norm and not removed
 
 
 def transform_support(family: str, config: Any = None, final_norm: bool | None = None) -> tuple[tuple[str, ...], str]:
@@ -37,22 +35,21 @@ def transform_support(family: str, config: Any = None, final_norm: bool | None =
 
     `config`: the model's Hugging Face config (object or config.json dict); None gives the family's
     general answer. `final_norm`: whether the loaded model has a final norm (None: from the config)."""
-    if family not in FAMILIES_WITH_TRANSFORMS:
-        raise PipelineError(f"unknown model family {family!r}; valid values: {', '.join(FAMILIES_WITH_TRANSFORMS)}")
+    record = get_family(family)
     model_type = _get(config, "model_type", family)
-    if family == "gemma" and model_type not in (None, "gemma"):
+    if model_type in record.sandwich_norm_model_types:
         # Gemma 2 adds norms on the sublayer outputs: an orthogonal Q1 does not commute with their
         # scales, and its MLP input norm is named differently.
         return ("equalize",), (f"model_type {model_type!r}: its norms on the attention and MLP outputs do not "
                                "commute with it")
-    if family == "opt" and not _get(config, "do_layer_norm_before", True):
-        return ("equalize",), ("do_layer_norm_before=False: the residual stream is a LayerNorm output, "
+    if record.pre_norm_flag is not None and not _get(config, record.pre_norm_flag, True):
+        return ("equalize",), (f"{record.pre_norm_flag}=False: the residual stream is a LayerNorm output, "
                                "whose scale and bias no fold can move")
     if final_norm is None:
         final_norm = has_final_norm(config, family)
-    if family in LAYERNORM_FAMILIES and not final_norm:
+    if record.norm == LAYERNORM and not final_norm:
         return ("equalize", "smooth"), "no final LayerNorm: lm_head reads the stream's mean, which rotate drops"
-    if family in LAYERNORM_FAMILIES and not _get(config, "layer_norm_elementwise_affine", True):
+    if record.norm == LAYERNORM and not _get(config, "layer_norm_elementwise_affine", True):
         return ("rotate", "equalize"), ("LayerNorms without weights (layer_norm_elementwise_affine=False) cannot "
                                         "absorb smooth's scales")
     return TRANSFORM_ORDER, ""

@@ -3,7 +3,7 @@
 Each transform changes only the numbers of existing tensors, never the architecture, so the
 transformed model has the same tensor names and shapes (plus lm_head.weight where a tie is
 broken) and runs unchanged in the mllm runtime. All arithmetic is done in float64 and cast
-back to each tensor's dtype. Where each family keeps its modules is data (_LAYOUTS); one code
+back to each tensor's dtype. Where each family keeps its modules is data (families.Layout); one code
 path serves them all.
 
 - `rotate`: fold the norm scales into the Linears that read the norm (norm scales become 1),
@@ -48,22 +48,19 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from shadowquant.errors import PipelineError
+from shadowquant.families import LAYERNORM, get_family
 from shadowquant.hadamard import fixing_ones, random_orthogonal
 from shadowquant.transform_support import TRANSFORM_ORDER, transform_support
 
 log = logging.getLogger(__name__)
 
-# Transforms that are exact per family; supported_transforms refines this per model (Gemma 2,
-# post-LayerNorm OPT, ...).
-SUPPORTED: dict[str, tuple[str, ...]] = {family: TRANSFORM_ORDER for family in
-                                         ("llama", "qwen1", "qwen2", "mixtral", "gemma", "opt", "phi", "falcon")}
 DEFAULT_ALPHA = 0.5
 ALPHA_GRID = (0.2, 0.35, 0.5, 0.65, 0.8)
 _MIN_SCALE = 1e-5
@@ -72,54 +69,6 @@ _MIN_SCALE = 1e-5
 # ---------------------------------------------------------------- model structure
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """Where a family keeps its modules: dotted paths from the model, or from a decoder layer."""
-
-    layers: str  # the decoder layers (from the model)
-    final_norm: str  # from the model
-    attention_norm: tuple[str, ...]  # per layer, the first of these that exists
-    mlp_norm: tuple[str, ...]  # the same norm as attention_norm in parallel blocks (Phi, Falcon)
-    qkv: tuple[str, str, str] | str  # q, k, v projections, or one fused Linear (Falcon)
-    o: str
-    mlp: tuple[str | None, str, str]  # gate (None: a plain MLP), up, down; inside each expert if `experts`
-    activation: str | None = None  # a plain MLP's activation module
-    experts: str | None = None
-    router: str | None = None
-    qk_norm: str | None = None  # a norm on q (Phi's qk_layernorm): q/k rows cannot be rescaled
-    rope: bool = True  # positions rotate q/k channel pairs (else learned positions or ALiBi)
-    layernorm: bool = False  # nn.LayerNorm with bias (else RMSNorm)
-    positions: str | None = None  # learned position embeddings added to the stream (from the model)
-    project_in: str | None = None  # a Linear between the token embedding and the stream (from the model)
-    project_out: str | None = None  # a Linear between the final norm and lm_head (from the model)
-
-
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-_LLAMA = _Layout(layers="model.layers", final_norm="model.norm", attention_norm=("input_layernorm",),
-                 mlp_norm=("post_attention_layernorm",), qkv=_QKV, o="self_attn.o_proj",
-                 mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-_LAYOUTS: dict[str, _Layout] = {
-    "llama": _LLAMA,
-    "qwen1": _LLAMA,
-    "qwen2": _LLAMA,
-    "gemma": _LLAMA,
-    "mixtral": replace(_LLAMA, mlp=("w1", "w3", "w2"), experts="mlp.experts", router="mlp.gate"),
-    "opt": _Layout(layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
-                   attention_norm=("self_attn_layer_norm",), mlp_norm=("final_layer_norm",), qkv=_QKV,
-                   o="self_attn.out_proj", mlp=(None, "fc1", "fc2"), activation="activation_fn", rope=False,
-                   layernorm=True, positions="model.decoder.embed_positions",
-                   project_in="model.decoder.project_in", project_out="model.decoder.project_out"),
-    "phi": _Layout(layers="model.layers", final_norm="model.final_layernorm", attention_norm=("input_layernorm",),
-                   mlp_norm=("input_layernorm",), qkv=_QKV, o="self_attn.dense", mlp=(None, "mlp.fc1", "mlp.fc2"),
-                   activation="mlp.activation_fn", qk_norm="self_attn.q_layernorm", layernorm=True),
-    # new_decoder_architecture: ln_attn and ln_mlp (or one input_layernorm); older: input_layernorm,
-    # plus post_attention_layernorm where attention and MLP are sequential.
-    "falcon": _Layout(layers="transformer.h", final_norm="transformer.ln_f",
-                      attention_norm=("ln_attn", "input_layernorm"),
-                      mlp_norm=("ln_mlp", "post_attention_layernorm", "input_layernorm"),
-                      qkv="self_attention.query_key_value", o="self_attention.dense",
-                      mlp=(None, "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"), activation="mlp.act", layernorm=True),
-}
 # Activations f with f(x / s) = f(x) / s for s > 0: a plain MLP's up/down pair can be rescaled through them.
 _POSITIVELY_HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU)
 
@@ -239,7 +188,7 @@ def _fused_qkv_rows(linear: nn.Linear, geometry: _Geometry) -> tuple[_Rows, _Row
 
 
 def _decoder_layers(model: nn.Module, family: str) -> list[_Layer]:
-    layout = _LAYOUTS[family]
+    layout = get_family(family).layout
     geometry = _geometry(model, family)
     names = {id(module): name for name, module in model.named_modules()}
     layers = []
@@ -273,7 +222,7 @@ def _decoder_layers(model: nn.Module, family: str) -> list[_Layer]:
 
 
 def _stream(model: nn.Module, family: str) -> _Stream:
-    layout = _LAYOUTS[family]
+    layout = get_family(family).layout
     project_in, project_out = _get(model, layout.project_in), _get(model, layout.project_out)
     embedding, head = _embedding_and_head(model)
     embeddings = [] if project_in is not None else [embedding]
@@ -290,16 +239,11 @@ def _geometry(model: nn.Module, family: str) -> _Geometry:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rotary_dim = 0
-    if _LAYOUTS[family].rope and not getattr(config, "alibi", False):
+    if get_family(family).layout.rope and not getattr(config, "alibi", False):
         rope = getattr(config, "rope_parameters", None)
         factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
         rotary_dim = int(head_dim * (factor or getattr(config, "partial_rotary_factor", None) or 1.0))
     return _Geometry(heads, kv_heads, head_dim, rotary_dim)
-
-
-def _norm_offset(family: str) -> float:
-    """Gemma's RMSNorm multiplies by (1 + w): its effective scale is w + 1."""
-    return 1.0 if family == "gemma" else 0.0
 
 
 def _norm_scale(norm: nn.Module, offset: float) -> torch.Tensor:
@@ -335,9 +279,7 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 def _support(model: nn.Module, family: str) -> tuple[tuple[str, ...], str]:
     """(The transforms that are exact for this model, why the others are not): the config's answer
     (shadowquant.transform_support), with the final norm looked up on the model itself."""
-    if family not in SUPPORTED:
-        raise PipelineError(f"unknown model family {family!r}; valid values: {', '.join(SUPPORTED)}")
-    final_norm = _get(model, _LAYOUTS[family].final_norm) is not None
+    final_norm = _get(model, get_family(family).layout.final_norm) is not None
     return transform_support(family, model.config, final_norm=final_norm)
 
 
@@ -415,7 +357,7 @@ def _fold_norm(norm: nn.Module, readers: list[nn.Linear], offset: float, name: s
 
 def _fold_norms(model: nn.Module, family: str, layers: list[_Layer], stream: _Stream) -> bool:
     """Fold every norm into the Linears reading it; return whether lm_head was untied."""
-    offset = _norm_offset(family)
+    offset = get_family(family).norm_offset  # Gemma's RMSNorm multiplies by (1 + w)
     names = layers[0].names if layers else {}
     for layer in layers:
         for norm, readers in layer.norms:
@@ -445,17 +387,17 @@ def _centre_writers(layers: list[_Layer], stream: _Stream) -> None:
 
 
 def _rotate(model: nn.Module, family: str, generator: torch.Generator) -> dict:
-    layout = _LAYOUTS[family]
+    layernorm = get_family(family).norm == LAYERNORM
     layers = _decoder_layers(model, family)
     geometry = _geometry(model, family)
     stream = _stream(model, family)
     untied = _fold_norms(model, family, layers, stream)
-    if layout.layernorm:
+    if layernorm:
         _centre_writers(layers, stream)
     embedding, head = _embedding_and_head(model)
     hidden = layers[0].o.out_features
     q1, kind1 = random_orthogonal(hidden, generator)
-    if layout.layernorm:
+    if layernorm:
         q1, kind1 = fixing_ones(q1), f"{kind1}_fixing_ones"
     q1 = q1.to(embedding.weight.device)  # drawn on the CPU so a seed gives the same matrix everywhere
     for table in stream.embeddings:
@@ -469,7 +411,7 @@ def _rotate(model: nn.Module, family: str, generator: torch.Generator) -> dict:
         _set(linear.weight, q1.T @ linear.weight.detach().double())
         if linear.bias is not None:
             _set(linear.bias, linear.bias.detach().double() @ q1)
-    if layout.layernorm:  # biases carried on the norms live in the stream's basis
+    if layernorm:  # biases carried on the norms live in the stream's basis
         for norm in [norm for layer in layers for norm, _ in layer.norms] + [stream.final_norm]:
             if norm.bias is not None:
                 _set(norm.bias, norm.bias.detach().double() @ q1)
@@ -625,7 +567,7 @@ def _smooth(model: nn.Module, family: str, calibration: list[list[int]] | None, 
         raise PipelineError(f"smooth alpha = {alpha!r} must be a number in [0, 1]")
     layers = _decoder_layers(model, family)
     geometry = _geometry(model, family)
-    offset = _norm_offset(family)
+    offset = get_family(family).norm_offset  # Gemma's RMSNorm multiplies by (1 + w)
     linears = [linear for layer in layers
                for linear in (*layer.readers, layer.o,
                               *(b.down for b in layer.branches if layer.mlp_blocked is None))]
@@ -750,21 +692,17 @@ def search_alpha(model: nn.Module, family: str, transforms: list[str], calibrati
 
 # ---------------------------------------------------------------- saving
 
-# Modules that shadowquant.models.prepare_for_quantization renamed, back to the checkpoint layout.
-_CHECKPOINT_NAMES = {"mixtral": ((".mlp.gate.", ".block_sparse_moe.gate."),
-                                 (".mlp.experts.", ".block_sparse_moe.experts."))}
-
-
 def checkpoint_state_dict(model: nn.Module, family: str) -> dict[str, torch.Tensor]:
     """The model's tensors under their checkpoint names; a tied lm_head is left out as save_pretrained does."""
     state = model.state_dict()
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embedding.weight
+    renamed = get_family(family).checkpoint_names
     out = {}
     for name, tensor in state.items():
         if tied and name.endswith("lm_head.weight"):
             continue
-        for old, new in _CHECKPOINT_NAMES.get(family, ()):
+        for old, new in renamed:  # modules that prepare_for_quantization renamed, back to the checkpoint's
             name = name.replace(old, new)
         out[name] = tensor.detach().cpu().contiguous().clone()
     return out
