@@ -45,7 +45,7 @@ import torch
 
 from shadowquant.atomic import write_json, write_text
 from shadowquant.errors import PipelineError
-from shadowquant.metrics import EvalResult, _exact_kl, per_record, summarize
+from shadowquant.metrics import EvalResult, exact_kl, per_record, summarize
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def record_scores(logits: torch.Tensor, targets: torch.Tensor, float_logits: tor
               "num_tokens": int(targets.numel())}
     if float_logits is not None:
         float_logits = float_logits.to(logits.device)
-        scores["kl_sum"] = float(_exact_kl(float_logits, logits).sum())
+        scores["kl_sum"] = float(exact_kl(float_logits, logits).sum())
         scores["agreement_count"] = int((logits.argmax(-1) == float_logits.argmax(-1)).sum())
     return scores
 
@@ -218,10 +218,10 @@ def baseline_logits(baseline, sequences: list[list[int]], float_head, softcap: f
     """`float_logits_of(i, p)` for score_records from a saved float baseline (metrics.save_baseline) of exactly
     these records: the float logits of record i's positions p-1..L-2, recomputed from its lm_head inputs with
     the float lm_head `float_head` (and the model's logit cap `softcap`, metrics.final_logit_softcap)."""
-    from shadowquant.metrics import _check_baseline_matches, head_logits, load_baseline, tokens_sha256
+    from shadowquant.metrics import check_baseline_matches, head_logits, load_baseline, tokens_sha256
 
     baseline = load_baseline(baseline) if isinstance(baseline, (str, Path)) else baseline
-    _check_baseline_matches(baseline, sequences, tokens_sha256(sequences))
+    check_baseline_matches(baseline, sequences, tokens_sha256(sequences))
     offsets = baseline.offsets()
 
     def logits_of(index: int, p: int) -> torch.Tensor:
@@ -433,9 +433,9 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     float_logits_of = None
     if baseline is not None:
-        from shadowquant.metrics import _output_head, final_logit_softcap
+        from shadowquant.metrics import final_logit_softcap, output_head
 
-        float_logits_of = baseline_logits(baseline, sequences, copy.deepcopy(_output_head(float_model)),
+        float_logits_of = baseline_logits(baseline, sequences, copy.deepcopy(output_head(float_model)),
                                           final_logit_softcap(float_model))
         prefill_model, float_model = float_model, None  # the float logits come from the baseline
     else:

@@ -23,7 +23,7 @@ lm_head's output as is. Then, per position, over the full vocabulary,
     KL(float || quant) = sum_v p_v (log p_v - log q_v),
 with float logits recomputed for a whole batch at once (one matmul; as much memory as the batch's
 own logits), the KL itself in chunks of positions (a few MB of temporaries) in a form that keeps
-float32 passes accurate (`_exact_kl`).
+float32 passes accurate (`exact_kl`).
 
 `summarize(result, float_result=None)` keys (all computed over records in evaluation order):
 - accuracy: fraction of records whose last token is the argmax at position L-2 (as LAMBADA).
@@ -141,7 +141,7 @@ def head_logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | No
     return logits
 
 
-def _exact_kl(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
+def exact_kl(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Tensor:
     """Per-position KL(float || quant) [n] over the full vocabulary, from logits [n, V], in chunks of positions.
 
     With d = a - b (float minus quant logits) and p = softmax(a), KL = E_p[d] + log E_p[exp(-d)]
@@ -190,7 +190,7 @@ def _check_recomputed_logits(model: torch.nn.Module, head: torch.nn.Module, soft
                             "in a way the exact KL does not know (known: final_logit_softcapping)")
 
 
-def _output_head(model: torch.nn.Module) -> torch.nn.Module:
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise PipelineError(f"{type(model).__name__} has no output embeddings (lm_head); "
@@ -217,9 +217,9 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
         baseline = load_baseline(baseline)
     softcap = final_logit_softcap(model)
     if baseline is not None:
-        _check_baseline_matches(baseline, sequences, fingerprint)
+        check_baseline_matches(baseline, sequences, fingerprint)
         offsets = baseline.offsets()
-        float_head = _output_head(model) if float_head is None else float_head
+        float_head = output_head(model) if float_head is None else float_head
         in_features = getattr(float_head, "in_features", baseline.hidden.shape[-1])
         if baseline.hidden.shape[-1] != in_features:
             raise PipelineError(f"float baseline hidden size {baseline.hidden.shape[-1]} does not match the lm_head "
@@ -230,7 +230,7 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
     captured: list[torch.Tensor] = []
     hook = None
     if collect_baseline:
-        head = _output_head(model)
+        head = output_head(model)
 
         def capture_head_input(module, args, kwargs):
             captured.append(args[0] if args else kwargs["input"])
@@ -263,7 +263,7 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
                 sample_logits = logits[row, :length - 1]
                 sample = _sample_metrics(sample_logits.float(), input_ids[row, :length])
                 if baseline is not None:
-                    kl = _exact_kl(float_logits[float_starts[row]:float_starts[row + 1]], sample_logits)
+                    kl = exact_kl(float_logits[float_starts[row]:float_starts[row + 1]], sample_logits)
                     sample["kl_sum"] = float(kl.sum())
                     positions = slice(offsets[i], offsets[i] + length - 1)
                     sample["agreement_count"] = int(
@@ -453,7 +453,7 @@ def result_from_per_record(data: dict, source: str = "per-record data") -> EvalR
 
 # ---------------------------------------------------------------- baseline file
 
-def _check_baseline_matches(baseline: Baseline, sequences: list[list[int]], fingerprint: str) -> None:
+def check_baseline_matches(baseline: Baseline, sequences: list[list[int]], fingerprint: str) -> None:
     if baseline.tokens_sha256 != fingerprint or len(baseline.sequence_lengths) != len(sequences):
         raise PipelineError("float baseline was computed on other token sequences than this evaluation "
                             f"({len(baseline.sequence_lengths)} vs {len(sequences)} sequences); "

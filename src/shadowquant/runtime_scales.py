@@ -27,7 +27,7 @@ from shadowquant.decision import STAT_KEYS
 from shadowquant.errors import PipelineError
 from shadowquant.runtime import RuntimeProfile, get_profile, layer_index, layer_role
 from shadowquant.runtime_linear import quantize, runtime_step
-from shadowquant.sensitivity import _histogram_mse_clip, observe_sides
+from shadowquant.sensitivity import histogram_mse_clip, observe_sides
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def runtime_scales(model: nn.Module, layers: list[str], profile: RuntimeProfile,
     shadow_layers = shadow_role_layers(profile, layers)
     linear, pattern = calibration_histograms(model, layers, calibration, maxima, int8_owned, shadow_layers,
                                              progress)
-    mse = {key: _histogram_mse_clip(counts, maxima[key]) for key, counts in linear.items()}
+    mse = {key: histogram_mse_clip(counts, maxima[key]) for key, counts in linear.items()}
     candidates = {key: [runtime_step(maxima[key], 8), runtime_step(mse[key], 8)] for key in int8_owned
                   if mse[key] < maxima[key]}
     scores = fisher_scores(model, candidates, fisher, progress=progress) if candidates else {}

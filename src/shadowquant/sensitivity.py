@@ -500,7 +500,7 @@ def mse_clip_scales(model: nn.Module, layers: list[str], sequences: list[list[in
     observe_sides(model, layers, sequences, add, "clip histograms", progress)
     out = {}
     for key, counts in hist.items():
-        out[key] = _histogram_mse_clip(counts, scales[key][0])
+        out[key] = histogram_mse_clip(counts, scales[key][0])
     return out
 
 
@@ -525,7 +525,7 @@ def observe_sides(model: nn.Module, layers: list[str], sequences: list[list[int]
             handle.remove()
 
 
-def _histogram_mse_clip(counts: torch.Tensor, top: float) -> float:
+def histogram_mse_clip(counts: torch.Tensor, top: float) -> float:
     """The upper bin edge c minimising the int8 MSE of a |x| histogram on [0, top], mass at bin centres.
 
     Inside the range a value rounds with error x^2 if |x| < step / 2 (it becomes 0), else step^2 / 12

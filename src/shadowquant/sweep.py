@@ -30,7 +30,7 @@ SWEEP_COLUMNS = ["point", "runtime", "rule", "statistic", "clip", "weight_range"
                  "num_shadow_layers", "shadow_layers", "cpu_share", "input_outliers", "output_outliers",
                  "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction",
                  "num_samples", "num_tokens"]
-def _clean(value):
+def json_number(value):
     """JSON-friendly numbers: NaN and infinities become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -61,7 +61,7 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     result = evaluate(model, sequences, batch_size=batch_size, collect_baseline=True, desc="float")
     save_baseline(out_baseline, result.baseline)
-    metrics = {k: _clean(v) for k, v in summarize(result, num_resamples=num_resamples).items()}
+    metrics = {k: json_number(v) for k, v in summarize(result, num_resamples=num_resamples).items()}
     metrics.update(point="float", rule="float", statistic="float", threshold=None, shadow_budget=None,
                    per_record=per_record(result))
     write_json(out_json, metrics)
@@ -145,7 +145,7 @@ def evaluate_points(evaluation: PointEvaluation, points: list[str], part: str = 
         label = point if part == "all" else f"{point} {part} only"
         result = evaluate(model, sequences, batch_size=e.batch_size, baseline=e.baseline,
                           desc=runtime.progress_label(label))
-        metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=e.num_resamples).items()}
+        metrics = {k: json_number(v) for k, v in summarize(result, float_result, num_resamples=e.num_resamples).items()}
         metrics.update(runtime.point_record(plan, names, model, counter, part, e.weight_range),
                        per_record=per_record(result))
         runtime.log_point(log, label, metrics)
