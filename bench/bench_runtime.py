@@ -84,12 +84,13 @@ def _manifest(run: Path) -> Path:
 
 def _point(manifest, run, work, point, profile, weight_range, seq_len, part="all"):
     npu = profile != "ideal"
-    return sweep.evaluate_point(
-        manifest, work / "eval.jsonl", run / "act_scales.json", work / "base.safetensors", work / "float.json",
-        work / f"{profile}-{point}-{part}.json", point, seq_len, batch_size=8, part=part,
-        sensitivity=run / "sensitivity.csv" if npu else None,
-        clip_scales=None if npu else work / "clip_scales.json", weight_range=weight_range,
-        runtime=profile, runtime_scales=run / "runtime_scales.json" if npu else None)
+    evaluation = sweep.PointEvaluation(
+        manifest=manifest, samples=work / "eval.jsonl", act_scales=run / "act_scales.json",
+        baseline=work / "base.safetensors", float_json=work / "float.json", seq_len=seq_len, runtime=profile,
+        batch_size=8, weight_range=weight_range, sensitivity=run / "sensitivity.csv" if npu else None,
+        clip_scales=None if npu else work / "clip_scales.json",
+        runtime_scales=run / "runtime_scales.json" if npu else None)
+    return sweep.evaluate_point(evaluation, point=point, out_json=work / f"{profile}-{point}-{part}.json", part=part)
 
 
 if __name__ == "__main__":

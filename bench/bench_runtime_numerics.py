@@ -36,7 +36,7 @@ from shadowquant.families import quantized_layer_names
 from shadowquant.metrics import evaluate, summarize
 from shadowquant.models import load_model_from_manifest
 from shadowquant.runtime import get_profile
-from shadowquant.runtime_decision import read_runtime_scales, runtime_decisions, shadow_layers_of_point
+from shadowquant.runtimes.npu import read_runtime_scales, runtime_decisions, shadow_layers_of_point
 from shadowquant.runtime_linear import apply_runtime, decoder_layers
 from shadowquant.sweep import evaluation_sequences
 

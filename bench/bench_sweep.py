@@ -26,10 +26,11 @@ import torch
 
 from shadowquant.corpus import pydoc_records
 from shadowquant.decision import decide
+from shadowquant.fakequant import apply_w8a8
+from shadowquant.families import quantized_layer_names
 from shadowquant.metrics import evaluate
 from shadowquant.models import load_model
 from shadowquant.profiling import collate, plan_batches, profile_model, tokenize_samples
-from shadowquant.sweep import quantize_model
 
 from bench_profile import RANDOM_MODELS, build_random_llama, resolve_model  # bench/ is on sys.path
 
@@ -83,7 +84,8 @@ def run(args, model_dir: Path) -> int:
     t_plain, _ = _timed(plain)
     t_float, result = _timed(float_job)
     t_copy, _ = _timed(lambda: copy.deepcopy(model))  # what a grouped job pays per extra point
-    t_quantize, _ = _timed(lambda: quantize_model(model, family, decide(scales, args.threshold, "signed")))
+    t_quantize, _ = _timed(lambda: apply_w8a8(model, decide(scales, args.threshold, "signed"),
+                                              quantized_layer_names(model, family)))
 
     def threshold_job():
         return evaluate(model, sequences, args.batch_size, baseline=result.baseline, desc="w8a8")

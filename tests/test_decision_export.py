@@ -120,7 +120,8 @@ def test_point_labels_round_trip_and_bad_labels_are_named():
 
 
 def test_a_shadow_set_shadows_exactly_its_sides_and_clips_the_rest():
-    from shadowquant.decision import decide_shadow_set, point_decisions
+    from shadowquant.decision import decide_shadow_set
+    from shadowquant.runtimes.ideal import point_decisions
 
     data = _scales({"a": (10.0, 8.0, 1.0, 2.0), "b": (5.0, 4.0, 1.0, 1.0)})
     decisions = decide_shadow_set(data, "absmax", [("a", "output")])
@@ -142,7 +143,8 @@ def test_a_shadow_set_shadows_exactly_its_sides_and_clips_the_rest():
 
 
 def test_mse_points_clip_the_clipped_sides_at_their_clip_scale_only():
-    from shadowquant.decision import point_clip, point_decisions
+    from shadowquant.decision import point_clip
+    from shadowquant.runtimes.ideal import point_decisions
 
     data = _scales({"a": (10.0, 8.0, 1.0, 2.0), "b": (5.0, 4.0, 1.0, 1.0)})
     clips = {("a", "input"): 7.0, ("a", "output"): 3.0, ("b", "input"): 6.0, ("b", "output"): 5.0}

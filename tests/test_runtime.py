@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from shadowquant import stages, sweep
 from shadowquant.config import validate_config
-from shadowquant.decision import LayerQuant, breakdown_point, load_act_scales, parse_point
+from shadowquant.decision import LayerQuant, load_act_scales, parse_point
 from shadowquant.errors import PipelineError
 from shadowquant.export import runtime_state_dict
 from shadowquant.families import quantized_layer_names
@@ -25,9 +25,10 @@ from shadowquant.runtime import (FLOAT32 as FLOAT32_CODE, INT8 as INT8_CODE, INT
                                  loaded_tensors)
 from shadowquant.decode_model import decode_dtype
 from mllm_loader_helpers import run_native_loader
-from shadowquant.runtime_decision import (read_runtime_scales, runtime_decisions, shadow_fraction, shadow_range,
+from shadowquant.runtimes.npu import (read_runtime_scales, runtime_decisions, shadow_fraction, shadow_range,
                                           shadow_layers_of_point)
 from shadowquant.runtime_linear import apply_runtime, apply_runtime_from_export
+from shadowquant.runtimes import get_runtime
 from shadowquant.runtime_scales import shadow_ranges
 from shadowquant.selection import choose
 
@@ -42,10 +43,11 @@ def llama_run(tmp_path_factory, profiled_tiny_llama, tiny_text_corpus):
     return d
 
 
-def _evaluate(run, point, **kwargs):
-    return sweep.evaluate_point(run / "model" / "manifest.json", run / "eval.jsonl", run / "act.json",
-                                run / "base.safetensors", run / "float.json", run / f"{point}.json", point, 32,
-                                **kwargs)
+def _evaluate(run, point, part="all", runtime="ideal", **kwargs):
+    evaluation = sweep.PointEvaluation(manifest=run / "model" / "manifest.json", samples=run / "eval.jsonl",
+                                       act_scales=run / "act.json", baseline=run / "base.safetensors",
+                                       float_json=run / "float.json", seq_len=32, runtime=runtime, **kwargs)
+    return sweep.evaluate_point(evaluation, point=point, out_json=run / f"{point}.json", part=part)
 
 
 # Measured with the pipeline before runtime profiles existed (commit 45b67a0) on the same tiny model,
@@ -86,7 +88,7 @@ def test_layer_points_need_an_npu_profile_and_side_points_the_ideal_one(llama_ru
     scales = load_act_scales(llama_run / "act.json")
     profile = get_profile("qwen-npu")
     layers = [name for name in scales["ori"] if layer_index(name) is not None]
-    with pytest.raises(PipelineError, match="absmax-l<k>"):
+    with pytest.raises(PipelineError, match="absmax-l<shadow layers>"):
         shadow_layers_of_point("absmax-k2", scales, profile, layers)
     with pytest.raises(PipelineError, match="signed is the original tools"):
         shadow_layers_of_point("signed-t4", scales, profile, layers)
@@ -116,8 +118,8 @@ def test_ratio_rule_at_the_layer_level_and_layer_front():
     assert shadow_layers_of_point("absmax-l0", act, profile, layers) == set()
     with pytest.raises(PipelineError, match="needs the layer ranking"):
         shadow_layers_of_point("absmax-l1", act, profile, layers)
-    assert breakdown_point("absmax", "qwen-npu") == "absmax-l0"
-    assert breakdown_point("signed", "ideal") == "signed-t1"
+    assert get_runtime("qwen-npu").breakdown_point("absmax") == "absmax-l0"
+    assert get_runtime("ideal").breakdown_point("signed") == "signed-t1"
 
 
 def test_shadow_ranges_share_the_cpu_cap():

@@ -112,11 +112,11 @@ def test_mse_clip_scales_are_within_range(llama_setup):
 
 def test_histogram_clip_keeps_uniform_range_and_cuts_rare_outliers():
     uniform = torch.ones(512, dtype=torch.float64)
-    assert 9.5 <= S._histogram_mse_clip(uniform, 10.0) <= 10.0  # no outliers: about the whole range
+    assert 9.5 <= S.histogram_mse_clip(uniform, 10.0) <= 10.0  # no outliers: about the whole range
     heavy = torch.zeros(512, dtype=torch.float64)
     heavy[:20] = 1e5  # bulk below 0.4: its rounding error outweighs clipping the single value at 10
     heavy[-1] = 1.0  # one value at 10
-    assert S._histogram_mse_clip(heavy, 10.0) < 5.0
+    assert S.histogram_mse_clip(heavy, 10.0) < 5.0
 
 
 # ---------------------------------------------------------------- decisions

@@ -6,7 +6,7 @@ import pytest
 
 from shadowquant.errors import PipelineError
 from shadowquant.stages import fetch_model, profile
-from shadowquant.sweep import evaluate_float, evaluate_point, evaluate_point_group, split_point
+from shadowquant.sweep import PointEvaluation, evaluate_float, evaluate_point, evaluate_point_group, split_point
 
 
 @pytest.fixture
@@ -21,15 +21,15 @@ def swept(tiny_model_dir, tiny_text_corpus, tmp_path):
                   dtype="float32")
     evaluate_float(out_json=tmp_path / "float.json", out_baseline=tmp_path / "baseline.safetensors",
                    num_resamples=20, **common)
-    return dict(act_scales=scales, baseline=tmp_path / "baseline.safetensors", float_json=tmp_path / "float.json",
-                num_resamples=20, **common)
+    return PointEvaluation(act_scales=scales, baseline=tmp_path / "baseline.safetensors",
+                           float_json=tmp_path / "float.json", num_resamples=20, runtime="ideal", **common)
 
 
 def test_a_group_job_equals_one_job_per_point(swept, tmp_path):
     points = ["absmax-t4", "absmax-t10000000", "signed-t1"]
-    singles = [evaluate_point(out_json=tmp_path / f"{p}.json", point=p, **swept) for p in points]
+    singles = [evaluate_point(swept, out_json=tmp_path / f"{p}.json", point=p) for p in points]
     group = tmp_path / "group.json"
-    grouped = evaluate_point_group(out_json=group, points=points, **swept)
+    grouped = evaluate_point_group(swept, out_json=group, points=points)
     assert grouped == singles
     for point, single in zip(points, singles):
         split = split_point(group, point, tmp_path / f"split-{point}.json")

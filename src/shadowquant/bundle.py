@@ -49,6 +49,7 @@ from shadowquant.mllm_tokenizer import (
     write_merges,
     write_vocab,
 )
+from shadowquant.runtimes import runtime_of
 
 log = logging.getLogger(__name__)
 
@@ -280,9 +281,7 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     from shadowquant.sweep import read_point_json
 
     runtime = json.loads(Path(runtime_json).read_text(encoding="utf-8"))
-    if runtime.get("runtime") in (None, "ideal"):
-        raise PipelineError(f"{runtime_json}: runtime profile 'ideal' has no phone model; set runtime.profile to an "
-                            "NPU profile (qwen-npu, qwen-npu-rotated, phonelm-npu) to build a bundle")
+    runtime_of(runtime).require_phone(f"{runtime_json} (the bundle)")
     tokenizer = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
     check = json.loads(Path(tokenizer_check).read_text(encoding="utf-8"))
     choice = read_json_object(decode_choice, "decoding model choice", "re-run the bundle")

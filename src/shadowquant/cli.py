@@ -250,16 +250,13 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_float(args.manifest, args.samples, args.out_json, args.out_baseline, args.seq_len,
                            args.batch_size, args.device, args.dtype, args.bootstrap)
         elif args.command == "sensitivity":
-            from shadowquant.sensitivity import layer_sensitivity_stage, sensitivity_stage
+            from shadowquant.runtimes import get_runtime
 
-            if args.runtime == "ideal":
-                sensitivity_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
-                                  args.num_samples, args.seq_len, args.measure_top, args.measure_samples, args.cost,
-                                  device=args.device, dtype=args.dtype, weight_range=args.weight_range)
-            else:
-                layer_sensitivity_stage(args.manifest, args.samples, args.act_scales, args.runtime_scales, args.out,
-                                        args.runtime, args.num_samples, args.seq_len, device=args.device,
-                                        dtype=args.dtype, weight_range=args.weight_range)
+            get_runtime(args.runtime).rank(args.manifest, args.samples, args.act_scales, args.out, args.num_samples,
+                                           args.seq_len, statistics=args.statistics, measure_top=args.measure_top,
+                                           measure_samples=args.measure_samples, cost=args.cost,
+                                           runtime_scales=args.runtime_scales, device=args.device, dtype=args.dtype,
+                                           weight_range=args.weight_range)
         elif args.command == "runtime-scales":
             from shadowquant.runtime_scales import runtime_scales_stage
 
@@ -272,12 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             weight_range_stage(args.manifest, args.samples, args.out, args.num_samples, args.seq_len,
                                device=args.device, dtype=args.dtype)
         elif args.command == "evaluate-point":
-            from shadowquant.sweep import evaluate_point
+            from shadowquant.sweep import PointEvaluation, evaluate_point
 
-            evaluate_point(args.manifest, args.samples, args.act_scales, args.baseline, args.float_json,
-                           args.out_json, args.point, args.seq_len, args.batch_size, args.device, args.dtype,
-                           args.bootstrap, args.sensitivity, args.part, args.clip_scales, args.weight_range,
-                           args.runtime, args.runtime_scales)
+            evaluation = PointEvaluation(
+                manifest=args.manifest, samples=args.samples, act_scales=args.act_scales, baseline=args.baseline,
+                float_json=args.float_json, seq_len=args.seq_len, runtime=args.runtime, batch_size=args.batch_size,
+                device=args.device, dtype=args.dtype, num_resamples=args.bootstrap, weight_range=args.weight_range,
+                sensitivity=args.sensitivity, clip_scales=args.clip_scales, runtime_scales=args.runtime_scales)
+            evaluate_point(evaluation, point=args.point, out_json=args.out_json, part=args.part)
         elif args.command == "evaluate-demo":
             from shadowquant.demo_evaluation import evaluate_demo
 

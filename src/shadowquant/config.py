@@ -230,30 +230,16 @@ def _force_npu_dtype(cfg: dict[str, Any], source: str) -> None:
 
 def _check_runtime(cfg: dict[str, Any], source: str) -> None:
     """Points and statistics that the chosen runtime profile cannot run fail here, before any work."""
-    from shadowquant.decision import parse_point
-    from shadowquant.runtime import IDEAL, get_profile
+    from shadowquant.runtimes import get_runtime
 
     name = cfg["runtime"]["profile"]
     if name == AUTO:  # checked once resolve_auto has chosen the profile
         return
-    if cfg["model"]["type"] is not None:
-        try:
-            get_profile(name, cfg["model"]["type"])
-        except PipelineError as exc:
-            raise PipelineError(f"{source}: {exc}") from None
-    point = cfg["export"]["point"]
-    rule = None if point == "auto" else parse_point(point)[1]
-    if name == IDEAL:
-        if rule == "layers":
-            raise PipelineError(f"{source}: export.point = {point!r} is a set of shadow layers, which runtime.profile "
-                                "ideal does not have; use absmax-k<sides> or absmax-t<threshold>, or an NPU profile")
-        return
-    if "signed" in cfg["sweep"]["statistics"]:
-        raise PipelineError(f"{source}: sweep.statistics = {cfg['sweep']['statistics']} includes 'signed', which only "
-                            f"runtime.profile ideal sweeps; runtime.profile {name!r} needs [absmax]")
-    if rule == "sensitivity" or point.endswith("-mse") or point.startswith("signed-"):
-        raise PipelineError(f"{source}: export.point = {point!r} is a point of runtime.profile ideal; under "
-                            f"runtime.profile {name!r} use absmax-l<shadow layers> or absmax-t<threshold>")
+    try:
+        runtime = get_runtime(name, cfg["model"]["type"])
+    except PipelineError as exc:
+        raise PipelineError(f"{source}: {exc}") from None
+    runtime.check_config(cfg["sweep"]["statistics"], cfg["export"]["point"], source)
 
 
 def uses_auto(cfg: dict[str, Any]) -> bool:

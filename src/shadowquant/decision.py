@@ -37,20 +37,13 @@ def threshold_label(threshold: float) -> str:
 
 
 # A sweep point: the ratio rule at threshold t ("absmax-t16"), the k most valuable shadow sides of the
-# measured sensitivity ranking ("absmax-k15", runtime profile ideal), or the k most valuable shadow layers
-# of the measured layer ranking ("absmax-l2", NPU runtime profiles: runtime_decision.py).
+# measured sensitivity ranking ("absmax-k15", runtime profile ideal: runtimes/ideal.py), or the k most
+# valuable shadow layers of the measured layer ranking ("absmax-l2", NPU runtime profiles: runtimes/npu.py).
 RULES = {"t": "ratio", "k": "sensitivity", "l": "layers"}
 LETTERS = {rule: letter for letter, rule in RULES.items()}
 # A "-mse" suffix clips the clipped sides at their MSE-optimal scale instead of their maximum.
 POINT_PATTERN = re.compile(r"^(signed|absmax)-(t|k|l)([0-9]+(?:\.[0-9]+)?)(-mse)?$")
 CLIPS = ("max", "mse")
-
-
-def breakdown_point(statistic: str, runtime: str) -> str:
-    """The point the error breakdown splits into weights, inputs and outputs: under 'ideal' every side
-    shadowed (t = 1, the original tools' view), under an NPU profile the runtime with no shadow layer
-    (absmax-l0), the plain configuration every shadow layer is measured against."""
-    return point_label(statistic, "ratio", 1) if runtime == "ideal" else point_label("absmax", "layers", 0)
 
 
 def point_label(statistic: str, rule: str, value: float, clip: str = "max") -> str:
@@ -59,6 +52,12 @@ def point_label(statistic: str, rule: str, value: float, clip: str = "max") -> s
     letter = LETTERS[rule]
     suffix = "" if clip == "max" else f"-{clip}"
     return f"{statistic}-{letter}{threshold_label(value) if rule == 'ratio' else int(value)}{suffix}"
+
+
+def needs_ranking(label: str) -> bool:
+    """Whether a point takes its shadow sides or layers from the ranking (sensitivity.csv)."""
+    _, rule, value = parse_point(label)
+    return rule in ("sensitivity", "layers") and value > 0
 
 
 def point_clip(label: str) -> str:
@@ -214,33 +213,3 @@ def read_clip_scales(path: str | Path, statistic: str) -> dict[tuple[str, str], 
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         raise PipelineError(f"{path}: no clip scales for statistic '{statistic}' (expected "
                             "{statistic: {layer: {side: scale}}}); delete it and run the clip_scales rule again") from None
-
-
-def point_decisions(act_scales: dict, point: str, layers: list[str] | None = None, ranking=None,
-                    source: str = "act_scales.json", clip_scales: dict | None = None) -> dict[str, LayerQuant]:
-    """Decisions of a sweep point: the ratio rule at t, or the first k sides of `ranking` shadowed; a '-mse'
-    point clips the other sides at `clip_scales` (MSE-optimal) instead of their maximum."""
-    statistic, rule, value = parse_point(point)
-    if point_clip(point) == "mse":
-        if clip_scales is None:
-            raise PipelineError(f"point '{point}' needs the MSE clip scales (clip_scales.json); none were given")
-    else:
-        clip_scales = None
-    if rule == "ratio":
-        decisions = decide(act_scales, value, statistic, layers=layers, source=source)
-        if clip_scales is None:
-            return decisions
-        shadow = [(n, side) for n, q in decisions.items() for side, clip in (("input", q.clip_input),
-                                                                              ("output", q.clip_output)) if not clip]
-        return decide_shadow_set(act_scales, statistic, shadow, layers=layers, source=source, clip_scales=clip_scales)
-    if rule == "layers":
-        raise PipelineError(f"point '{point}' is a set of shadow layers, which only an NPU runtime profile runs; "
-                            "with runtime.profile ideal use absmax-k<sides> or absmax-t<threshold>")
-    if ranking is None:
-        raise PipelineError(f"point '{point}' needs the sensitivity ranking (sensitivity.csv); none was given")
-    k = int(value)
-    if k > len(ranking):
-        raise PipelineError(f"point '{point}' asks for {k} shadow sides but the ranking has only {len(ranking)}; "
-                            "lower sweep.shadow_sides")
-    return decide_shadow_set(act_scales, statistic, ranking[:k], layers=layers, source=source,
-                             clip_scales=clip_scales)

@@ -294,9 +294,9 @@ def evaluate_decode_candidate(candidate: str, prefill_manifest, samples, baselin
 
     from shadowquant.cpu_numerics import formats_from_dtypes, mllm_cpu_numerics
     from shadowquant.imatrix import collect_importance
-    from shadowquant.metrics import output_head, evaluate, per_record, result_from_per_record, summarize
+    from shadowquant.metrics import evaluate, output_head, per_record, result_from_per_record, summarize
     from shadowquant.models import load_model_from_manifest
-    from shadowquant.sweep import _clean, evaluation_sequences, read_point_json
+    from shadowquant.sweep import evaluation_sequences, json_number, read_point_json
 
     source, recipe = parse_candidate(candidate)
     start = time.time()
@@ -333,7 +333,7 @@ def evaluate_decode_candidate(candidate: str, prefill_manifest, samples, baselin
     with mllm_cpu_numerics(model, formats, kv_float16=True):
         result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, float_head=float_head,
                           desc=candidate)
-    metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
+    metrics = {k: json_number(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
     out = {"candidate": candidate, "source": source, "recipe": recipe, "recipe_description": RECIPES[recipe],
            "source_description": SOURCES[source], "manifest": str(manifest), "prefill_manifest": str(prefill_manifest),
            "file_bytes": Path(out_model).stat().st_size, "dtype_mix": dtype_mix(summary["dtypes"]),

@@ -416,8 +416,7 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
     from shadowquant.families import quantized_layer_names
     from shadowquant.final_evaluation import export_metadata
     from shadowquant.models import load_model_from_manifest
-    from shadowquant.runtime import IDEAL, get_profile
-    from shadowquant.runtime_linear import apply_runtime_from_export
+    from shadowquant.runtimes import runtime_of
     from shadowquant.sweep import evaluation_sequences
 
     if handover not in HANDOVER_DTYPES:
@@ -428,15 +427,13 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
         raise PipelineError(f"{export}: int8 export not found; run the export first")
     meta = export_metadata(export)
     float_model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
-    profile = get_profile(meta.get("runtime", IDEAL), family)
-    if profile.ideal:
-        raise PipelineError(f"{export}: exported under the ideal profile, which no phone runs; the demo evaluation "
-                            "needs an NPU runtime profile")
+    simulated = runtime_of(meta, family)
+    simulated.require_phone(f"{export} (the demo evaluation)")
     shadow = {int(i) for i in meta.get("shadow_layers", "").split()}
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     float_logits_of = None
     if baseline is not None:
-        from shadowquant.metrics import output_head, final_logit_softcap
+        from shadowquant.metrics import final_logit_softcap, output_head
 
         float_logits_of = baseline_logits(baseline, sequences, copy.deepcopy(output_head(float_model)),
                                           final_logit_softcap(float_model))
@@ -444,7 +441,7 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
     else:
         prefill_model = copy.deepcopy(float_model)
     tensors = load_file(str(export), device=str(next(prefill_model.parameters()).device))
-    apply_runtime_from_export(prefill_model, tensors, quantized_layer_names(prefill_model, family), profile, shadow)
+    simulated.apply_from_export(prefill_model, tensors, quantized_layer_names(prefill_model, family), meta)
     del tensors
     decode_model, formats = load_decoding_model(decode_manifest, decode_path, device)
     if records is not None:
@@ -461,7 +458,7 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
     result = {
         "model": name or Path(manifest).parent.name,
         "setup": {
-            "runtime": profile.name, "point": runtime.get("point"), "transform": runtime.get("transform", "none"),
+            "runtime": simulated.name, "point": runtime.get("point"), "transform": runtime.get("transform", "none"),
             "shadow_layers": sorted(shadow), "chunk_size": chunk_size, "prefill_fraction": prefill_fraction,
             "prefill_tokens": sum(prefill_length(len(s), prefill_fraction) for s in sequences),
             "handover": handover, "first_token": "prefill model's last position",

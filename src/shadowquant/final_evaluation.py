@@ -12,11 +12,9 @@ from safetensors.torch import load_file
 
 from shadowquant.atomic import write_json, write_text
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import apply_w8a8_from_export
 from shadowquant.families import quantized_layer_names
 from shadowquant.models import load_model_from_manifest
-from shadowquant.runtime import IDEAL, get_profile
-from shadowquant.runtime_linear import apply_runtime_from_export
+from shadowquant.runtimes import runtime_of
 from shadowquant.selection import read_selection, resolve_export_point
 from shadowquant.sweep import read_point_json
 
@@ -76,15 +74,7 @@ def export_metadata(export) -> dict:
 
 def _shadow_line(q: dict) -> str:
     """What runs on the CPU: the shadow layers and measured CPU share (NPU runtime), or the shadow sides (ideal)."""
-    runtime = q.get("runtime") or IDEAL
-    if runtime != IDEAL and q.get("cpu_share") is not None:
-        layers = q.get("shadow_layers")
-        layers = "none" if layers in (None, "") else ", ".join(str(layers).split())
-        return (f"Runtime profile {runtime}: shadow layers {layers}; the shadow ops run "
-                f"{100 * q['cpu_share']:.3f} % of the quantized Linear multiply-adds on the CPU (measured).")
-    return (f"Runtime profile ideal (no phone runs it): {int(q['num_shadow_inputs'])} shadow inputs, "
-            f"{int(q['num_shadow_outputs'])} shadow outputs; {q['shadow_flop_fraction']:.1%} of quantized Linear "
-            "FLOPs need shadow execution.")
+    return runtime_of(q).shadow_line(q)
 
 
 def markdown_summary(result: dict) -> str:
@@ -151,12 +141,7 @@ def evaluate_export(manifest, export, float_json, sweep_csv, out_json, out_md, p
     float_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
     tensors = load_file(str(export), device=str(next(model.parameters()).device))
     meta = export_metadata(export)
-    profile = get_profile(meta.get("runtime", IDEAL), family)
-    if profile.ideal:
-        apply_w8a8_from_export(model, tensors, quantized_layer_names(model, family))
-    else:
-        shadow = {int(i) for i in meta.get("shadow_layers", "").split()}
-        apply_runtime_from_export(model, tensors, quantized_layer_names(model, family), profile, shadow)
+    runtime_of(meta, family).apply_from_export(model, tensors, quantized_layer_names(model, family), meta)
     w8a8_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
     result = {
         "model": Path(manifest).parent.name, "point": point, "float": float_metrics, "w8a8": w8a8,

@@ -32,6 +32,7 @@ from shadowquant.mllm import (
     read_safetensors_specs,
     stored_dtype_code,
 )
+from shadowquant.runtimes import runtime_of
 
 ACTIVATION_SCALE_SUFFIXES = (".input_scale", ".output_scale")
 CLIP_FLAG_SUFFIXES = (".clip_input", ".clip_output")
@@ -297,10 +298,12 @@ def inspect_mllm(
         stat.count += 1
         stat.bytes += entry.size
     problems: list[Problem] = []
-    decoding = runtime is not None and runtime.get("runtime", "ideal") != "ideal" and is_decoding_model(mllm)
+    # A runtime with a C++ model is checked against what that model loads; else Linear by Linear.
+    cpp_model = runtime is not None and bool(runtime_of(runtime).profile.cpp_model)
+    decoding = cpp_model and is_decoding_model(mllm)
     if decoding:
         linears = _check_decoding(mllm, runtime, problems)
-    elif runtime is not None and runtime.get("runtime", "ideal") != "ideal":
+    elif cpp_model:
         linears = _check_runtime(mllm, runtime, problems)
     else:
         checker = _LinearChecker(mllm, problems)
@@ -327,7 +330,7 @@ def inspect_mllm(
                f"model loads, with the dtype and byte size it allocates"] if decoding else
         [f"checked against runtime profile {runtime['runtime']}: every tensor its C++ model loads, with "
          f"the byte size it allocates; shadow layers {runtime.get('shadow_layers', [])}"]
-        if runtime is not None and runtime.get("runtime", "ideal") != "ideal" else [],
+        if cpp_model else [],
     )
 
 

@@ -21,7 +21,8 @@ from shadowquant.atomic import atomic_path, write_text
 from shadowquant.decision import SIDES, STAT_KEYS, threshold_label
 from shadowquant.errors import PipelineError
 from shadowquant.jsonfile import read_json_object
-from shadowquant.selection import LOSS_DESCRIPTION, METRICS, loss, loss_interval
+from shadowquant.runtimes import runtime_of
+from shadowquant.selection import LOSS_DESCRIPTION, METRICS, loss, loss_interval, table_runtime
 
 METRIC_LABELS = {
     "accuracy": "last-token accuracy",
@@ -271,15 +272,7 @@ def selection_note(selection: dict) -> str:
     low, high = (_optional_number(selection.get(k)) for k in ("loss_ci_low", "loss_ci_high"))
     if math.isfinite(low) and math.isfinite(high):
         value += f" [95 % CI {format_loss(metric, low)}, {format_loss(metric, high)}]"
-    cpu_share = _optional_number(selection.get("cpu_share"))
-    if math.isfinite(cpu_share):  # an NPU runtime profile
-        cost = (f"{int(selection.get('num_shadow_layers') or 0)} shadow layers, {100 * cpu_share:.3g} % of Linear "
-                f"multiply-adds on the CPU ({selection.get('runtime')})")
-    else:
-        cost = f"{int(selection.get('num_shadow_sides', 0) or 0)} shadow sides"
-        flops = _optional_number(selection.get("shadow_flop_fraction"))
-        if math.isfinite(flops):
-            cost += f", {flops:.1%} of Linear FLOPs with a shadow"
+    cost = runtime_of(selection).cost_note(selection)
     point = f"{selection['point']} ({selection['rule']} rule)"
     budget = format_loss(metric, float(selection["budget"]))
     if selection["budget_met"]:
@@ -567,14 +560,6 @@ def plot_sweep_vs_threshold(sweep_csv: str | Path, selection_json: str | Path | 
 
 # ----------------------------------------------------------------------------- sweep vs shadow cost
 
-def _cost_column(points) -> tuple[str, str]:
-    if "cpu_share" in points.columns and points["cpu_share"].notna().all():
-        return "cpu_share", "share of quantized Linear multiply-adds run by the CPU shadow ops (measured)"
-    if "shadow_flop_fraction" in points.columns and points["shadow_flop_fraction"].notna().all():
-        return "shadow_flop_fraction", "share of quantized Linear FLOPs with a CPU shadow"
-    return "num_shadow_sides", "shadow sides (Linear inputs/outputs with CPU shadow execution)"
-
-
 def _absolute_bound(metric: str, float_value: float, budget: float) -> float:
     """The budget as a bound on the metric itself (the loss of selection.loss solved for the metric)."""
     return {"perplexity": float_value * (1.0 + budget), "kl": budget, "agreement": 1.0 - budget,
@@ -591,7 +576,7 @@ def plot_sweep_vs_shadow(sweep_csv: str | Path, selection_json: str | Path | Non
     selected = _selected_row(table, selection, sweep_csv, selection_json) if selection is not None else None
     float_row = _float_row(table)
     points = table[table["rule"] != "float"]
-    cost, cost_label = _cost_column(points)
+    cost, cost_label = table_runtime(points).cost_column(points)
     metrics = [m for m in ("perplexity", "accuracy", selection["metric"] if selection else None)
                if m and m in table.columns and points[m].notna().any()]
     metrics = list(dict.fromkeys(metrics))

@@ -4,7 +4,7 @@ A profile says, per Linear role (the last component of the module name, e.g. `do
 input and output bit widths, which Linear's scale a shared quantizer reads, how the quantizer rounds,
 the dtype the dequantized output is handed on in, which roles can run the shadow op, how a bias is
 stored, and what else the runtime loads (lm_head). The simulation (runtime_linear), the decisions
-(runtime_decision), the export, the inspector and the reports read it; no stage asks for a family.
+(runtimes/), the export, the inspector and the reports read it; no stage asks for a family.
 
 The mllm facts behind the profiles are listed in docs/runtime.md (read from mllm's v1 branch:
 backends/qnn/op/QNNLinearINT8.cpp, QNNQuantize.cpp, QNNDequantize(Add).cpp, backends/cpu/op/
@@ -106,10 +106,6 @@ class RuntimeProfile:
     mllm_v1_blocker: str = ""
     shadow_set_location: str = ""  # where the runtime takes its shadow-layer set from
 
-    @property
-    def ideal(self) -> bool:
-        return self.name == IDEAL
-
     def spec(self, layer: str, shadow_layers: frozenset[int] | set[int] = frozenset()) -> RoleSpec:
         """The RoleSpec of a Linear by module name, in a shadow layer or not."""
         role = layer_role(layer)
@@ -131,7 +127,7 @@ class RuntimeProfile:
 
     def can_shadow(self, layer: str, shadow_layers) -> bool:
         """Whether this Linear's clip flags mean anything at run time (it runs the shadow op)."""
-        if self.ideal:
+        if self.shadow_role == "any":
             return True
         return self.spec(layer, frozenset(shadow_layers)).shadow
 
@@ -315,8 +311,8 @@ def loaded_tensors(profile: RuntimeProfile, dims: dict, shadow_layers) -> dict[s
     whose byte size differs from what the op allocated (mmap) or reads part of it (file IO), and skips a
     missing name without a word, leaving the op's memory uninitialised, so the inspector checks all three.
     """
-    if profile.ideal:
-        raise PipelineError("the ideal profile has no C++ model; its files are checked Linear by Linear")
+    if not profile.cpp_model:
+        raise PipelineError(f"runtime profile '{profile.name}' has no C++ model; its files are checked Linear by Linear")
     shapes = _cpp_linear_shapes(dims)
     hidden, vocab = int(dims["hidden_size"]), int(dims["vocab_size"])
     shadow_layers = frozenset(int(i) for i in shadow_layers)
@@ -367,8 +363,8 @@ def decode_loaded_tensors(profile: RuntimeProfile, dims: dict, dtype_of, tied: b
     """
     from shadowquant.q4_0 import q4_0_nbytes
 
-    if profile.ideal:
-        raise PipelineError("the ideal profile has no C++ model; it has no decoding model either")
+    if not profile.cpp_model:
+        raise PipelineError(f"runtime profile '{profile.name}' has no C++ model; it has no decoding model either")
     shapes = _cpp_linear_shapes(dims)
     hidden, vocab = int(dims["hidden_size"]), int(dims["vocab_size"])
     qkv_bias = profile.bias != "none"

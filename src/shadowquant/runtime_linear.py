@@ -248,8 +248,6 @@ def apply_runtime(model: nn.Module, decisions: dict[str, LayerQuant], layer_name
                   quantize_inputs: bool = True, quantize_outputs: bool = True, weight_range="max") -> CpuCounter:
     """Replace each named nn.Linear of `model` in place by a RuntimeLinear; returns the CPU counter,
     already following the model's attention masks."""
-    if profile.ideal:
-        raise PipelineError("apply_runtime simulates an NPU runtime profile; the ideal profile is apply_w8a8")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         raise PipelineError(f"runtime profile '{profile.name}' is simulated on the float32 model, but this one is "

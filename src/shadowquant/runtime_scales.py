@@ -4,7 +4,7 @@
   the float32 bit patterns' upper 16 bits (relative resolution 2^-7, flat memory) per side gives, for
   a grid of CPU fractions f, the smallest range that leaves at most a fraction f of the elements beyond
   int8. Rare rows (the attention sink) then go to the CPU instead of stretching the scale; which f a
-  point may use follows from the CPU-share cap (runtime_decision.shadow_scale).
+  point may use follows from the CPU-share cap (runtimes/npu.py: shadow_range).
 - Clamped int8 sides: the maximum or the MSE-optimal clip, whichever the Fisher estimate of the loss
   (1/2 E[(g . dy)^2] with dy the quantization error of that side and g the gradient of the log-prob of
   tokens drawn from the float model) says costs less; both scored on the same draws. int16 sides keep
@@ -27,7 +27,7 @@ from shadowquant.decision import STAT_KEYS
 from shadowquant.errors import PipelineError
 from shadowquant.runtime import RuntimeProfile, get_profile, layer_index, layer_role
 from shadowquant.runtime_linear import quantize, runtime_step
-from shadowquant.sensitivity import _histogram_mse_clip, observe_sides
+from shadowquant.sensitivity import histogram_mse_clip, observe_sides
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,9 @@ def runtime_scales(model: nn.Module, layers: list[str], profile: RuntimeProfile,
                    calibration: list[list[int]], fisher: list[list[int]], cpu_cap: float,
                    progress: bool = True) -> dict:
     """The content of runtime_scales.json (see the module docstring)."""
-    if profile.ideal:
-        raise PipelineError("runtime scales are for an NPU runtime profile; the ideal profile uses clip_scales")
+    if not profile.roles:
+        raise PipelineError(f"runtime scales are for a profile of the runtime's Linear roles; runtime profile "
+                            f"'{profile.name}' has none (its '-mse' points use clip_scales)")
     if not (math.isfinite(cpu_cap) and 0 <= cpu_cap < 1):
         raise PipelineError(f"runtime.cpu_cap {cpu_cap!r} must be a fraction in [0, 1)")
     ori_key, _ = STAT_KEYS[STATISTIC]
@@ -181,7 +182,7 @@ def runtime_scales(model: nn.Module, layers: list[str], profile: RuntimeProfile,
     shadow_layers = shadow_role_layers(profile, layers)
     linear, pattern = calibration_histograms(model, layers, calibration, maxima, int8_owned, shadow_layers,
                                              progress)
-    mse = {key: _histogram_mse_clip(counts, maxima[key]) for key, counts in linear.items()}
+    mse = {key: histogram_mse_clip(counts, maxima[key]) for key, counts in linear.items()}
     candidates = {key: [runtime_step(maxima[key], 8), runtime_step(mse[key], 8)] for key in int8_owned
                   if mse[key] < maxima[key]}
     scores = fisher_scores(model, candidates, fisher, progress=progress) if candidates else {}
@@ -223,9 +224,9 @@ def runtime_scales_stage(manifest, samples, act_scales, out_json, profile: str, 
                          dtype: str = "auto") -> dict:
     """runtime_scales.json from the first `num_samples` calibration records (histograms) and the first
     `fisher_samples` (the Fisher max/mse choice)."""
-    from shadowquant.sensitivity import _stage_inputs
+    from shadowquant.sensitivity import stage_inputs
 
-    model, calibration, layers, scales = _stage_inputs(manifest, samples, act_scales, num_samples, seq_len, device,
+    model, calibration, layers, scales = stage_inputs(manifest, samples, act_scales, num_samples, seq_len, device,
                                                        dtype)
     runtime = get_profile(profile, scales.get("meta", {}).get("family"))
     fisher = [seq[:fisher_seq_len] for seq in calibration[:fisher_samples]]

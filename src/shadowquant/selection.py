@@ -12,10 +12,10 @@ every point's loss is taken against its own variant's float row (the transforms 
 agree); the choice is then across variants as well.
 
 A point is within budget when its loss is at most `sweep.budget`. Among those the cheapest on the
-device wins. Under an NPU runtime profile (the table has a `cpu_share` column: the measured share of
-Linear multiply-adds the shadow op runs on the CPU) that is the smallest CPU share, then the fewest
-shadow layers, then the smaller loss; under the ideal profile the fewest shadow sides, then the
-smaller shadow FLOP share, then the smaller loss. When no
+device wins, as the runtime the table's `runtime` column names orders them (runtimes/): under an NPU
+runtime profile the smallest CPU share (the measured share of Linear multiply-adds the shadow op runs on
+the CPU), then the fewest shadow layers, then the smaller loss; under the ideal profile the fewest shadow
+sides, then the smaller shadow FLOP share, then the smaller loss. When no
 point meets the budget, the point with the smallest loss is taken and the selection says so
 (`budget_met: false`), so a run still produces a model, and the report shows the miss plainly.
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 from shadowquant.atomic import write_json
 from shadowquant.errors import PipelineError
 from shadowquant.jsonfile import read_json_object
+from shadowquant.runtimes import runtime_of
 
 log = logging.getLogger(__name__)
 
@@ -124,35 +125,23 @@ def choose(table, metric: str, budget: float, point: str | None = None, transfor
         raise PipelineError(f"no sweep point has a {metric} value; re-run the sweep")
     within = [(row, value) for row, value in known if value <= budget + 1e-12]
 
+    runtime = table_runtime(points)
+
     def cost_key(item):
         row, value = item
-        cpu_share = _number(row.get("cpu_share"))
-        if cpu_share is not None:  # an NPU runtime profile
-            return (cpu_share, int(_number(row.get("num_shadow_layers")) or 0), value, row["point"], row["transform"])
-        return (int(row["num_shadow_sides"]), float(row.get("shadow_flop_fraction") or 0.0), value, row["point"],
-                row["transform"])
-
-    runtime_table = any(_number(row.get("cpu_share")) is not None for row, _ in rows)
+        return runtime.selection_cost(row, value)
 
     if point is not None:
         best, best_loss = min(known, key=lambda item: (item[1], *cost_key(item)))
         reason = f"forced by export.point = {point}"
     elif within:
         best, best_loss = min(within, key=cost_key)
-        if runtime_table:
-            reason = (f"smallest CPU share ({100 * float(best['cpu_share']):.3g} % of Linear multiply-adds, "
-                      f"{int(_number(best.get('num_shadow_layers')) or 0)} shadow layers) among {len(within)} of "
-                      f"{len(rows)} points whose {LOSS_DESCRIPTION[metric]} is at most {budget:g}; ties broken by "
-                      "shadow layers, then loss")
-        else:
-            reason = (f"fewest shadow sides ({int(best['num_shadow_sides'])}) among {len(within)} of {len(rows)} "
-                      f"points whose {LOSS_DESCRIPTION[metric]} is at most {budget:g}; ties broken by shadow FLOPs, "
-                      "then loss")
+        reason = runtime.selection_reason(best, len(within), len(rows), LOSS_DESCRIPTION[metric], budget)
     else:
         best, best_loss = min(known, key=lambda item: (item[1], *cost_key(item)))
         reason = (f"BUDGET MISSED: no point keeps the {LOSS_DESCRIPTION[metric]} within {budget:g}; taking the most "
                   f"accurate point ({best_loss:.4g}); raise sweep.budget or add shadow "
-                  f"{'layers' if runtime_table else 'sides'} / smaller thresholds")
+                  f"{runtime.shadow_unit} / smaller thresholds")
     float_row = floats[best["transform"]]
     low, high = loss_interval(best, float_row, metric)
     threshold = _number(best.get("threshold"))
@@ -165,20 +154,18 @@ def choose(table, metric: str, budget: float, point: str | None = None, transfor
         "budget_met": bool(best_loss <= budget + 1e-12), "float_value": _number(float_row.get(metric)),
         "selected_value": _number(best.get(metric)), "num_shadow_sides": int(best["num_shadow_sides"]),
         "shadow_flop_fraction": _number(best.get("shadow_flop_fraction")),
-        "runtime": str(best.get("runtime") or "ideal"), "cpu_share": _number(best.get("cpu_share")),
-        "num_shadow_layers": None if _number(best.get("num_shadow_layers")) is None
-        else int(_number(best.get("num_shadow_layers"))),
-        "shadow_layers": (_layer_list(best.get("shadow_layers")) or []) if _number(best.get("cpu_share")) is not None
-        else None, "reason": reason,
+        **runtime.selection_fields(best), "reason": reason,
         "candidates": len(rows), "within_budget": len(within),
     }
 
 
-def _layer_list(value) -> list[int] | None:
-    """The shadow layers of a sweep row ("1 11 29" in the CSV), or None for an ideal-profile row."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return [int(v) for v in str(value).split()]
+def table_runtime(points):
+    """The runtime a sweep table's points were simulated under, from its `runtime` column (tables of the
+    idealized W8A8 written before the column existed have none); one runtime per table."""
+    names = set(points["runtime"].dropna().astype(str)) if "runtime" in points.columns else set()
+    if len(names) > 1:
+        raise PipelineError(f"the sweep tables mix runtime profiles ({', '.join(sorted(names))}); sweep one profile")
+    return runtime_of({"runtime": names.pop() if names else None})
 
 
 def stack_sweeps(sweep_csvs, variants):

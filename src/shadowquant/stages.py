@@ -15,20 +15,21 @@ from safetensors.torch import load_file
 
 from shadowquant import corpus, download
 from shadowquant.atomic import atomic_path, write_json, write_text
-from shadowquant.decision import (load_act_scales, parse_point, point_clip, point_decisions, read_clip_scales,
-                                  read_ranking, shadow_summary, threshold_label)
+from shadowquant.decision import (load_act_scales, parse_point, point_clip, read_clip_scales, read_ranking,
+                                  shadow_summary, threshold_label)
 from shadowquant.errors import PipelineError
-from shadowquant.export import int8_state_dict, runtime_state_dict, save_export, save_export_pth
+from shadowquant.export import save_export, save_export_pth
 from shadowquant.fakequant import weight_range_name
-from shadowquant.families import linear_layer_names, quantized_layer_names
+from shadowquant.families import linear_layer_names
 from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm, read_runtime_json
 from shadowquant.manifest import read_manifest
 from shadowquant.mllm import convert_safetensors_to_mllm
 from shadowquant.models import fetch_model as fetch, load_model_from_manifest
 from shadowquant.profile_stage import load_profiling_inputs, make_checkpoint
 from shadowquant.profiling import act_scales_table, profile_model
-from shadowquant.runtime import IDEAL, SHADOW_MAX_POSITIONS, cpp_config, get_profile
-from shadowquant.runtime_decision import read_runtime_scales, runtime_decisions, shadow_layers_of_point
+from shadowquant.runtime import IDEAL
+from shadowquant.runtimes import DecisionSources, get_runtime
+from shadowquant.runtimes.ideal import point_decisions
 from shadowquant.selection import resolve_export_point
 
 log = logging.getLogger(__name__)
@@ -123,70 +124,34 @@ def export(manifest: str | Path, act_scales: str | Path, out: str | Path, point:
     point = resolve_export_point(point, selection)
     statistic, rule, value = parse_point(point)
     model, _, family = load_model_from_manifest(manifest, device="cpu", dtype="checkpoint")
-    profile = get_profile(runtime, family)
+    runtime = get_runtime(runtime, family)
     transform = read_manifest(manifest).get("transform") or {}
     variant = "+".join(transform.get("transforms", [])) or "none"
     untied = bool(transform.get("untied_lm_head"))
-    scales = load_act_scales(act_scales)
+    names = runtime.export_layers(model, family)
+    plan = runtime.decide(load_act_scales(act_scales), point, names,
+                          DecisionSources(sensitivity, clip_scales, runtime_scales), source=str(act_scales))
     meta = {"format": "shadowquant-int8", "family": family, "point": point, "statistic": statistic,
             "rule": rule, "threshold": threshold_label(value) if rule == "ratio" else "",
             "shadow_budget": str(int(value)) if rule in ("sensitivity", "layers") else "", "clip": point_clip(point),
             "transform": variant, "untied_lm_head": "true" if untied else "false",
-            "weight_range": weight_range_name(weight_range), "runtime": profile.name}
-    if profile.ideal:
-        ranking = read_ranking(sensitivity, statistic) if rule == "sensitivity" and sensitivity is not None else None
-        clips = (read_clip_scales(clip_scales, statistic) if clip_scales is not None and point_clip(point) == "mse"
-                 else None)
-        names = linear_layer_names(model)
-        decisions = point_decisions(scales, point, layers=names, ranking=ranking, source=str(act_scales),
-                                    clip_scales=clips)
-        tensors = int8_state_dict(model.state_dict(), decisions, names, weight_range=weight_range)
-        summary = shadow_summary(decisions, value if rule == "ratio" else None, statistic)
-        shadow, tied = None, False
-    else:
-        names = quantized_layer_names(model, family)
-        ranking = ([layer for layer, _ in read_ranking(sensitivity, "absmax")]
-                   if rule == "layers" and sensitivity is not None else None)
-        shadow = shadow_layers_of_point(point, scales, profile, names, ranking)
-        decisions = runtime_decisions(scales, read_runtime_scales(runtime_scales, profile), profile, names, shadow)
-        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-        tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
-        tensors = runtime_state_dict(model.state_dict(), decisions, names, profile, shadow, weight_range, tied)
-        meta["shadow_layers"] = " ".join(str(i) for i in sorted(shadow))
-        summary = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else None, statistic)
-        summary["shadow_layers"] = sorted(shadow)
+            "weight_range": weight_range_name(weight_range), "runtime": runtime.name,
+            **runtime.export_metadata(plan)}
+    tensors, tied = runtime.export_tensors(model, plan, names, weight_range)
+    summary = runtime.export_summary(plan, names)
     save_export(tensors, out, metadata=meta)
     if shadow_json is not None:
-        summary.update(point=point, transform=variant, untied_lm_head=untied, runtime=profile.name,
+        summary.update(point=point, transform=variant, untied_lm_head=untied, runtime=runtime.name,
                        weight_range=weight_range_name(weight_range))
         write_json(shadow_json, {k: v for k, v in summary.items() if k != "layers"})
     if runtime_json is not None:
-        description = runtime_description(profile, model, shadow, tied, point, variant)
+        description = runtime.describe(model, plan, tied, point, variant)
         if auto_choices:
             description["auto_choices"] = auto_choices
         write_json(runtime_json, description)
     log.info("exported %d tensors (point %s, transform %s, runtime %s%s) to %s%s", len(tensors), point, variant,
-             profile.name, "" if shadow is None else f", shadow layers {sorted(shadow)}", out,
+             runtime.name, runtime.plan_note(plan), out,
              "; lm_head.weight is its own tensor: the transform untied it from the embeddings" if untied else "")
-
-
-def runtime_description(profile, model, shadow_layers, tied: bool, point: str, variant: str) -> dict:
-    """runtime.json: the runtime a model file is for and what its C++ model must be built with."""
-    if profile.ideal:
-        return {"runtime": profile.name, "description": profile.description, "point": point, "transform": variant,
-                "note": "the idealized W8A8 of the original tools: no mllm NPU model runs exactly this file's "
-                        "arithmetic; choose an NPU runtime profile (runtime.profile) for a phone"}
-    config = cpp_config(model.config, profile, tied)
-    config["shadow_layers"] = sorted(shadow_layers)
-    return {
-        "runtime": profile.name, "description": profile.description, "cpp_model": profile.cpp_model,
-        "point": point, "transform": variant, "shadow_layers": sorted(shadow_layers),
-        "shadow_layers_go_to": profile.shadow_set_location,
-        "chunk_size": 128, "max_chunk_size": SHADOW_MAX_POSITIONS,
-        "chunk_note": f"prefill in chunks of at most {SHADOW_MAX_POSITIONS} positions (the shadow op's buffers)",
-        "cpp_config": config,
-        **({"mllm_v1_blocker": profile.mllm_v1_blocker} if profile.mllm_v1_blocker else {}),
-    }
 
 
 # --- stage 4: conversion ----------------------------------------------------

@@ -8,22 +8,19 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from shadowquant.atomic import atomic_path, write_json
 from shadowquant.corpus import read_jsonl_texts
-from shadowquant.decision import (load_act_scales, parse_point, point_clip, point_decisions, read_clip_scales,
-                                  read_ranking, shadow_summary)
+from shadowquant.decision import load_act_scales
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import apply_w8a8, weight_range_name
 from shadowquant.jsonfile import read_json_object
 from shadowquant.families import quantized_layer_names
 from shadowquant.metrics import evaluate, per_record, result_from_per_record, save_baseline, summarize
 from shadowquant.models import load_model_from_manifest
 from shadowquant.profiling import tokenize_samples
-from shadowquant.runtime import IDEAL, get_profile
-from shadowquant.runtime_decision import read_runtime_scales, runtime_decisions, shadow_layers_of_point
-from shadowquant.runtime_linear import apply_runtime
+from shadowquant.runtimes import DecisionSources, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +30,7 @@ SWEEP_COLUMNS = ["point", "runtime", "rule", "statistic", "clip", "weight_range"
                  "num_shadow_layers", "shadow_layers", "cpu_share", "input_outliers", "output_outliers",
                  "num_shadow_inputs", "num_shadow_outputs", "num_shadow_sides", "shadow_flop_fraction",
                  "num_samples", "num_tokens"]
-# Which parts of every quantized Linear are quantized, for the error breakdown.
-PARTS = {
-    "all": dict(quantize_weights=True, quantize_inputs=True, quantize_outputs=True),
-    "weights": dict(quantize_weights=True, quantize_inputs=False, quantize_outputs=False),
-    "inputs": dict(quantize_weights=False, quantize_inputs=True, quantize_outputs=False),
-    "outputs": dict(quantize_weights=False, quantize_inputs=False, quantize_outputs=True),
-}
-
-
-def _clean(value):
+def json_number(value):
     """JSON-friendly numbers: NaN and infinities become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -55,27 +43,6 @@ def evaluation_sequences(tokenizer, samples: str | Path, seq_len: int) -> list[l
     if not sequences:
         raise PipelineError(f"{samples}: no evaluation record has two or more tokens; use longer texts")
     return sequences
-
-
-def shadow_flop_fraction(model, layer_names: list[str], decisions) -> float:
-    """Device-cost proxy: the share of quantized Linear FLOPs (in x out per token) whose input is shadowed."""
-    total = shadow = 0
-    for name in layer_names:
-        module = model.get_submodule(name)
-        flops = module.in_features * module.out_features
-        total += flops
-        if not decisions[name].clip_input:
-            shadow += flops
-    return shadow / total if total else 0.0
-
-
-def quantize_model(model, family: str, decisions, part: str = "all", weight_range: str = "max") -> list[str]:
-    """Replace the family's quantized Linears by simulated W8A8 ones (lm_head stays float)."""
-    if part not in PARTS:
-        raise PipelineError(f"unknown breakdown part '{part}'; valid: {', '.join(PARTS)}")
-    names = quantized_layer_names(model, family)
-    apply_w8a8(model, decisions, names, **PARTS[part], weight_range=weight_range)
-    return names
 
 
 def read_point_json(path: str | Path) -> dict:
@@ -94,7 +61,7 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
     sequences = evaluation_sequences(tokenizer, samples, seq_len)
     result = evaluate(model, sequences, batch_size=batch_size, collect_baseline=True, desc="float")
     save_baseline(out_baseline, result.baseline)
-    metrics = {k: _clean(v) for k, v in summarize(result, num_resamples=num_resamples).items()}
+    metrics = {k: json_number(v) for k, v in summarize(result, num_resamples=num_resamples).items()}
     metrics.update(point="float", rule="float", statistic="float", threshold=None, shadow_budget=None,
                    per_record=per_record(result))
     write_json(out_json, metrics)
@@ -102,29 +69,42 @@ def evaluate_float(manifest, samples, out_json, out_baseline, seq_len: int, batc
     return metrics
 
 
-def evaluate_point(manifest, samples, act_scales, baseline, float_json, out_json, point: str, seq_len: int,
-                   batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
-                   sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max",
-                   runtime: str = IDEAL, runtime_scales=None) -> dict:
+@dataclass(frozen=True)
+class PointEvaluation:
+    """What every sweep point of a run is evaluated with: the run's files and the evaluation settings.
+
+    `runtime` names the runtime profile simulated (runtime.py); an NPU profile needs `runtime_scales`
+    (runtime_scales.json) and, for its 'absmax-l<k>' points, the layer ranking in `sensitivity`; the ideal
+    profile's '-k' points need `sensitivity`, its '-mse' points `clip_scales`."""
+
+    manifest: str | Path
+    samples: str | Path
+    act_scales: str | Path
+    baseline: str | Path
+    float_json: str | Path
+    seq_len: int
+    runtime: str
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "auto"
+    num_resamples: int = 1000
+    weight_range: str | dict = "max"
+    sensitivity: str | Path | None = None
+    clip_scales: str | Path | None = None
+    runtime_scales: str | Path | None = None
+
+
+def evaluate_point(evaluation: PointEvaluation, point: str, out_json, part: str = "all") -> dict:
     """One sweep point (or one part of the error breakdown): quantize, evaluate against the float baseline,
     and summarize with bootstrap intervals paired with the float run on the same records."""
-    metrics = evaluate_points(manifest, samples, act_scales, baseline, float_json, [point], seq_len,
-                              batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
-                              sensitivity=sensitivity, part=part, clip_scales=clip_scales,
-                              weight_range=weight_range, runtime=runtime, runtime_scales=runtime_scales)[0]
+    metrics = evaluate_points(evaluation, [point], part=part)[0]
     write_json(out_json, metrics)
     return metrics
 
 
-def evaluate_point_group(manifest, samples, act_scales, baseline, float_json, out_json, points: list[str],
-                         seq_len: int, batch_size: int = 4, device: str = "auto", dtype: str = "auto",
-                         num_resamples: int = 1000, sensitivity=None, clip_scales=None,
-                         weight_range: str = "max", runtime: str = IDEAL, runtime_scales=None) -> list[dict]:
+def evaluate_point_group(evaluation: PointEvaluation, points: list[str], out_json) -> list[dict]:
     """A group of sweep points evaluated with one model load, written as {"points": [...]} for split_point."""
-    results = evaluate_points(manifest, samples, act_scales, baseline, float_json, list(points), seq_len,
-                              batch_size=batch_size, device=device, dtype=dtype, num_resamples=num_resamples,
-                              sensitivity=sensitivity, clip_scales=clip_scales, weight_range=weight_range,
-                              runtime=runtime, runtime_scales=runtime_scales)
+    results = evaluate_points(evaluation, list(points))
     write_json(out_json, {"points": results})
     return results
 
@@ -139,94 +119,39 @@ def split_point(group_json, point: str, out_json) -> dict:
     return matches[0]
 
 
-def evaluate_points(manifest, samples, act_scales, baseline, float_json, points: list[str], seq_len: int,
-                    batch_size: int = 4, device: str = "auto", dtype: str = "auto", num_resamples: int = 1000,
-                    sensitivity=None, part: str = "all", clip_scales=None, weight_range: str = "max",
-                    runtime: str = IDEAL, runtime_scales=None) -> list[dict]:
+def evaluate_points(evaluation: PointEvaluation, points: list[str], part: str = "all") -> list[dict]:
     """Sweep points with one model load (`sweep.points_per_job`): each point quantizes a fresh copy of the
     float model, so every result equals the one-point job's. Worth it where loading dominates (a
-    billion-parameter model on a GPU evaluates a point in seconds but loads in tens of seconds).
-
-    `runtime` names the runtime profile simulated (runtime.py); an NPU profile needs `runtime_scales`
-    (runtime_scales.json) and, for its 'absmax-l<k>' points, the layer ranking in `sensitivity`."""
+    billion-parameter model on a GPU evaluates a point in seconds but loads in tens of seconds)."""
     if not points:
         raise PipelineError("no sweep point to evaluate")
+    e = evaluation
     started = time.perf_counter()
-    float_model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
+    float_model, tokenizer, family = load_model_from_manifest(e.manifest, e.device, e.dtype)
     log.info("model loaded in %.1f s", time.perf_counter() - started)
     names = quantized_layer_names(float_model, family)
-    scales = load_act_scales(act_scales)
-    sequences = evaluation_sequences(tokenizer, samples, seq_len)
-    float_result = result_from_per_record(read_point_json(float_json)["per_record"], source=str(float_json))
-    profile = get_profile(runtime, family)
-    if not profile.ideal:
-        chosen = read_runtime_scales(runtime_scales, profile)
-        ranking = [layer for layer, _ in read_ranking(sensitivity, "absmax")] if sensitivity is not None else None
-        return [_evaluate_runtime_point(float_model if index == len(points) - 1 else copy.deepcopy(float_model),
-                                        names, profile, scales, point, sequences, batch_size, baseline, float_result,
-                                        num_resamples, part, weight_range, chosen, ranking)
-                for index, point in enumerate(points)]
-    # The ranking and clip scales are read once per statistic, not once per point.
-    rankings, clip_tables = {}, {}
+    scales = load_act_scales(e.act_scales)
+    sequences = evaluation_sequences(tokenizer, e.samples, e.seq_len)
+    float_result = result_from_per_record(read_point_json(e.float_json)["per_record"], source=str(e.float_json))
+    runtime = get_runtime(e.runtime, family)
+    # The ranking and the clip and runtime scales are read once, not once per point.
+    sources = DecisionSources(e.sensitivity, e.clip_scales, e.runtime_scales)
     results = []
     for index, point in enumerate(points):
-        statistic, rule, value = parse_point(point)
-        if statistic not in rankings:
-            rankings[statistic] = read_ranking(sensitivity, statistic) if sensitivity is not None else None
-            clip_tables[statistic] = read_clip_scales(clip_scales, statistic) if clip_scales is not None else None
-        ranking, clips = rankings[statistic], clip_tables[statistic]
-        decisions = point_decisions(scales, point, ranking=ranking, source=str(act_scales), clip_scales=clips)
+        plan = runtime.decide(scales, point, names, sources, source=str(e.act_scales))
         # The last point may quantize the loaded model itself; the others each take a copy.
         model = float_model if index == len(points) - 1 else copy.deepcopy(float_model)
-        quantize_model(model, family, decisions, part, weight_range)
+        counter = runtime.apply(model, plan, names, part, e.weight_range)
         label = point if part == "all" else f"{point} {part} only"
-        result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, desc=label)
-        metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
-        counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
-        metrics.update(
-            point=point, rule=rule, statistic=statistic, clip=point_clip(point), part=part,
-            weight_range=weight_range_name(weight_range), threshold=value if rule == "ratio" else None,
-            shadow_budget=int(value) if rule == "sensitivity" else None,
-            num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
-            num_shadow_sides=counts["num_shadow_sides"],
-            shadow_flop_fraction=shadow_flop_fraction(model, names, decisions), runtime=IDEAL,
-            shadow_inputs=counts["shadow_inputs"], shadow_outputs=counts["shadow_outputs"],
-            per_record=per_record(result),
-        )
-        log.info("%s: perplexity %.4f (%+.2f %%), KL %.4f, agreement %.4f, %d shadow sides", label,
-                 metrics["perplexity"], 100 * (metrics["perplexity_increase"] or 0.0), metrics["kl"] or 0.0,
-                 metrics["agreement"] or 0.0, metrics["num_shadow_sides"])
+        result = evaluate(model, sequences, batch_size=e.batch_size, baseline=e.baseline,
+                          desc=runtime.progress_label(label))
+        metrics = {k: json_number(v) for k, v in summarize(result, float_result, num_resamples=e.num_resamples).items()}
+        metrics.update(runtime.point_record(plan, names, model, counter, part, e.weight_range),
+                       per_record=per_record(result))
+        runtime.log_point(log, label, metrics)
         results.append(metrics)
         del model
     return results
-
-
-def _evaluate_runtime_point(model, names, profile, act_scales, point, sequences, batch_size, baseline, float_result,
-                            num_resamples, part, weight_range, runtime_scales, ranking) -> dict:
-    """One point under an NPU runtime profile: its shadow layers, the simulation, the measured CPU share."""
-    statistic, rule, value = parse_point(point)
-    shadow = shadow_layers_of_point(point, act_scales, profile, names, ranking)
-    decisions = runtime_decisions(act_scales, runtime_scales, profile, names, shadow)
-    counter = apply_runtime(model, decisions, names, profile, shadow, weight_range=weight_range, **PARTS[part])
-    label = point if part == "all" else f"{point} {part} only"
-    result = evaluate(model, sequences, batch_size=batch_size, baseline=baseline, desc=f"{label} ({profile.name})")
-    metrics = {k: _clean(v) for k, v in summarize(result, float_result, num_resamples=num_resamples).items()}
-    counts = shadow_summary({n: decisions[n] for n in names}, value if rule == "ratio" else math.nan, statistic)
-    metrics.update(
-        point=point, runtime=profile.name, rule=rule, statistic=statistic, clip="runtime", part=part,
-        weight_range=weight_range_name(weight_range), threshold=value if rule == "ratio" else None,
-        shadow_budget=int(value) if rule == "layers" else None, num_shadow_layers=len(shadow),
-        shadow_layers=" ".join(str(i) for i in sorted(shadow)), cpu_share=counter.share,
-        input_outliers=counter.input_outliers, output_outliers=counter.output_outliers,
-        num_shadow_inputs=counts["num_shadow_inputs"], num_shadow_outputs=counts["num_shadow_outputs"],
-        num_shadow_sides=counts["num_shadow_sides"], shadow_flop_fraction=None,
-        shadow_inputs=counts["shadow_inputs"], shadow_outputs=counts["shadow_outputs"],
-        per_record=per_record(result),
-    )
-    log.info("%s (%s): perplexity %.4f (%+.2f %%), KL %.4f, agreement %.4f, shadow layers [%s], CPU share %.4f %%",
-             label, profile.name, metrics["perplexity"], 100 * (metrics["perplexity_increase"] or 0.0),
-             metrics["kl"] or 0.0, metrics["agreement"] or 0.0, metrics["shadow_layers"], 100 * counter.share)
-    return metrics
 
 
 def aggregate(float_json, point_jsons: list, out_csv) -> None:
@@ -248,7 +173,7 @@ def aggregate(float_json, point_jsons: list, out_csv) -> None:
 
 def breakdown(float_json, part_jsons: dict, out_json) -> dict:
     """Where the loss comes from: float, weights only, inputs only, outputs only and all, at the breakdown
-    point (decision.breakdown_point), whose label the result names."""
+    point (the runtime's breakdown_point), whose label the result names."""
     keys = [f"{m}{s}" for m in METRIC_KEYS for s in ("", "_ci_low", "_ci_high")] + ["num_tokens"]
     parts = {"float": read_point_json(float_json)}
     parts.update({part: read_point_json(path) for part, path in part_jsons.items()})

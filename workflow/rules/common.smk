@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from shadowquant.config import choice_params, resolve_auto, uses_auto, validate_config
 from shadowquant.download import dataset_cache_path
 from shadowquant.errors import PipelineError
-from shadowquant.decision import breakdown_point, parse_point, point_clip, point_label
+from shadowquant.decision import needs_ranking, parse_point, point_clip
 from shadowquant.manifest import local_source_files
 from shadowquant.model_source import describe_source
+from shadowquant.runtimes import get_runtime
 from shadowquant.slurm_check import (
     ThreadRequest,
     check_threads_fit,
@@ -189,51 +190,15 @@ EXPORT_THRESHOLD = (
     if not EXPORT_IS_AUTO and parse_point(EXPORT_POINT)[1] == "ratio"
     else None
 )
-SWEEP_STATISTICS = sorted(config["sweep"]["statistics"])
-# The runtime the numbers are for: an NPU profile (a point is a set of shadow layers) or 'ideal'.
+# The runtime the numbers are for (runtimes/): an NPU profile (a point is a set of shadow layers) or
+# 'ideal'; it says which points the sweep has and which point the error breakdown splits.
 RUNTIME = config["runtime"]["profile"]
-NPU_RUNTIME = RUNTIME != "ideal"
-BREAKDOWN_STATISTIC = (
-    "absmax" if NPU_RUNTIME or "absmax" in SWEEP_STATISTICS else SWEEP_STATISTICS[0]
-)
-# The "all" bar of the error breakdown (ideal: all shadow, t = 1; NPU: no shadow layer, absmax-l0)
-# is a sweep point: evaluated with it.
-BREAKDOWN_POINT = breakdown_point(BREAKDOWN_STATISTIC, RUNTIME)
-SWEEP_THRESHOLDS = sorted(
-    {float(t) for t in config["sweep"]["thresholds"]}
-    | ({1.0} if config["sweep"]["breakdown"] and not NPU_RUNTIME else set())
-)
+SIMULATED = get_runtime(RUNTIME)
+BREAKDOWN_STATISTIC = SIMULATED.breakdown_statistic(config["sweep"]["statistics"])
+# The "all" bar of the error breakdown is a sweep point: evaluated with it.
+BREAKDOWN_POINT = SIMULATED.breakdown_point(BREAKDOWN_STATISTIC)
 RUNTIME_SCALES = f"{RUN_RESULTS}/runtime_scales.json"
-SHADOW_SIDES = sorted(set(config["sweep"]["shadow_sides"]))
-SHADOW_LAYERS = sorted(set(config["sweep"]["shadow_layers"]))
-CLIPS = config["sweep"]["clip_scales"]
-if NPU_RUNTIME:
-    # Clamped ranges come from runtime_scales.json (max or MSE per side): no '-mse' twins.
-    SWEEP_LABELS = sorted(
-        {point_label("absmax", "ratio", t) for t in SWEEP_THRESHOLDS}
-        | {point_label("absmax", "layers", k) for k in SHADOW_LAYERS}
-        # No shadow layer: the runtime's plain configuration, the zero-cost point every sweep has.
-        | {point_label("absmax", "layers", 0)}
-        | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
-    )
-else:
-    SWEEP_LABELS = sorted(
-        {
-            point_label(s, "ratio", t, c)
-            for s in SWEEP_STATISTICS
-            for t in SWEEP_THRESHOLDS
-            for c in CLIPS
-            # At t <= 1 no side is clipped: the '-mse' point would repeat the 'max' one.
-            if c == "max" or t > 1
-        }
-        | {
-            point_label(s, "sensitivity", k, c)
-            for s in SWEEP_STATISTICS
-            for k in SHADOW_SIDES
-            for c in CLIPS
-        }
-        | ({EXPORT_POINT} if not EXPORT_IS_AUTO else set())
-    )
+SWEEP_LABELS = SIMULATED.sweep_labels(config["sweep"], EXPORT_POINT)
 SWEEP_POINTS = [f"{RUN_RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
 # sweep.points_per_job > 1: the points in groups, each evaluated by one job with one model load.
 POINTS_PER_JOB = config["sweep"]["points_per_job"]
@@ -242,12 +207,6 @@ POINT_GROUPS = [
     for i in range(0, len(SWEEP_LABELS), POINTS_PER_JOB)
 ]
 GROUP_OF_POINT = {label: g for g, group in enumerate(POINT_GROUPS) for label in group}
-
-
-def needs_ranking(label):
-    """Whether a point takes its shadow sides (ideal) or layers (NPU) from sensitivity.csv."""
-    _, rule, value = parse_point(label)
-    return rule in ("sensitivity", "layers") and value > 0
 
 
 # Sensitivity is measured when some point needs its ranking.
@@ -355,12 +314,12 @@ def sensitivity_input(wildcards=None):
 
 def runtime_scales_input(wildcards):
     """The run's runtime_scales.json under an NPU runtime profile."""
-    return [in_run(RUNTIME_SCALES, wildcards)] if NPU_RUNTIME else []
+    return [in_run(RUNTIME_SCALES, wildcards)] if SIMULATED.needs_runtime_scales else []
 
 
 def export_runtime_scales_input(wildcards=None):
     """runtime_scales.json of every variant the export may use, under an NPU runtime profile."""
-    return export_inputs(RUNTIME_SCALES) if NPU_RUNTIME else []
+    return export_inputs(RUNTIME_SCALES) if SIMULATED.needs_runtime_scales else []
 
 
 def clip_scales_input(wildcards=None):
@@ -463,10 +422,6 @@ BUNDLE = f"{RESULTS}/bundle"
 
 
 def bundle_runtime_json(wildcards=None):
-    """runtime.json of the export; the bundle is refused before any job runs under the ideal profile."""
-    if RUNTIME == "ideal":
-        raise PipelineError(
-            f"{CONFIG_SOURCE}: runtime.profile is 'ideal', which no phone runs; the bundle needs an NPU "
-            "profile (qwen-npu, qwen-npu-rotated or phonelm-npu) and a family mllm has an NPU model for"
-        )
+    """runtime.json of the export; the bundle is refused before any job runs under a runtime no phone runs."""
+    SIMULATED.require_phone(f"{CONFIG_SOURCE} (the bundle)")
     return f"{RESULTS}/runtime.json"

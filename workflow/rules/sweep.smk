@@ -259,6 +259,7 @@ else:
         params:
             weight_range=WEIGHT_RANGE,
             points=lambda wildcards: POINT_GROUPS[int(wildcards.group)],
+            runtime=RUNTIME,
             seq_len=config["evaluation"]["seq_len"],
             batch_size=config["evaluation"]["batch_size"],
             device=config["device"],
