@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowquant.inspector import main as inspect_main
+from shadowquant.cli import inspect_command as inspect_main
 from shadowquant.config import schema
 from shadowquant.decode_model import file_dtype_of
 from shadowquant.mllm import DTYPE_NAMES, DTYPE_Q4_0, DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from shadowquant.inspector import format_report, inspect_mllm, main
+from shadowquant.cli import inspect_command as main
+from shadowquant.inspector import format_report, inspect_mllm
 from shadowquant.mllm import DTYPE_FLOAT32, DTYPE_INT8, write_mllm_v1, write_mllm_v2
 
 Q = "model.layers.0.self_attn.q_proj"

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from shadowquant.families import FAMILIES, NPU_FAMILIES
-from shadowquant.inspector import main as inspect_main
+from shadowquant.cli import inspect_command as inspect_main
 from shadowquant.mllm import DTYPE_INT8, read_mllm
 from test_bundle_workflow import check_bundle
 from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config

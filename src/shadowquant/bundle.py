@@ -365,10 +365,10 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
     """Check a bundle as a whole: every file there and readable, one vocabulary size, the shadow layers
     of runtime.json equal to the clip flags in the prefill file, and the decoding model holding a
     tensor for every weight of the prefill model (same names), and both models holding every tensor their
-    C++ model loads, with its dtype and byte size (runtime.loaded_tensors, runtime.decode_loaded_tensors; the
+    C++ model loads, with its dtype and byte size (inspector.prefill_loaded, inspector.decode_loaded; the
     decoding model's weights may be Q4_0 or Q8_0, each checked with the size its own dtype needs)."""
-    from shadowquant.decode_model import decode_dtype_problems, dtype_mix, file_dtype_of
-    from shadowquant.runtime import decode_loaded_tensors, get_profile, loaded_tensors
+    from shadowquant.decode_model import decode_dtype_problems, dtype_mix
+    from shadowquant.inspector import decode_loaded, loaded_problems, prefill_loaded
 
     directory = Path(directory)
     report = BundleReport(directory)
@@ -423,28 +423,23 @@ def inspect_bundle(directory: str | os.PathLike) -> BundleReport:
             problems.append(f"{DECODE}: {n} holds {decode.entry(n).numel} values, the prefill model's "
                             f"{prefill.entry(n).numel}")
             break
-    # What the profile's C++ model allocates, name by name (the loader drops a size mismatch silently).
-    try:
-        expected = loaded_tensors(get_profile(runtime["runtime"]), cfg, shadow)
-    except PipelineError as exc:
-        problems.append(f"{RUNTIME}: {exc}")
-        expected = {}
-    # ... and what the CPU decoding model allocates (QWenForCausalLM: q/k/v biases whatever the model).
-    try:
-        decode_expected = decode_loaded_tensors(get_profile(runtime["runtime"]), cfg, file_dtype_of(decode))
-    except (PipelineError, KeyError, TypeError, ValueError) as exc:
-        problems.append(f"{RUNTIME}: {exc}")
-        decode_expected = {}
-    report.facts.update(prefill_loaded=len(expected), decode_loaded=len(decode_expected))
-    for label, stored, wanted in ((PREFILL, prefill, expected), (DECODE, decode, decode_expected)):
-        absent = [name for name in wanted if name not in stored]
+    # What each C++ model allocates, name by name (the loader drops a size mismatch silently): the NPU
+    # model, and the CPU decoding model (QWenForCausalLM: q/k/v biases whatever the model).
+    loaded = {}
+    for label, stored, expectation in ((PREFILL, prefill, lambda: prefill_loaded(runtime)),
+                                       (DECODE, decode, lambda: decode_loaded(runtime, decode))):
+        try:
+            wanted = expectation()
+        except PipelineError as exc:
+            problems.append(f"{RUNTIME}: {exc}")
+            wanted = {}
+        loaded[label] = len(wanted)
+        found = loaded_problems(stored, wanted)
+        absent = [problem.name for problem in found if problem.what == "missing"]
         if absent:
             problems.append(f"{label}: no {absent[0]} (and {len(absent) - 1} more), which the C++ model loads")
-        for name, (code, size) in wanted.items():
-            if name in stored and (stored.entry(name).size != size or stored.entry(name).dtype != code):
-                entry = stored.entry(name)
-                problems.append(f"{label}: {name} is {entry.size} bytes of {entry.dtype_name}, the C++ model "
-                                f"allocates {size} bytes of {DTYPE_NAMES[code]}")
+        problems.extend(f"{label}: {problem.name}: {problem.what}" for problem in found if problem.what != "missing")
+    report.facts.update(prefill_loaded=loaded[PREFILL], decode_loaded=loaded[DECODE])
     recorded = runtime.get("bundle", {}).get("files", {})
     named = runtime.get("bundle", {}).get("decoding_dtype")
     mix = dtype_mix({e.name: e.dtype_name for e in decode.entries})

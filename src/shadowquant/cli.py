@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Sequence
 
 from shadowquant.errors import PipelineError
 
@@ -222,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "inspect":
-            from shadowquant.inspector import main as inspect_main
-
-            return inspect_main(args.rest)
+            return inspect_command(args.rest)
         if args.command == "validate-config":
             import yaml
 
@@ -307,3 +307,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def inspect_command(argv: Sequence[str] | None = None) -> int:
+    """`inspect PATH [--export SAFETENSORS] [--json OUT]`: 0 clean, 1 problems, 2 unreadable file.
+    PATH may be a bundle folder: then the whole bundle is checked (bundle.inspect_bundle)."""
+    from shadowquant import atomic
+    from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm, read_runtime_json
+    from shadowquant.mllm import read_mllm
+
+    parser = argparse.ArgumentParser(
+        prog="shadowquant inspect",
+        description="Check an mllm model file for the tensors the QNN runtime pulls for each quantized Linear.",
+    )
+    parser.add_argument("path", help="mllm model file (v1 or v2), or a phone bundle folder (results/<name>/bundle)")
+    parser.add_argument("--export", metavar="SAFETENSORS", help="int8 export it was converted from: check every tensor is there with its shape and dtype")
+    parser.add_argument("--runtime", metavar="JSON", help="runtime.json of the export (default: runtime.json beside "
+                        "the model file, if there is one): check what that runtime profile's C++ model loads")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
+    args = parser.parse_args(argv)
+    if Path(args.path).is_dir():
+        from shadowquant.bundle import format_bundle_report, inspect_bundle
+
+        bundle = inspect_bundle(args.path)
+        print(format_bundle_report(bundle))
+        if args.json:
+            atomic.write_json(args.json, bundle.as_dict())
+        return 0 if not bundle.problems else 1
+    try:
+        expected_shapes = expected_dtypes = None
+        if args.export:
+            version = read_mllm(args.path).version
+            expected_shapes, expected_dtypes = expectations_from_safetensors(args.export, version)
+        runtime_path = Path(args.runtime) if args.runtime else Path(args.path).with_name("runtime.json")
+        runtime = read_runtime_json(runtime_path) if args.runtime or runtime_path.is_file() else None
+        report = inspect_mllm(args.path, expected_shapes, expected_dtypes, runtime)
+    except PipelineError as exc:
+        message = str(exc)
+        # Reader messages already start with the file; others get the inspected path.
+        named_files = [str(Path(args.path))] + ([str(Path(args.export))] if args.export else [])
+        if not any(message.startswith(f"{name}:") for name in named_files):
+            message = f"{args.path}: {message}"
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        atomic.write_json(args.json, report.to_dict())
+    return 0 if report.ok else 1

@@ -10,15 +10,12 @@ reported for lacking an int8 weight.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from shadowquant import atomic
 from shadowquant.errors import PipelineError
 from shadowquant.mllm import (
     DTYPE_FLOAT16,
@@ -210,10 +207,11 @@ def _check_expected(
             problems.append(Problem(name, f"{entry.numel} elements, expected {math.prod(shape)} for shape {tuple(shape)}"))
 
 
-def _check_loaded(mllm: MllmFile, expected: dict[str, tuple[int, int]], problems: list[Problem]) -> _LinearChecker:
+def loaded_problems(mllm: MllmFile, expected: dict[str, tuple[int, int]]) -> list[Problem]:
     """Every tensor of `expected` ({name: (dtype code, byte size)}, what a C++ model's ops ask the loader
-    for) present, with that dtype and byte size: mllm's loader skips a missing name without a word (the
-    op computes with uninitialised memory) and rejects or truncates another size."""
+    for) present ("missing" otherwise), with that dtype and byte size: mllm's loader skips a missing name
+    without a word (the op computes with uninitialised memory) and rejects or truncates another size."""
+    problems: list[Problem] = []
     checker = _LinearChecker(mllm, problems)
     for name, (code, size) in expected.items():
         if not checker.exists(name) or not checker.dtype_is(name, (code,)):
@@ -221,7 +219,32 @@ def _check_loaded(mllm: MllmFile, expected: dict[str, tuple[int, int]], problems
         entry = mllm.entry(name)
         if entry.size != size:
             checker.bad(name, f"{entry.size} bytes, the runtime allocates {size} (its loader would reject it)")
-    return checker
+    return problems
+
+
+def prefill_loaded(runtime: dict) -> dict[str, tuple[int, int]]:
+    """What the runtime profile's C++ NPU model loads for the model runtime.json describes (its
+    cpp_config and shadow layers): {name: (dtype code, byte size)}."""
+    from shadowquant.runtime import get_profile, loaded_tensors
+
+    try:
+        return loaded_tensors(get_profile(str(runtime.get("runtime"))), runtime["cpp_config"],
+                              runtime.get("shadow_layers", []))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
+
+
+def decode_loaded(runtime: dict, mllm: MllmFile) -> dict[str, tuple[int, int]]:
+    """What the profile's CPU decoding model loads, each weight with the byte size its own dtype in `mllm`
+    needs (Q4_0 and Q8_0 in any mix, as the bundle's recipes write them)."""
+    from shadowquant.decode_model import file_dtype_of
+    from shadowquant.runtime import decode_loaded_tensors, get_profile
+
+    try:
+        return decode_loaded_tensors(get_profile(str(runtime.get("runtime"))), runtime["cpp_config"],
+                                     file_dtype_of(mllm))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
 
 
 def is_decoding_model(mllm: MllmFile) -> bool:
@@ -231,19 +254,13 @@ def is_decoding_model(mllm: MllmFile) -> bool:
 
 
 def _check_decoding(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> list[LinearInfo]:
-    """Every tensor the profile's CPU decoding model loads (runtime.decode_loaded_tensors): present, with the
-    byte size its own dtype needs (Q4_0 and Q8_0 weights in any mix, as the bundle's recipes write them),
-    norms and biases float32."""
-    from shadowquant.decode_model import decode_dtype_issues, file_dtype_of
-    from shadowquant.runtime import decode_loaded_tensors, get_profile
+    """Every tensor the profile's CPU decoding model loads (decode_loaded): present, with the byte size its
+    own dtype needs, norms and biases float32."""
+    from shadowquant.decode_model import decode_dtype_issues
 
-    try:
-        expected = decode_loaded_tensors(get_profile(str(runtime.get("runtime"))), runtime["cpp_config"],
-                                         file_dtype_of(mllm))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
+    expected = decode_loaded(runtime, mllm)
     problems.extend(Problem(name, f"dtype {what}") for name, what in decode_dtype_issues(mllm))
-    _check_loaded(mllm, expected, problems)
+    problems.extend(loaded_problems(mllm, expected))
     return [LinearInfo(name[: -len(".weight")], True, f"{name[: -len('.weight')]}.bias" in mllm)
             for name, (code, _) in expected.items()
             if code in (DTYPE_Q4_0, DTYPE_Q8_0) and name.endswith("_proj.weight")]
@@ -253,14 +270,11 @@ def _check_runtime(mllm: MllmFile, runtime: dict, problems: list[Problem]) -> li
     """Every tensor the runtime profile's C++ model loads: present, with its dtype and the byte size the op
     allocates (mllm's loader rejects another size and skips a missing name silently); scales positive,
     clip flags 0 or 1 and only where runtime.json names a shadow layer."""
-    from shadowquant.runtime import get_profile, layer_index, loaded_tensors
+    from shadowquant.runtime import layer_index
 
-    try:
-        profile = get_profile(str(runtime.get("runtime")))
-        expected = loaded_tensors(profile, runtime["cpp_config"], runtime.get("shadow_layers", []))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PipelineError(f"runtime.json: incomplete ({exc}); re-run the int8 export") from None
-    checker = _check_loaded(mllm, expected, problems)
+    expected = prefill_loaded(runtime)
+    problems.extend(loaded_problems(mllm, expected))
+    checker = _LinearChecker(mllm, problems)
     for name in expected:
         if name in mllm and not any(p.name == name for p in problems):
             if name.endswith(ACTIVATION_SCALE_SUFFIXES + (".weight.scale", ".bias.scale")):
@@ -392,50 +406,3 @@ def format_report(report: InspectReport) -> str:
     else:
         lines.append("  problems: none")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`inspect PATH [--export SAFETENSORS] [--json OUT]`: 0 clean, 1 problems, 2 unreadable file.
-    PATH may be a bundle folder: then the whole bundle is checked (bundle.inspect_bundle)."""
-    parser = argparse.ArgumentParser(
-        prog="shadowquant inspect",
-        description="Check an mllm model file for the tensors the QNN runtime pulls for each quantized Linear.",
-    )
-    parser.add_argument("path", help="mllm model file (v1 or v2), or a phone bundle folder (results/<name>/bundle)")
-    parser.add_argument("--export", metavar="SAFETENSORS", help="int8 export it was converted from: check every tensor is there with its shape and dtype")
-    parser.add_argument("--runtime", metavar="JSON", help="runtime.json of the export (default: runtime.json beside "
-                        "the model file, if there is one): check what that runtime profile's C++ model loads")
-    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
-    args = parser.parse_args(argv)
-    if Path(args.path).is_dir():
-        from shadowquant.bundle import format_bundle_report, inspect_bundle
-
-        bundle = inspect_bundle(args.path)
-        print(format_bundle_report(bundle))
-        if args.json:
-            atomic.write_json(args.json, bundle.as_dict())
-        return 0 if not bundle.problems else 1
-    try:
-        expected_shapes = expected_dtypes = None
-        if args.export:
-            version = read_mllm(args.path).version
-            expected_shapes, expected_dtypes = expectations_from_safetensors(args.export, version)
-        runtime_path = Path(args.runtime) if args.runtime else Path(args.path).with_name("runtime.json")
-        runtime = read_runtime_json(runtime_path) if args.runtime or runtime_path.is_file() else None
-        report = inspect_mllm(args.path, expected_shapes, expected_dtypes, runtime)
-    except PipelineError as exc:
-        message = str(exc)
-        # Reader messages already start with the file; others get the inspected path.
-        named_files = [str(Path(args.path))] + ([str(Path(args.export))] if args.export else [])
-        if not any(message.startswith(f"{name}:") for name in named_files):
-            message = f"{args.path}: {message}"
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.json:
-        atomic.write_json(args.json, report.to_dict())
-    return 0 if report.ok else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
