@@ -86,7 +86,7 @@ def _status_kb(field: str) -> int:
 
 def _convert_and_measure(src: str, dst: str, version: int, queue) -> None:
     """Child process: convert once, report time and memory growth over the post-import baseline."""
-    from shadowquant.mllm import convert_safetensors_to_mllm, read_mllm
+    from shadowquant.export.mllm import convert_safetensors_to_mllm, read_mllm
 
     base_maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     base_anon_kb = _status_kb("RssAnon")

@@ -1,6 +1,6 @@
 """Quick comparison of CPU decoding-model formats (issue 25): perplexity of the float model with its weights
 decoded from Q4_0 / Q8_0 blocks, with and without mllm's CPU numerics (Q8_0 activation blocks at every
-quantized matmul, float16 K/V; shadowquant.cpu_numerics).
+quantized matmul, float16 K/V; shadowquant.decoding.cpu_numerics).
 
     python bench/bench_decode_formats.py --model /work/baseline/resources/models/smollm2-135m/hf \
         --eval /work/baseline/results/smollm2-135m/evaluation.jsonl \
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shadowquant.cpu_numerics import linear_names, mllm_cpu_numerics
-from shadowquant.imatrix import collect_importance, gptq_q4_0, quantize_q4_0_imatrix, weighted_error
-from shadowquant.q4_0 import dequantize_q4_0, quantize_q4_0
-from shadowquant.q8_0 import dequantize_q8_0, quantize_q8_0
+from shadowquant.decoding.cpu_numerics import linear_names, mllm_cpu_numerics
+from shadowquant.decoding.imatrix import collect_importance, gptq_q4_0, quantize_q4_0_imatrix, weighted_error
+from shadowquant.decoding.q4_0 import dequantize_q4_0, quantize_q4_0
+from shadowquant.decoding.q8_0 import dequantize_q8_0, quantize_q8_0
 
 EMBED = "model.embed_tokens"
 HEAD = "lm_head"

@@ -8,7 +8,7 @@ Per round, on the same sequences (pydoc records, each truncated to --seq-len tok
 for the baseline), (c) a "quantized" job against that baseline (a + lm_head recomputation + exact KL;
 the float model itself stands in for the quantized one: the cost is the same), (d) the lm_head
 recomputation alone over the baseline's positions. With --reference-metrics, a metrics.py of the
-previous top-k format (`git show d860b66:src/shadowquant/metrics.py > /tmp/topk_metrics.py`) is
+previous top-k format (`git show d860b66:src/shadowquant/evaluate/metrics.py > /tmp/topk_metrics.py`) is
 timed the same way with top-32: (b') its float job, (c') its KL job. Rounds interleave the
 measurements so that load from other processes falls on all of them alike; the minimum wall and CPU
 times (CPU: all threads of this process) are printed.
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from shadowquant.corpus import pydoc_records
-from shadowquant.metrics import evaluate, final_logit_softcap, head_logits, summarize
-from shadowquant.models import load_model
-from shadowquant.profiling import tokenize_samples
+from shadowquant.inputs.corpus import pydoc_records
+from shadowquant.evaluate.metrics import evaluate, final_logit_softcap, head_logits, summarize
+from shadowquant.model.loading import load_model
+from shadowquant.calibrate.profiling import tokenize_samples
 
 from bench_profile import resolve_model  # bench/ is on sys.path when run as a script
 

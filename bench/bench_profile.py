@@ -90,8 +90,8 @@ def _measure(spec: dict) -> dict:
     """Load the model, run one mode on the first `samples` sequences, report time and peak memory."""
     import torch
 
-    from shadowquant.models import load_model
-    from shadowquant.profiling import collate, plan_batches, profile_model
+    from shadowquant.model.loading import load_model
+    from shadowquant.calibrate.profiling import collate, plan_batches, profile_model
 
     torch.set_num_threads(spec["threads"])
     model, tokenizer, _ = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
@@ -156,7 +156,7 @@ def resolve_model(arg: str | None, scratch: Path) -> Path:
         return Path(arg)
     if (DEFAULT_MODEL / "config.json").is_file():
         return DEFAULT_MODEL
-    from shadowquant.models import fetch_model
+    from shadowquant.model.loading import fetch_model
 
     print(f"{DEFAULT_MODEL} not found: converting {DEFAULT_SOURCE} (about 30 s)", file=sys.stderr)
     return Path(fetch_model(DEFAULT_SOURCE, scratch / "model")["path"])
@@ -167,7 +167,7 @@ def build_random_llama(preset: str, out: Path, tokenizer_dir: str | None, dtype:
     import torch
     import transformers
 
-    from shadowquant.tiny import train_tokenizer
+    from shadowquant.model.tiny import train_tokenizer
 
     candidates = [Path(tokenizer_dir)] if tokenizer_dir else [d for d in TOKENIZER_DIRS if d.is_dir()]
     if candidates:
@@ -197,9 +197,9 @@ def build_random_llama(preset: str, out: Path, tokenizer_dir: str | None, dtype:
 
 def calibration_sequences(model_dir: Path, count: int, seq_len: int) -> list[list[int]]:
     """The first `count` long pydoc records, tokenized as the pipeline does."""
-    from shadowquant.corpus import pydoc_records
-    from shadowquant.models import load_tokenizer
-    from shadowquant.profiling import tokenize_samples
+    from shadowquant.inputs.corpus import pydoc_records
+    from shadowquant.model.loading import load_tokenizer
+    from shadowquant.calibrate.profiling import tokenize_samples
 
     texts = [text for text in pydoc_records() if len(text) >= MIN_RECORD_CHARS][:count]
     return tokenize_samples(load_tokenizer(model_dir), texts, seq_len)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from shadowquant import sweep
-from shadowquant.sensitivity import clip_scales_stage
-from shadowquant.weight_range import resolve_weight_range
+from shadowquant.evaluate import sweep
+from shadowquant.calibrate.sensitivity import clip_scales_stage
+from shadowquant.calibrate.weight_range import resolve_weight_range
 
 IDEAL_POINTS = ["absmax-t1", "absmax-t10000000", "absmax-t10000000-mse"]
 NPU_POINTS = ["absmax-l0", "absmax-l1", "absmax-l4", "absmax-t1"]

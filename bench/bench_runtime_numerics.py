@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from shadowquant.decision import load_act_scales, read_ranking
-from shadowquant.families import quantized_layer_names
-from shadowquant.metrics import evaluate, summarize
-from shadowquant.models import load_model_from_manifest
-from shadowquant.runtime import get_profile
+from shadowquant.runtimes.decision import load_act_scales, read_ranking
+from shadowquant.model.families import quantized_layer_names
+from shadowquant.evaluate.metrics import evaluate, summarize
+from shadowquant.model.loading import load_model_from_manifest
+from shadowquant.runtimes.profiles import get_profile
 from shadowquant.runtimes.npu import read_runtime_scales, runtime_decisions, shadow_layers_of_point
-from shadowquant.runtime_linear import apply_runtime, decoder_layers
-from shadowquant.sweep import evaluation_sequences
+from shadowquant.runtimes.runtime_linear import apply_runtime, decoder_layers
+from shadowquant.evaluate.sweep import evaluation_sequences
 
 EFFECTS = ("hvx-dequant", "npu-eps", "silu-sigmoid", "silu-poly", "attention", "cpu-rounding", "null")
 # The null effect: every input range 2^-20 wider, a change of nothing the runtime does. Its size is the
@@ -116,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run, results = Path(args.run), Path(args.results)
     manifest = Path(args.manifest) if args.manifest else _manifest(run)
-    from shadowquant.weight_range import resolve_weight_range
+    from shadowquant.calibrate.weight_range import resolve_weight_range
 
     weight_range = resolve_weight_range("auto", run / "weight_range.json")
     profile = get_profile(args.profile)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from shadowquant.corpus import pydoc_records
-from shadowquant.decision import decide
-from shadowquant.fakequant import apply_w8a8
-from shadowquant.families import quantized_layer_names
-from shadowquant.metrics import evaluate
-from shadowquant.models import load_model
-from shadowquant.profiling import collate, plan_batches, profile_model, tokenize_samples
+from shadowquant.inputs.corpus import pydoc_records
+from shadowquant.runtimes.decision import decide
+from shadowquant.runtimes.fakequant import apply_w8a8
+from shadowquant.model.families import quantized_layer_names
+from shadowquant.evaluate.metrics import evaluate
+from shadowquant.model.loading import load_model
+from shadowquant.calibrate.profiling import collate, plan_batches, profile_model, tokenize_samples
 
 from bench_profile import RANDOM_MODELS, build_random_llama, resolve_model  # bench/ is on sys.path
 

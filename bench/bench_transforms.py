@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from shadowquant.atomic import write_json
-from shadowquant.corpus import build_pydoc_corpus, prepare_samples
-from shadowquant.decision import decide
-from shadowquant.fakequant import apply_w8a8, fake_quant_weight
-from shadowquant.families import quantized_layer_names
-from shadowquant.metrics import evaluate, summarize
-from shadowquant.models import load_model
-from shadowquant.profiling import profile_model, tokenize_samples
-from shadowquant.transforms import ALPHA_GRID, apply_transforms, search_alpha
+from shadowquant.inputs.corpus import build_pydoc_corpus, prepare_samples
+from shadowquant.runtimes.decision import decide
+from shadowquant.runtimes.fakequant import apply_w8a8, fake_quant_weight
+from shadowquant.model.families import quantized_layer_names
+from shadowquant.evaluate.metrics import evaluate, summarize
+from shadowquant.model.loading import load_model
+from shadowquant.calibrate.profiling import profile_model, tokenize_samples
+from shadowquant.model.transforms import ALPHA_GRID, apply_transforms, search_alpha
 
 
 def fake_quant_weights(model, family) -> None:

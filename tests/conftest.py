@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 from mllm_loader_helpers import build_native_loader
-from shadowquant.tiny import build_tiny_model, pydoc_texts, train_tokenizer
+from shadowquant.model.tiny import build_tiny_model, pydoc_texts, train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +71,7 @@ def profiled_tiny_llama(tmp_path_factory, tiny_model_dir, tiny_text_corpus) -> C
     calibration records (calib.jsonl) profiled at 32 tokens (act.json, act.csv) and its qwen-npu runtime
     scales (rs.json); profiled once per session, copied for each caller, who adds its own files."""
     from shadowquant import stages
-    from shadowquant.runtime_scales import runtime_scales_stage
+    from shadowquant.calibrate.runtime_scales import runtime_scales_stage
 
     base = tmp_path_factory.mktemp("profiled_llama")
     manifest = base / "model" / "manifest.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from shadowquant import stages
-from shadowquant.inspector import inspect_mllm
+from shadowquant.export.inspector import inspect_mllm
 from workflow_helpers import snakemake_command, snakemake_env, write_config
 
 # Runs one stage with shadowquant.atomic's rename replaced by "say where, then hang".
@@ -56,7 +56,7 @@ SLOW_WRITES = textwrap.dedent(
 
     class SlowMllmWrites(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "shadowquant.mllm":
+            if name != "shadowquant.export.mllm":
                 return None
             spec = importlib.machinery.PathFinder.find_spec(name, path)
             load = spec.loader.exec_module

@@ -8,9 +8,9 @@ import transformers
 
 from shadowquant.config import choice_params, load_config, resolve_auto, uses_auto, validate_config
 from shadowquant.errors import PipelineError
-from shadowquant.families import FAMILIES
-from shadowquant.model_source import SourceInfo, describe_source
-from shadowquant.transform_support import auto_variant, transform_support
+from shadowquant.model.families import FAMILIES
+from shadowquant.inputs.model_source import SourceInfo, describe_source
+from shadowquant.model.transform_support import auto_variant, transform_support
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -293,7 +293,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def download_with_wrong_sha(inputs: Inputs) -> None:
     """A local http server serves a corpus whose sha256 is not the configured one."""
-    from shadowquant.download import dataset_cache_path, download
+    from shadowquant.inputs.download import dataset_cache_path, download
 
     served = inputs.tmp / "served"
     served.mkdir()
@@ -317,7 +317,7 @@ def downloaded(inputs: Inputs) -> list[Path]:
 
 
 def download_escaping(inputs: Inputs) -> None:
-    from shadowquant.download import download
+    from shadowquant.inputs.download import download
 
     download("https://example.com/corpus.jsonl", inputs.tmp / "resources" / ".." / "outside.jsonl",
              root=inputs.tmp / "resources")
@@ -478,20 +478,20 @@ def test_bad_input_gets_one_clear_line_and_leaves_no_output(case, tmp_path, tiny
 
 def test_trust_remote_code_is_off_by_default_and_logged_when_on(tiny_model_dir, caplog):
     from shadowquant.config import validate_config
-    from shadowquant.models import HUB_PATTERNS, load_model
+    from shadowquant.model.loading import HUB_PATTERNS, load_model
 
     assert validate_config({})["model"]["trust_remote_code"] is False
     assert not any(pattern.endswith(".py") for pattern in HUB_PATTERNS)  # no code is even downloaded
-    with caplog.at_level(logging.WARNING, logger="shadowquant.models"):
+    with caplog.at_level(logging.WARNING, logger="shadowquant.model.loading"):
         load_model(tiny_model_dir("llama"), device="cpu", dtype="float32")
     assert not [r for r in caplog.records if "trust_remote_code" in r.getMessage()]
-    with caplog.at_level(logging.WARNING, logger="shadowquant.models"):
+    with caplog.at_level(logging.WARNING, logger="shadowquant.model.loading"):
         load_model(tiny_model_dir("llama"), device="cpu", dtype="float32", trust_remote_code=True)
     assert [r for r in caplog.records if r.levelno == logging.WARNING and "trust_remote_code is on" in r.getMessage()]
 
 
 def test_dataset_url_path_cannot_leave_the_datasets_folder():
-    from shadowquant.download import dataset_cache_path
+    from shadowquant.inputs.download import dataset_cache_path
 
     for url in ("https://example.com/../../../etc/passwd", "https://example.com/a/..%2F..%2F..%2Fx.jsonl.zst",
                 "https://example.com/..", "https://example.com/"):

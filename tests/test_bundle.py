@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from shadowquant.bundle import heldout_texts, mllm_tokenizer_class
-from shadowquant.decode_model import decode_dtype, load_decode_weights, write_decode_model
+from shadowquant.bundle.assemble import heldout_texts, mllm_tokenizer_class
+from shadowquant.decoding.candidates import decode_dtype, load_decode_weights, write_decode_model
 from shadowquant.errors import PipelineError
-from shadowquant.mllm import (
+from shadowquant.export.mllm import (
     DTYPE_FLOAT32,
     DTYPE_INT8,
     DTYPE_Q4_0,
@@ -22,7 +22,7 @@ from shadowquant.mllm import (
     write_mllm_v1,
     write_mllm_v1_encoded,
 )
-from shadowquant.mllm_tokenizer import (
+from shadowquant.bundle.tokenizer import (
     FileTokenizer,
     merges_mllm_skips,
     read_merges,
@@ -33,8 +33,8 @@ from shadowquant.mllm_tokenizer import (
     write_merges,
     write_vocab,
 )
-from shadowquant.models import load_model
-from shadowquant.q4_0 import BLOCK_BYTES, check_q4_0_shape, dequantize_q4_0, quantize_q4_0
+from shadowquant.model.loading import load_model
+from shadowquant.decoding.q4_0 import BLOCK_BYTES, check_q4_0_shape, dequantize_q4_0, quantize_q4_0
 from mllm_loader_helpers import fnv1a64, run_native_loader
 
 
@@ -138,7 +138,7 @@ def test_tokenizer_files_give_the_hugging_face_ids(tokenizer_files_dir, tiny_tok
 
 
 def heldout_texts_from_pydoc(n: int) -> list[str]:
-    from shadowquant.tiny import pydoc_texts
+    from shadowquant.model.tiny import pydoc_texts
 
     paragraphs = [p.strip() for text in pydoc_texts() for p in text.split("\n\n") if p.strip()]
     return paragraphs[-n:]
@@ -152,7 +152,7 @@ def test_merges_starting_with_hash_are_lost_as_mllm_reads_them(tmp_path):
 
 
 def test_a_hash_merge_changes_the_ids_only_as_mllm_reads_it(tmp_path):
-    from shadowquant.mllm_tokenizer import TokenizerSpec, VocabEntry
+    from shadowquant.bundle.tokenizer import TokenizerSpec, VocabEntry
 
     tokens = ["#", "!", "#!", "a"]
     write_vocab(tmp_path / "v.mllm", [VocabEntry(i, t.encode(), float(i)) for i, t in enumerate(tokens)])
@@ -163,7 +163,7 @@ def test_a_hash_merge_changes_the_ids_only_as_mllm_reads_it(tmp_path):
 
 
 def test_mllm_v1_tokenizer_matches_greedily_where_the_merges_split_otherwise(tmp_path):
-    from shadowquant.mllm_tokenizer import MllmV1Tokenizer, TokenizerSpec, VocabEntry
+    from shadowquant.bundle.tokenizer import MllmV1Tokenizer, TokenizerSpec, VocabEntry
 
     tokens = ["l", "i", "n", "e", "o", "li", "lin", "en", "eno", "line", "no"]
     write_vocab(tmp_path / "v.mllm", [VocabEntry(i, t.encode(), float(i)) for i, t in enumerate(tokens)])
@@ -200,8 +200,8 @@ def test_tokenizers_mllm_cannot_read_are_refused(tmp_path, tiny_tokenizer_dir):
 
 
 def test_mllm_tokenizer_class_is_named_only_for_the_same_pre_tokenization(tokenizer_files_dir):
-    from shadowquant.bundle import QWEN2_PATTERN
-    from shadowquant.mllm_tokenizer import GPT2_PATTERN, TokenizerSpec
+    from shadowquant.bundle.assemble import QWEN2_PATTERN
+    from shadowquant.bundle.tokenizer import GPT2_PATTERN, TokenizerSpec
 
     assert mllm_tokenizer_class(TokenizerSpec([QWEN2_PATTERN], "NFC"))[0] == "QWenTokenizer"
     assert mllm_tokenizer_class(TokenizerSpec([r"\p{N}", GPT2_PATTERN]))[0] == "SmolLMTokenizer"
@@ -210,7 +210,7 @@ def test_mllm_tokenizer_class_is_named_only_for_the_same_pre_tokenization(tokeni
 
 
 def test_heldout_texts_skip_the_calibration_records(tiny_text_corpus):
-    from shadowquant.corpus import count_records, select_records, selection_indices
+    from shadowquant.inputs.corpus import count_records, select_records, selection_indices
 
     texts = heldout_texts(tiny_text_corpus, 50, seed=42, offset=6)
     calibration = select_records(tiny_text_corpus, selection_indices(count_records(tiny_text_corpus), 6, 42, 0))
@@ -308,8 +308,8 @@ def test_mllms_loader_reads_q4_0_blocks_and_reports_what_the_model_would_miss(na
 def test_the_bundle_inspection_checks_both_models_against_what_their_cpp_models_load(tokenizer_files_dir, tmp_path):
     """Every tensor the NPU model and the CPU decoding model load, by name, dtype and byte size: a prefill
     or decoding file without the q/k/v biases the C++ models always build is a problem."""
-    from shadowquant.bundle import BUNDLE_FILES, DECODE, PREFILL, RUNTIME, VOCAB, MERGES, inspect_bundle
-    from shadowquant.runtime import PROFILES, loaded_tensors
+    from shadowquant.bundle.assemble import BUNDLE_FILES, DECODE, PREFILL, RUNTIME, VOCAB, MERGES, inspect_bundle
+    from shadowquant.runtimes.profiles import PROFILES, loaded_tensors
     from test_inspector import TINY_DIMS, tiny_float_state
 
     tokens, _, _, _ = tokenizer_files_dir

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from shadowquant.bundle_cpp import (
+from shadowquant.bundle.cpp import (
     CHECK_CONVERSATION,
     CPP_FILES,
     chat_pieces,
@@ -22,9 +22,9 @@ from shadowquant.bundle_cpp import (
     demo_tokenizer_facts,
     write_cpp_folder,
 )
-from shadowquant.bundle_cpp_tokenizer import TOKENIZER_HPP
+from shadowquant.bundle.cpp_tokenizer import TOKENIZER_HPP
 from shadowquant.errors import PipelineError
-from shadowquant.mllm_tokenizer import reference_ids, round_trip, tokenizer_files, write_merges, write_vocab
+from shadowquant.bundle.tokenizer import reference_ids, round_trip, tokenizer_files, write_merges, write_vocab
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
@@ -37,7 +37,7 @@ def chat_tokenizer(tmp_path_factory):
     """The tiny byte-level BPE (BOS prepended) with ChatML's added tokens and template, and its mllm files."""
     from transformers import AutoTokenizer
 
-    from shadowquant.tiny import train_tokenizer
+    from shadowquant.model.tiny import train_tokenizer
 
     out = tmp_path_factory.mktemp("chat_tokenizer")
     tokenizer = train_tokenizer()
@@ -51,7 +51,7 @@ def chat_tokenizer(tmp_path_factory):
 
 
 def paragraphs(n: int) -> list[str]:
-    from shadowquant.tiny import pydoc_texts
+    from shadowquant.model.tiny import pydoc_texts
 
     found = [p.strip() for text in pydoc_texts() for p in text.split("\n\n") if p.strip()]
     return found[-n:]

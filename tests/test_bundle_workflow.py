@@ -17,9 +17,9 @@ import pytest
 
 from shadowquant.cli import inspect_command as inspect_main
 from shadowquant.config import schema
-from shadowquant.decode_model import file_dtype_of
-from shadowquant.mllm import DTYPE_NAMES, DTYPE_Q4_0, DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded
-from shadowquant.runtime import decode_loaded_tensors, get_profile, loaded_tensors
+from shadowquant.decoding.candidates import file_dtype_of
+from shadowquant.export.mllm import DTYPE_NAMES, DTYPE_Q4_0, DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded
+from shadowquant.runtimes.profiles import decode_loaded_tensors, get_profile, loaded_tensors
 from mllm_loader_helpers import fnv1a64, run_native_loader
 from workflow_helpers import snakemake, tiny_config, write_config
 

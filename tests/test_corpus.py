@@ -9,7 +9,7 @@ import numpy
 import pytest
 import zstandard
 
-from shadowquant import corpus
+from shadowquant.inputs import corpus
 from shadowquant.errors import PipelineError
 
 

@@ -13,9 +13,9 @@ from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
 from shadowquant.config import resolve_auto, validate_config
 from shadowquant.errors import PipelineError
-from shadowquant.families import FAMILIES
-from shadowquant.model_source import SourceInfo
-from shadowquant.runtime import PROFILES, cpp_config, get_profile
+from shadowquant.model.families import FAMILIES
+from shadowquant.inputs.model_source import SourceInfo
+from shadowquant.runtimes.profiles import PROFILES, cpp_config, get_profile
 
 QWEN_NPU = get_profile("qwen-npu")
 NPU_FAMILIES = QWEN_NPU.families

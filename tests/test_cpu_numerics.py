@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from shadowquant.cpu_numerics import (fake_quantize_q8_0, formats_from_dtypes, fp16_kv, install_input_quantization,
+from shadowquant.decoding.cpu_numerics import (fake_quantize_q8_0, formats_from_dtypes, fp16_kv, install_input_quantization,
                                       linear_reference, linear_names, mllm_cpu_numerics, vec_dot_q4_0_q8_0,
                                       vec_dot_q8_0_q8_0)
 from shadowquant.errors import PipelineError
-from shadowquant.q4_0 import dequantize_q4_0, quantize_q4_0
-from shadowquant.q8_0 import dequantize_q8_0, fake_quantize_q8_0 as np_fake_quantize_q8_0, quantize_q8_0
+from shadowquant.decoding.q4_0 import dequantize_q4_0, quantize_q4_0
+from shadowquant.decoding.q8_0 import dequantize_q8_0, fake_quantize_q8_0 as np_fake_quantize_q8_0, quantize_q8_0
 
 EPS32 = 2.0 ** -24
 

@@ -1,13 +1,13 @@
-"""Clip rule (METHOD.md section 2) and int8 export names, dtypes, layout and values (section 4)."""
+"""Clip rule (docs/method.md section 2) and int8 export names, dtypes, layout and values (section 4)."""
 
 import math
 
 import pytest
 import torch
 
-from shadowquant.decision import LayerQuant, decide, decide_side, shadow_summary
+from shadowquant.runtimes.decision import LayerQuant, decide, decide_side, shadow_summary
 from shadowquant.errors import PipelineError
-from shadowquant.export import int8_state_dict, quantize_per_tensor
+from shadowquant.export.int8 import int8_state_dict, quantize_per_tensor
 
 
 def _scales(layers):
@@ -107,7 +107,7 @@ def test_export_requires_a_decision_for_every_layer():
 
 
 def test_point_labels_round_trip_and_bad_labels_are_named():
-    from shadowquant.decision import parse_point, point_label
+    from shadowquant.runtimes.decision import parse_point, point_label
 
     assert point_label("absmax", "ratio", 1e7) == "absmax-t10000000"
     assert point_label("signed", "ratio", 1.5) == "signed-t1.5"
@@ -120,7 +120,7 @@ def test_point_labels_round_trip_and_bad_labels_are_named():
 
 
 def test_a_shadow_set_shadows_exactly_its_sides_and_clips_the_rest():
-    from shadowquant.decision import decide_shadow_set
+    from shadowquant.runtimes.decision import decide_shadow_set
     from shadowquant.runtimes.ideal import point_decisions
 
     data = _scales({"a": (10.0, 8.0, 1.0, 2.0), "b": (5.0, 4.0, 1.0, 1.0)})
@@ -143,7 +143,7 @@ def test_a_shadow_set_shadows_exactly_its_sides_and_clips_the_rest():
 
 
 def test_mse_points_clip_the_clipped_sides_at_their_clip_scale_only():
-    from shadowquant.decision import point_clip
+    from shadowquant.runtimes.decision import point_clip
     from shadowquant.runtimes.ideal import point_decisions
 
     data = _scales({"a": (10.0, 8.0, 1.0, 2.0), "b": (5.0, 4.0, 1.0, 1.0)})

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shadowquant.config import schema, validate_config
-from shadowquant.decode_model import (
+from shadowquant.decoding.candidates import (
     CANDIDATES,
     F32,
     Q4,
@@ -27,10 +27,10 @@ from shadowquant.decode_model import (
     write_decode_model,
 )
 from shadowquant.errors import PipelineError
-from shadowquant.inspector import inspect_mllm
-from shadowquant.mllm import DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_Q4_0, DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded
-from shadowquant.q4_0 import dequantize_q4_0
-from shadowquant.q8_0 import dequantize_q8_0
+from shadowquant.export.inspector import inspect_mllm
+from shadowquant.export.mllm import DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_Q4_0, DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded
+from shadowquant.decoding.q4_0 import dequantize_q4_0
+from shadowquant.decoding.q8_0 import dequantize_q8_0
 from test_inspector import TINY_DIMS, tiny_float_state
 
 DIMS = {**TINY_DIMS, "num_hidden_layers": 3}

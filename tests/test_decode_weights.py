@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from shadowquant.decode_weights import decoding_state_dict, kv_basis
+from shadowquant.decoding.weights import decoding_state_dict, kv_basis
 from shadowquant.errors import PipelineError
-from shadowquant.families import get_family
-from shadowquant.models import load_model
-from shadowquant.transforms import apply_transforms
+from shadowquant.model.families import get_family
+from shadowquant.model.loading import load_model
+from shadowquant.model.transforms import apply_transforms
 
 CALIBRATION = [list(range(5, 45)), list(range(100, 170)), [1, 7, 9, 250, 251, 3, 12, 40]]
 ROTATE_SMOOTH = ["rotate", "smooth"]

@@ -8,16 +8,18 @@ import json
 import pytest
 import torch
 
-from shadowquant import stages, sweep
+from shadowquant import stages
+
+from shadowquant.evaluate import sweep
 from shadowquant.cli import main as cli_main
-from shadowquant.cpu_numerics import mllm_cpu_numerics
-from shadowquant.decode_model import write_decode_model
-from shadowquant.demo_evaluation import (MODELS, _with_cache, chunk_size_of, decode_manifest_of, demo_logits,
+from shadowquant.decoding.cpu_numerics import mllm_cpu_numerics
+from shadowquant.decoding.candidates import write_decode_model
+from shadowquant.evaluate.demo_evaluation import (MODELS, _with_cache, chunk_size_of, decode_manifest_of, demo_logits,
                                          evaluate_demo, hand_over, paired_differences, prefill_length, run_chunks,
                                          score_records, summarize_all, whole_record_logits)
 from shadowquant.errors import PipelineError
-from shadowquant.metrics import evaluate
-from shadowquant.models import load_model_from_manifest
+from shadowquant.evaluate.metrics import evaluate
+from shadowquant.model.loading import load_model_from_manifest
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +120,9 @@ def test_chunked_npu_prefill_equals_one_chunk(run):
     """The simulated NPU model (float16 CPU attention) continues its cache chunk by chunk as one pass would."""
     from safetensors.torch import load_file
 
-    from shadowquant.families import quantized_layer_names
-    from shadowquant.runtime import get_profile
-    from shadowquant.runtime_linear import apply_runtime_from_export
+    from shadowquant.model.families import quantized_layer_names
+    from shadowquant.runtimes.profiles import get_profile
+    from shadowquant.runtimes.runtime_linear import apply_runtime_from_export
 
     model, tokenizer, family = load_model_from_manifest(run / "model" / "manifest.json", "cpu", "float32")
     apply_runtime_from_export(model, load_file(str(run / "export.safetensors")), quantized_layer_names(model, family),

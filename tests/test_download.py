@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from shadowquant import download as dl
+from shadowquant.inputs import download as dl
 from shadowquant.errors import PipelineError
 
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 123)

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from shadowquant.decision import decide
-from shadowquant.export import int8_state_dict
-from shadowquant.fakequant import apply_w8a8, apply_w8a8_from_export
-from shadowquant.families import quantized_layer_names
-from shadowquant.models import load_model
-from shadowquant.families import linear_layer_names as linear_names
-from shadowquant.profiling import profile_model, tokenize_samples
-from shadowquant.sensitivity import decisions_for_shadow_set
+from shadowquant.runtimes.decision import decide
+from shadowquant.export.int8 import int8_state_dict
+from shadowquant.runtimes.fakequant import apply_w8a8, apply_w8a8_from_export
+from shadowquant.model.families import quantized_layer_names
+from shadowquant.model.loading import load_model
+from shadowquant.model.families import linear_layer_names as linear_names
+from shadowquant.calibrate.profiling import profile_model, tokenize_samples
+from shadowquant.calibrate.sensitivity import decisions_for_shadow_set
 
 
 @pytest.mark.parametrize("family,threshold", [("llama", 4.0), ("llama", 152.0), ("opt", 4.0), ("falcon", 4.0),
@@ -67,7 +67,7 @@ def test_mse_weight_range_and_per_side_shadow_set_export_reproduces_simulation(f
 @pytest.mark.parametrize("family,transforms", [("llama", ["rotate", "equalize"]), ("qwen2", ["rotate"])])
 def test_a_transformed_models_export_reproduces_its_simulated_logits(family, transforms, tiny_model_dir,
                                                                      tiny_text_corpus, tmp_path):
-    from shadowquant.transforms import apply_transforms, save_transformed
+    from shadowquant.model.transforms import apply_transforms, save_transformed
 
     model, tokenizer, fam = load_model(tiny_model_dir(family), device="cpu", dtype="float32")
     summary = apply_transforms(model, fam, transforms, seed=3)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
-from shadowquant.decision import LayerQuant
+from shadowquant.runtimes.decision import LayerQuant
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import (
+from shadowquant.runtimes.fakequant import (
     W8A8Linear,
     apply_w8a8,
     dequantized_linear_from_export,
@@ -22,7 +22,7 @@ from shadowquant.fakequant import (
 F32 = np.float32
 
 
-# --- numpy re-derivations of METHOD.md section 3 (float32, as the reference's torch tensors) ---
+# --- numpy re-derivations of docs/method.md section 3 (float32, as the reference's torch tensors) ---
 
 def np_output_step(scale):
     return F32(max(F32(scale), F32(1e-5)) / F32(127))
@@ -315,7 +315,7 @@ def test_full_range_scales_are_nearly_float_tiny_scales_are_not():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_the_coarse_to_fine_mse_search_finds_the_full_grids_minimum(seed):
-    from shadowquant.fakequant import INT8_MAX, MSE_GRID_LOW, MSE_GRID_STEPS, mse_weight_step
+    from shadowquant.runtimes.fakequant import INT8_MAX, MSE_GRID_LOW, MSE_GRID_STEPS, mse_weight_step
 
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(96, 64, generator=generator) * torch.rand(96, 1, generator=generator) * 3

@@ -12,7 +12,7 @@ import transformers
 from torch import nn
 
 from shadowquant.errors import PipelineError
-from shadowquant.families import (
+from shadowquant.model.families import (
     FAMILIES,
     GGUF_MODEL_TYPES,
     LAYERNORM,
@@ -23,11 +23,11 @@ from shadowquant.families import (
     linear_layer_names,
     quantized_layer_names,
 )
-from shadowquant.models import load_model
-from shadowquant.transform_support import has_final_norm, transform_support
-from shadowquant.transforms import supported_transforms
+from shadowquant.model.loading import load_model
+from shadowquant.model.transform_support import has_final_norm, transform_support
+from shadowquant.model.transforms import supported_transforms
 
-# Quantized Linears per decoder layer (METHOD.md section 3); Mixtral: 4 attention + router + 3 per expert.
+# Quantized Linears per decoder layer (docs/method.md section 3); Mixtral: 4 attention + router + 3 per expert.
 NUM_EXPERTS = 4
 PER_LAYER = {"llama": 7, "qwen1": 7, "qwen2": 7, "gemma": 7, "phi": 6, "opt": 6, "falcon": 4,
              "mixtral": 4 + 1 + 3 * NUM_EXPERTS}

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from shadowquant.stats import HistogramStats, SideStats, new_side_stats, reference_statistics
+from shadowquant.calibrate.stats import HistogramStats, SideStats, new_side_stats, reference_statistics
 
 HALF = [torch.bfloat16, torch.float16]
 EXACT = ("n", "ori", "top_0_1", "absmax_ori", "absmax_top_0_1")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from shadowquant.errors import PipelineError
-from shadowquant.imatrix import (collect_importance, gptq_q4_0, output_error, quantize_q4_0_imatrix,
+from shadowquant.decoding.imatrix import (collect_importance, gptq_q4_0, output_error, quantize_q4_0_imatrix,
                                  weighted_error)
-from shadowquant.q4_0 import dequantize_q4_0, quantize_q4_0
+from shadowquant.decoding.q4_0 import dequantize_q4_0, quantize_q4_0
 
 
 def _weight_and_importance(seed=0, rows=64, cols=256):

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from shadowquant.cli import inspect_command as main
-from shadowquant.inspector import format_report, inspect_mllm
-from shadowquant.mllm import DTYPE_FLOAT32, DTYPE_INT8, write_mllm_v1, write_mllm_v2
+from shadowquant.export.inspector import format_report, inspect_mllm
+from shadowquant.export.mllm import DTYPE_FLOAT32, DTYPE_INT8, write_mllm_v1, write_mllm_v2
 
 Q = "model.layers.0.self_attn.q_proj"
 O = "model.layers.0.self_attn.o_proj"  # has a bias
@@ -37,7 +37,7 @@ def export_tensors() -> dict[str, torch.Tensor]:
         **linear_tensors(Q),
         **linear_tensors(O, bias=True),
         "model.norm.weight": torch.ones(4),
-        # METHOD section 4: lm_head keeps a float weight but gets activation scales and flags.
+        # docs/method.md section 4: lm_head keeps a float weight but gets activation scales and flags.
         "lm_head.weight": torch.randn(10, 4),
         "lm_head.input_scale": torch.tensor(2.0),
         "lm_head.output_scale": torch.tensor(30.0),
@@ -240,7 +240,7 @@ def tiny_float_state(dims: dict) -> dict[str, torch.Tensor]:
 def test_a_decoding_model_is_checked_against_what_its_cpu_model_loads(tmp_path, capsys, profile, biases):
     """A Q4_0 file beside runtime.json is the decoding model: every tensor mllm's CPU model loads (q/k/v
     biases for the Qwen model, none for PhoneLM's) with its dtype and size; without the biases it is refused."""
-    from shadowquant.decode_model import write_decode_model
+    from shadowquant.decoding.candidates import write_decode_model
 
     runtime = {"runtime": profile, "cpp_config": TINY_DIMS, "shadow_layers": []}
     (tmp_path / "runtime.json").write_text(json.dumps(runtime))

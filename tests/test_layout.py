@@ -105,9 +105,9 @@ def test_every_module_is_in_the_development_guides_map():
 
 
 # The modules the Snakefile imports while it is parsed: a dry run must not wait for torch.
-PARSE_TIME_MODULES = ["shadowquant.config", "shadowquant.decision", "shadowquant.manifest", "shadowquant.selection",
-                      "shadowquant.download", "shadowquant.errors", "shadowquant.jsonfile", "shadowquant.families",
-                      "shadowquant.model_source", "shadowquant.transform_support", "shadowquant.runtime"]
+PARSE_TIME_MODULES = ["shadowquant.config", "shadowquant.runtimes.decision", "shadowquant.inputs.manifest", "shadowquant.evaluate.selection",
+                      "shadowquant.inputs.download", "shadowquant.errors", "shadowquant.jsonfile", "shadowquant.model.families",
+                      "shadowquant.inputs.model_source", "shadowquant.model.transform_support", "shadowquant.runtimes.profiles"]
 
 
 @pytest.mark.parametrize("module", PARSE_TIME_MODULES)

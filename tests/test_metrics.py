@@ -10,12 +10,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig
 
-from shadowquant import metrics
-from shadowquant.decision import LayerQuant
+from shadowquant.evaluate import metrics
+from shadowquant.runtimes.decision import LayerQuant
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import apply_w8a8
-from shadowquant.families import FAMILIES, quantized_layer_names
-from shadowquant.metrics import (
+from shadowquant.runtimes.fakequant import apply_w8a8
+from shadowquant.model.families import FAMILIES, quantized_layer_names
+from shadowquant.evaluate.metrics import (
     EvalResult,
     bootstrap_intervals,
     evaluate,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from shadowquant.errors import PipelineError
-from shadowquant.mllm import (
+from shadowquant.export.mllm import (
     DTYPE_ITEMSIZE,
     aligned_offset,
     DTYPE_BFLOAT16,

@@ -15,10 +15,10 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from shadowquant import models
+from shadowquant.model import loading as models
 from shadowquant.errors import PipelineError
-from shadowquant.families import FAMILIES
-from shadowquant.models import (
+from shadowquant.model.families import FAMILIES
+from shadowquant.model.loading import (
     fetch_model,
     load_model,
     load_tokenizer,
@@ -26,8 +26,8 @@ from shadowquant.models import (
     resolve_device,
     resolve_dtype,
 )
-from shadowquant.moe import MixtralLinearMoeBlock, unfuse_mixtral_experts
-from shadowquant.tiny import build_tiny_model, train_tokenizer, write_llama_gguf
+from shadowquant.model.moe import MixtralLinearMoeBlock, unfuse_mixtral_experts
+from shadowquant.model.tiny import build_tiny_model, train_tokenizer, write_llama_gguf
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -111,7 +111,7 @@ def test_load_model_names_a_truncated_safetensors_file(tiny_model_dir, tmp_path)
 
 
 def test_trust_remote_code_is_logged(tiny_model_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="shadowquant.models"):
+    with caplog.at_level(logging.WARNING, logger="shadowquant.model.loading"):
         load_model(tiny_model_dir("llama"), trust_remote_code=True)
     assert "trust_remote_code" in caplog.text
 

@@ -11,10 +11,10 @@ import pytest
 from matplotlib import image as mpimg
 
 from shadowquant.errors import PipelineError
-from shadowquant.plots import (format_loss, layer_depth, layer_kind, plot_breakdown, plot_fronts, plot_outlier_ratios,
+from shadowquant.report.plots import (format_loss, layer_depth, layer_kind, plot_breakdown, plot_fronts, plot_outlier_ratios,
                                plot_sensitivity, plot_sweep_vs_shadow, plot_sweep_vs_threshold, selection_note,
                                write_table_html)
-from shadowquant.selection import choose
+from shadowquant.evaluate.selection import choose
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Shaped like the default run of issue 10 (SmolLM2-135M, absmax): the ratio rule's losses per threshold and
@@ -523,7 +523,7 @@ def test_plot_adapters(tmp_path):
 
 
 def test_sensitivity_plot_falls_back_to_the_proxy_where_a_side_was_not_measured(tmp_path):
-    from shadowquant.plots import load_sensitivity
+    from shadowquant.report.plots import load_sensitivity
 
     rows = sensitivity_rows()
     for index, row in enumerate(rows):
@@ -539,7 +539,7 @@ def test_sensitivity_plot_falls_back_to_the_proxy_where_a_side_was_not_measured(
 
 
 def test_mse_points_form_their_own_series(tmp_path):
-    from shadowquant.plots import _series, load_sweep
+    from shadowquant.report.plots import _series, load_sweep
 
     rows = [{"point": "float", "rule": "float", "statistic": "float", "clip": "", "num_shadow_sides": "",
              "perplexity": 20.0}]
@@ -555,7 +555,7 @@ def test_mse_points_form_their_own_series(tmp_path):
 
 
 def test_a_variants_figures_mark_the_selection_only_when_it_chose_that_variant(tmp_path):
-    from shadowquant.plots import selection_for_variant
+    from shadowquant.report.plots import selection_for_variant
 
     selection = write_selection(tmp_path, budget=0.05)  # a single-variant selection: transform 'none'
     assert selection_for_variant(selection, "none") == selection

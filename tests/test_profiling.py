@@ -1,4 +1,4 @@
-"""Profiling against the reference definition: collect everything, sort, index (METHOD.md section 1)."""
+"""Profiling against the reference definition: collect everything, sort, index (docs/method.md section 1)."""
 
 import json
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from shadowquant.errors import PipelineError
-from shadowquant.families import FAMILIES
-from shadowquant.families import linear_layer_names as linear_names
-from shadowquant.models import load_model
-from shadowquant.profiling import ActivationProfiler, Checkpoint, profile_model, tokenize_samples
-from shadowquant.stats import reference_statistics
+from shadowquant.model.families import FAMILIES
+from shadowquant.model.families import linear_layer_names as linear_names
+from shadowquant.model.loading import load_model
+from shadowquant.calibrate.profiling import ActivationProfiler, Checkpoint, profile_model, tokenize_samples
+from shadowquant.calibrate.stats import reference_statistics
 
 
 class _Interrupt(Exception):
@@ -102,7 +102,7 @@ def test_large_padded_activations_are_read_per_sample_without_copies(llama, sequ
     the valid prefix; the statistics must equal those of the small-copy path exactly."""
     model, tok = llama
     copied = profile_model(model, sequences, tok.pad_token_id, batch_size=4, progress=False)
-    monkeypatch.setattr("shadowquant.profiling.PADDED_COPY_ELEMENTS", 0)
+    monkeypatch.setattr("shadowquant.calibrate.profiling.PADDED_COPY_ELEMENTS", 0)
     viewed = profile_model(model, sequences, tok.pad_token_id, batch_size=4, progress=False)
     assert viewed["count"] == copied["count"]
     for key in ("ori", "top_0_1", "absmax_ori", "absmax_top_0_1"):

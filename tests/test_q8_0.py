@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from shadowquant.errors import PipelineError
-from shadowquant.mllm import DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded
-from shadowquant.q8_0 import (BLOCK_BYTES, DTYPE_CODE, check_q8_0_shape, dequantize_q8_0, fake_quantize_q8_0,
+from shadowquant.export.mllm import DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded
+from shadowquant.decoding.q8_0 import (BLOCK_BYTES, DTYPE_CODE, check_q8_0_shape, dequantize_q8_0, fake_quantize_q8_0,
                               q8_0_nbytes, quantize_q8_0)
 
 

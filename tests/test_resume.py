@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowquant.corpus import pydoc_records, write_jsonl
+from shadowquant.inputs.corpus import pydoc_records, write_jsonl
 from workflow_helpers import snakemake, snakemake_command, snakemake_env, write_config
 
 pytestmark = pytest.mark.slow

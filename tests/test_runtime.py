@@ -11,26 +11,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shadowquant import stages, sweep
+from shadowquant import stages
+
+from shadowquant.evaluate import sweep
 from shadowquant.config import validate_config
-from shadowquant.decision import LayerQuant, load_act_scales, parse_point
+from shadowquant.runtimes.decision import LayerQuant, load_act_scales, parse_point
 from shadowquant.errors import PipelineError
-from shadowquant.export import runtime_state_dict
-from shadowquant.families import quantized_layer_names
-from shadowquant.inspector import inspect_mllm
-from shadowquant.models import load_model_from_manifest
-from shadowquant.mllm import convert_safetensors_to_mllm, read_mllm
-from shadowquant.runtime import (FLOAT32 as FLOAT32_CODE, INT8 as INT8_CODE, INT32 as INT32_CODE, PROFILES,
+from shadowquant.export.int8 import runtime_state_dict
+from shadowquant.model.families import quantized_layer_names
+from shadowquant.export.inspector import inspect_mllm
+from shadowquant.model.loading import load_model_from_manifest
+from shadowquant.export.mllm import convert_safetensors_to_mllm, read_mllm
+from shadowquant.runtimes.profiles import (FLOAT32 as FLOAT32_CODE, INT8 as INT8_CODE, INT32 as INT32_CODE, PROFILES,
                                  Q4_0 as Q4_0_CODE, SideSpec, decode_loaded_tensors, get_profile, layer_index,
                                  loaded_tensors)
-from shadowquant.decode_model import decode_dtype
+from shadowquant.decoding.candidates import decode_dtype
 from mllm_loader_helpers import run_native_loader
 from shadowquant.runtimes.npu import (read_runtime_scales, runtime_decisions, shadow_fraction, shadow_range,
                                           shadow_layers_of_point)
-from shadowquant.runtime_linear import apply_runtime, apply_runtime_from_export
+from shadowquant.runtimes.runtime_linear import apply_runtime, apply_runtime_from_export
 from shadowquant.runtimes import get_runtime
-from shadowquant.runtime_scales import shadow_ranges
-from shadowquant.selection import choose
+from shadowquant.calibrate.runtime_scales import shadow_ranges
+from shadowquant.evaluate.selection import choose
 
 
 @pytest.fixture(scope="module")
@@ -371,7 +373,7 @@ def quantized_layer_names_of(tensors) -> list[str]:
 def test_the_decoding_model_holds_what_the_cpu_model_loads(llama_run, tmp_path, native_loader):
     """The Q4_0 decoding file of a model without q/k/v bias gets zero float32 ones (mllm's CPU Qwen model
     adds them); without them the inspector and mllm's loader (re-implemented) report each missing."""
-    from shadowquant.decode_model import write_decode_model
+    from shadowquant.decoding.candidates import write_decode_model
 
     _, runtime = _runtime_export(llama_run, tmp_path, "absmax-t10000000")
     model, _, _ = load_model_from_manifest(llama_run / "model" / "manifest.json", "cpu", "float32")
@@ -406,7 +408,7 @@ def test_a_real_qkv_bias_keeps_its_values():
     assert int32["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
     assert int32["model.layers.0.self_attn.v_proj.bias"].dtype == torch.int32
     assert not int32["model.layers.0.self_attn.v_proj.bias"].any()
-    from shadowquant.decode_model import decode_tensors
+    from shadowquant.decoding.candidates import decode_tensors
     decoded = decode_tensors({**state, "lm_head.weight": torch.randn(8, 64)})
     assert torch.equal(decoded["model.layers.0.self_attn.q_proj.bias"], state["model.layers.0.self_attn.q_proj.bias"])
     assert decoded["model.layers.0.self_attn.k_proj.bias"].shape == (64,) and not decoded["model.layers.0.self_attn.k_proj.bias"].any()

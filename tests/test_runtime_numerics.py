@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from shadowquant.config import resolve_auto, validate_config
 from shadowquant.errors import PipelineError
-from shadowquant.model_source import SourceInfo
-from shadowquant.runtime import PROFILES, SideSpec
-from shadowquant.runtime_linear import (RuntimeSiLU, apply_runtime_model, dequantize, fp16_cpu_attention,
+from shadowquant.inputs.model_source import SourceInfo
+from shadowquant.runtimes.profiles import PROFILES, SideSpec
+from shadowquant.runtimes.runtime_linear import (RuntimeSiLU, apply_runtime_model, dequantize, fp16_cpu_attention,
                                         fp16_lane_matmul, silu_fp16_poly)
 
 QWEN = PROFILES["qwen-npu"]
@@ -118,7 +118,7 @@ def test_another_activation_is_left_alone():
 
 
 def test_apply_runtime_refuses_a_model_that_is_not_float32():
-    from shadowquant.runtime_linear import apply_runtime
+    from shadowquant.runtimes.runtime_linear import apply_runtime
 
     model = _tiny_llama().to(torch.bfloat16)
     with pytest.raises(PipelineError, match="simulated on the float32 model, but this one is bfloat16"):

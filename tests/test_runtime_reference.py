@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from shadowquant.decision import LayerQuant
+from shadowquant.runtimes.decision import LayerQuant
 from shadowquant.errors import PipelineError
-from shadowquant.runtime import PROFILES, RoleSpec, SideSpec
-from shadowquant.runtime_linear import CpuCounter, RuntimeLinear, apply_runtime
+from shadowquant.runtimes.profiles import PROFILES, RoleSpec, SideSpec
+from shadowquant.runtimes.runtime_linear import CpuCounter, RuntimeLinear, apply_runtime
 
 F16, F32, F64 = np.float16, np.float32, np.float64
 NPU = [name for name in PROFILES if name != "ideal"]

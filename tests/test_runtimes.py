@@ -10,7 +10,7 @@ import pytest
 
 from shadowquant.config import validate_config
 from shadowquant.errors import PipelineError
-from shadowquant.runtime import PROFILE_NAMES
+from shadowquant.runtimes.profiles import PROFILE_NAMES
 from shadowquant.runtimes import get_runtime, runtime_of
 from shadowquant.runtimes.ideal import IdealRuntime
 from shadowquant.runtimes.npu import NpuRuntime
@@ -100,6 +100,6 @@ def test_selection_orders_by_the_runtime_cost():
 
 
 def test_the_runtimes_import_no_torch():
-    code = ("import sys, shadowquant.runtimes, shadowquant.config, shadowquant.selection; "
+    code = ("import sys, shadowquant.runtimes, shadowquant.config, shadowquant.evaluate.selection; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from shadowquant.errors import PipelineError
-from shadowquant.selection import (choose, loss, read_selection, resolve_export_point, select_stage,
+from shadowquant.evaluate.selection import (choose, loss, read_selection, resolve_export_point, select_stage,
                                    selected_variant)
 
 COLUMNS = ["point", "rule", "statistic", "accuracy", "perplexity", "perplexity_increase", "kl", "agreement",

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from shadowquant import sensitivity as S
-from shadowquant.decision import LayerQuant
+from shadowquant.calibrate import sensitivity as S
+from shadowquant.runtimes.decision import LayerQuant
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import W8A8Linear, fake_quant_weight, quantize_per_tensor
-from shadowquant.families import quantized_layer_names
-from shadowquant.models import load_model
-from shadowquant.profiling import profile_model, tokenize_samples
+from shadowquant.runtimes.fakequant import W8A8Linear, fake_quant_weight, quantize_per_tensor
+from shadowquant.model.families import quantized_layer_names
+from shadowquant.model.loading import load_model
+from shadowquant.calibrate.profiling import profile_model, tokenize_samples
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from shadowquant.corpus import write_jsonl
+from shadowquant.inputs.corpus import write_jsonl
 from shadowquant.errors import PipelineError
-from shadowquant.models import load_model
-from shadowquant.profile_stage import merge_profile, profile_shard
-from shadowquant.profiling import SIDES, profile_model, shard_ranges, tokenize_samples
+from shadowquant.model.loading import load_model
+from shadowquant.calibrate.profile_stage import merge_profile, profile_shard
+from shadowquant.calibrate.profiling import SIDES, profile_model, shard_ranges, tokenize_samples
 from shadowquant.stages import profile
-from shadowquant.stats import HistogramStats, SideStats, reference_statistics
+from shadowquant.calibrate.stats import HistogramStats, SideStats, reference_statistics
 
 
 class _Interrupt(Exception):
@@ -64,8 +64,8 @@ def test_half_model_profile_equals_reference(dtype, tiny_model_dir, tiny_text_co
 
 
 def _profiler_stats(model, seqs):
-    from shadowquant.profiling import ActivationProfiler
-    from shadowquant.families import linear_layer_names
+    from shadowquant.calibrate.profiling import ActivationProfiler
+    from shadowquant.model.families import linear_layer_names
 
     profiler = ActivationProfiler(model, linear_layer_names(model), sum(map(len, seqs)), "cpu")
     return [sides[side] for sides in profiler.stats.values() for side in SIDES]
@@ -78,7 +78,7 @@ def test_padded_half_batches_match_the_float32_path_on_the_same_activations(tiny
     model, tok, _ = load_model(tiny_model_dir("llama"), device="cpu", dtype="bfloat16")
     seqs = tokenize_samples(tok, _texts(tiny_text_corpus), seq_len=48)
     histogram = profile_model(model, seqs, tok.pad_token_id, batch_size=4, progress=False)
-    monkeypatch.setattr("shadowquant.profiling.new_side_stats",
+    monkeypatch.setattr("shadowquant.calibrate.profiling.new_side_stats",
                         lambda dtype, n, device="cpu", counts=None: SideStats(n, device))
     streamed = profile_model(model, seqs, tok.pad_token_id, batch_size=4, progress=False)
     for key in ("ori", "top_0_1", "absmax_ori", "absmax_top_0_1", "count"):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shadowquant.stats import SideStats, estimated_cut, order_index, reference_statistics, top_count
+from shadowquant.calibrate.stats import SideStats, estimated_cut, order_index, reference_statistics, top_count
 
 
 def _stream(chunks, capacity_elements=None):
@@ -149,7 +149,7 @@ def _activations(rows, features, seed, outlier_features=(), scale=40.0):
     (333, 17, 9, ()),           # no outlier features: candidates scattered over many blocks
 ])
 def test_blocked_activations_match_reference(rows, features, batches, outliers, monkeypatch):
-    monkeypatch.setattr("shadowquant.stats.CHUNK_ELEMENTS", 1 << 14)  # many chunks per activation
+    monkeypatch.setattr("shadowquant.calibrate.stats.CHUNK_ELEMENTS", 1 << 14)  # many chunks per activation
     data = [_activations(rows, features, seed=b, outlier_features=outliers) for b in range(batches)]
     _check(_stream(data), reference_statistics(torch.cat([d.reshape(-1) for d in data])))
 
@@ -157,7 +157,7 @@ def test_blocked_activations_match_reference(rows, features, batches, outliers, 
 def test_every_candidate_path_is_exact(monkeypatch):
     """Force each path of the candidate search in turn: block gathers, full passes, negative-side
     searches, sampled and exact compactions; each must give the reference's order statistics."""
-    import shadowquant.stats as st
+    import shadowquant.calibrate.stats as st
 
     data = [_activations(128, 64, seed=10 + b, outlier_features=(5,)) * (1 + b % 3) - (b % 2) * 3 for b in range(8)]
     ref = reference_statistics(torch.cat([d.reshape(-1) for d in data]))

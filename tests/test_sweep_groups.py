@@ -6,7 +6,7 @@ import pytest
 
 from shadowquant.errors import PipelineError
 from shadowquant.stages import fetch_model, profile
-from shadowquant.sweep import PointEvaluation, evaluate_float, evaluate_point, evaluate_point_group, split_point
+from shadowquant.evaluate.sweep import PointEvaluation, evaluate_float, evaluate_point, evaluate_point_group, split_point
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from shadowquant.errors import PipelineError
-from shadowquant.selection import select_stage
-from shadowquant.transform_comparison import compare_transforms
+from shadowquant.evaluate.selection import select_stage
+from shadowquant.evaluate.transform_comparison import compare_transforms
 
 COLUMNS = ["point", "rule", "statistic", "perplexity", "perplexity_increase", "perplexity_increase_ci_low",
            "perplexity_increase_ci_high", "kl", "agreement", "num_shadow_sides", "shadow_flop_fraction"]

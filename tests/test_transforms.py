@@ -10,11 +10,11 @@ import transformers
 from torch import nn
 
 from shadowquant.errors import PipelineError
-from shadowquant.families import FAMILIES, LAYERNORM, get_family, quantized_layer_names
-from shadowquant.hadamard import fixing_ones, hadamard_matrix, random_orthogonal
-from shadowquant.models import load_model
-from shadowquant.safetensors_header import read_tensor_table
-from shadowquant.transforms import (
+from shadowquant.model.families import FAMILIES, LAYERNORM, get_family, quantized_layer_names
+from shadowquant.model.hadamard import fixing_ones, hadamard_matrix, random_orthogonal
+from shadowquant.model.loading import load_model
+from shadowquant.export.safetensors_header import read_tensor_table
+from shadowquant.model.transforms import (
     TRANSFORM_ORDER,
     apply_transforms,
     input_channel_absmax,

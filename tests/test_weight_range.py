@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from shadowquant.errors import PipelineError
-from shadowquant.fakequant import fake_quant_weight
-from shadowquant.families import quantized_layer_names
-from shadowquant.models import load_model
-from shadowquant.profiling import tokenize_samples
+from shadowquant.runtimes.fakequant import fake_quant_weight
+from shadowquant.model.families import quantized_layer_names
+from shadowquant.model.loading import load_model
+from shadowquant.calibrate.profiling import tokenize_samples
 from shadowquant.stages import fetch_model
-from shadowquant.weight_range import (choose_weight_range, fake_quant_weights, resolve_weight_range,
+from shadowquant.calibrate.weight_range import (choose_weight_range, fake_quant_weights, resolve_weight_range,
                                       weight_range_stage)
 
 
@@ -69,11 +69,11 @@ def test_stage_and_resolution(tiny_model_dir, tiny_text_corpus, tmp_path):
 
 def test_precomputed_mse_steps_quantize_exactly_as_the_search(tiny, tmp_path):
     """weight_range.json keeps the 'mse' steps: the sweep and the export reuse them instead of searching."""
-    from shadowquant.decision import decide
-    from shadowquant.export import int8_state_dict
-    from shadowquant.fakequant import apply_w8a8
-    from shadowquant.families import linear_layer_names
-    from shadowquant.profiling import profile_model
+    from shadowquant.runtimes.decision import decide
+    from shadowquant.export.int8 import int8_state_dict
+    from shadowquant.runtimes.fakequant import apply_w8a8
+    from shadowquant.model.families import linear_layer_names
+    from shadowquant.calibrate.profiling import profile_model
 
     model, family, tokenizer, sequences = tiny
     steps = fake_quant_weights(copy.deepcopy(model), family, "mse")

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from shadowquant.families import FAMILIES, NPU_FAMILIES
+from shadowquant.model.families import FAMILIES, NPU_FAMILIES
 from shadowquant.cli import inspect_command as inspect_main
-from shadowquant.mllm import DTYPE_INT8, read_mllm
+from shadowquant.export.mllm import DTYPE_INT8, read_mllm
 from test_bundle_workflow import check_bundle
 from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 
@@ -220,8 +220,8 @@ def test_points_per_job_groups_the_sweep_into_fewer_jobs(tiny_model_dir, tiny_te
 
 def test_export_agrees_with_the_model_weights(tiny_model_dir, tiny_text_corpus, tmp_path):
     """Dequantized int8 weights are the per-tensor fake-quantized float weights."""
-    from shadowquant.fakequant import dequantized_linear_from_export, fake_quant_weight
-    from shadowquant.models import load_model
+    from shadowquant.runtimes.fakequant import dequantized_linear_from_export, fake_quant_weight
+    from shadowquant.model.loading import load_model
 
     cfg = write_config(tmp_path, tiny_config(tiny_model_dir("opt"), tiny_text_corpus, "tiny-opt",
                                              **{"export.point": "absmax-t4", "runtime.profile": "ideal"}))

@@ -13,7 +13,7 @@ from shadowquant.errors import PipelineError
 
 
 def _point(text: str) -> str:
-    from shadowquant.decision import parse_point
+    from shadowquant.runtimes.decision import parse_point
 
     try:
         parse_point(text)
@@ -33,7 +33,7 @@ def _evaluation_args(s) -> None:
 
 
 def _runtime_args(s, scales_for: str) -> None:
-    from shadowquant.runtime import DEFAULT_PROFILE, PROFILE_NAMES
+    from shadowquant.runtimes.profiles import DEFAULT_PROFILE, PROFILE_NAMES
 
     s.add_argument("--runtime", choices=PROFILE_NAMES, default=DEFAULT_PROFILE,
                    help="the runtime profile simulated (docs/runtime.md); 'ideal' is the original tools' W8A8")
@@ -42,7 +42,7 @@ def _runtime_args(s, scales_for: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shadowquant.runtime import DEFAULT_PROFILE
+    from shadowquant.runtimes.profiles import DEFAULT_PROFILE
 
     p = argparse.ArgumentParser(prog="shadowquant", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
 
-    s = sub.add_parser("select-samples", help="pick records of a corpus as METHOD.md section 1 does")
+    s = sub.add_parser("select-samples", help="pick records of a corpus as docs/method.md section 1 does")
     s.add_argument("--corpus", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--num-samples", type=int, required=True)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                           shadow_json=args.shadow_json, clip_scales=args.clip_scales, weight_range=args.weight_range,
                           runtime=args.runtime, runtime_scales=args.runtime_scales, runtime_json=args.runtime_json)
         elif args.command == "evaluate-float":
-            from shadowquant.sweep import evaluate_float
+            from shadowquant.evaluate.sweep import evaluate_float
 
             evaluate_float(args.manifest, args.samples, args.out_json, args.out_baseline, args.seq_len,
                            args.batch_size, args.device, args.dtype, args.bootstrap)
@@ -258,18 +258,18 @@ def main(argv: list[str] | None = None) -> int:
                                            runtime_scales=args.runtime_scales, device=args.device, dtype=args.dtype,
                                            weight_range=args.weight_range)
         elif args.command == "runtime-scales":
-            from shadowquant.runtime_scales import runtime_scales_stage
+            from shadowquant.calibrate.runtime_scales import runtime_scales_stage
 
             runtime_scales_stage(args.manifest, args.samples, args.act_scales, args.out, args.runtime, args.cpu_cap,
                                  args.num_samples, args.seq_len, args.fisher_samples, args.fisher_seq_len,
                                  device=args.device, dtype=args.dtype)
         elif args.command == "choose-weight-range":
-            from shadowquant.weight_range import weight_range_stage
+            from shadowquant.calibrate.weight_range import weight_range_stage
 
             weight_range_stage(args.manifest, args.samples, args.out, args.num_samples, args.seq_len,
                                device=args.device, dtype=args.dtype)
         elif args.command == "evaluate-point":
-            from shadowquant.sweep import PointEvaluation, evaluate_point
+            from shadowquant.evaluate.sweep import PointEvaluation, evaluate_point
 
             evaluation = PointEvaluation(
                 manifest=args.manifest, samples=args.samples, act_scales=args.act_scales, baseline=args.baseline,
@@ -278,29 +278,29 @@ def main(argv: list[str] | None = None) -> int:
                 sensitivity=args.sensitivity, clip_scales=args.clip_scales, runtime_scales=args.runtime_scales)
             evaluate_point(evaluation, point=args.point, out_json=args.out_json, part=args.part)
         elif args.command == "evaluate-demo":
-            from shadowquant.demo_evaluation import evaluate_demo
+            from shadowquant.evaluate.demo_evaluation import evaluate_demo
 
             evaluate_demo(args.manifest, args.export, args.runtime_json, args.samples, args.decode, args.out_json,
                           args.out_md, args.seq_len, decode_choice=args.decode_choice,
                           prefill_fraction=args.prefill_fraction, handover=args.handover, baseline=args.baseline,
                           device=args.device, num_resamples=args.bootstrap, records=args.records)
         elif args.command == "clip-scales":
-            from shadowquant.sensitivity import clip_scales_stage
+            from shadowquant.calibrate.sensitivity import clip_scales_stage
 
             clip_scales_stage(args.manifest, args.samples, args.act_scales, args.out, args.statistics,
                               args.num_samples, args.seq_len, args.device, args.dtype)
         elif args.command == "aggregate-sweep":
-            from shadowquant.sweep import aggregate
+            from shadowquant.evaluate.sweep import aggregate
 
             aggregate(args.float_json, args.points, args.out)
         elif args.command == "select":
-            from shadowquant.selection import select_stage
+            from shadowquant.evaluate.selection import select_stage
 
             select_stage(args.sweep, args.out, args.metric, args.budget, variants=args.variants)
         elif args.command == "convert":
             stages.convert(args.export, args.out, version=args.version, runtime_json=args.runtime_json)
         elif args.command == "tiny-model":
-            from shadowquant.tiny import build_tiny_model
+            from shadowquant.model.tiny import build_tiny_model
 
             print(build_tiny_model(args.family, args.out, seed=args.seed))
     except PipelineError as exc:
@@ -313,8 +313,8 @@ def inspect_command(argv: Sequence[str] | None = None) -> int:
     """`inspect PATH [--export SAFETENSORS] [--json OUT]`: 0 clean, 1 problems, 2 unreadable file.
     PATH may be a bundle folder: then the whole bundle is checked (bundle.inspect_bundle)."""
     from shadowquant import atomic
-    from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm, read_runtime_json
-    from shadowquant.mllm import read_mllm
+    from shadowquant.export.inspector import expectations_from_safetensors, format_report, inspect_mllm, read_runtime_json
+    from shadowquant.export.mllm import read_mllm
 
     parser = argparse.ArgumentParser(
         prog="shadowquant inspect",
@@ -327,7 +327,7 @@ def inspect_command(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
     args = parser.parse_args(argv)
     if Path(args.path).is_dir():
-        from shadowquant.bundle import format_bundle_report, inspect_bundle
+        from shadowquant.bundle.assemble import format_bundle_report, inspect_bundle
 
         bundle = inspect_bundle(args.path)
         print(format_bundle_report(bundle))

@@ -16,8 +16,16 @@ from shadowquant.errors import PipelineError
 
 
 def schema() -> dict:
+    """The config schema; model.type's and runtime.profile's valid values come from the family registry and
+    the profile table, not the YAML."""
+    from shadowquant.model.families import FAMILIES
+    from shadowquant.runtimes.profiles import PROFILE_NAMES
+
     text = resources.files("shadowquant").joinpath("config_schema.yaml").read_text()
-    return yaml.safe_load(text)
+    loaded = yaml.safe_load(text)
+    loaded["properties"]["model"]["properties"]["type"]["enum"] = [None, *FAMILIES]
+    loaded["properties"]["runtime"]["properties"]["profile"]["enum"] = ["auto", *PROFILE_NAMES]
+    return loaded
 
 
 def _fill_defaults(instance: dict, sch: dict) -> None:
@@ -254,8 +262,8 @@ def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dic
 
     runtime.profile: qwen-npu where mllm has an NPU model for the family (LLaMA-shaped), else ideal.
     transform.variants: the best exact variant of the model (transform_support.auto_variant)."""
-    from shadowquant.runtime import DEFAULT_PROFILE, IDEAL, get_profile
-    from shadowquant.transform_support import auto_variant
+    from shadowquant.runtimes.profiles import DEFAULT_PROFILE, IDEAL, get_profile
+    from shadowquant.model.transform_support import auto_variant
 
     cfg = copy.deepcopy(cfg)
     choices: dict[str, dict] = {}
@@ -292,7 +300,7 @@ def _npu_unfit(config_json: dict[str, Any] | None, profile) -> str | None:
     refusal), or None (also when the config is not readable before the fetch)."""
     from types import SimpleNamespace
 
-    from shadowquant.runtime import IDEAL_HINT, cpp_config
+    from shadowquant.runtimes.profiles import IDEAL_HINT, cpp_config
 
     if not config_json or "hidden_size" not in config_json:  # not (yet) a whole config.json
         return None

@@ -13,24 +13,24 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from shadowquant import corpus, download
+from shadowquant.inputs import corpus, download
 from shadowquant.atomic import atomic_path, write_json, write_text
-from shadowquant.decision import (load_act_scales, parse_point, point_clip, read_clip_scales, read_ranking,
+from shadowquant.runtimes.decision import (load_act_scales, parse_point, point_clip, read_clip_scales, read_ranking,
                                   shadow_summary, threshold_label)
 from shadowquant.errors import PipelineError
-from shadowquant.export import save_export, save_export_pth
-from shadowquant.fakequant import weight_range_name
-from shadowquant.families import linear_layer_names
-from shadowquant.inspector import expectations_from_safetensors, format_report, inspect_mllm, read_runtime_json
-from shadowquant.manifest import read_manifest
-from shadowquant.mllm import convert_safetensors_to_mllm
-from shadowquant.models import fetch_model as fetch, load_model_from_manifest
-from shadowquant.profile_stage import load_profiling_inputs, make_checkpoint
-from shadowquant.profiling import act_scales_table, profile_model
-from shadowquant.runtime import IDEAL
+from shadowquant.export.int8 import save_export, save_export_pth
+from shadowquant.runtimes.fakequant import weight_range_name
+from shadowquant.model.families import linear_layer_names
+from shadowquant.export.inspector import expectations_from_safetensors, format_report, inspect_mllm, read_runtime_json
+from shadowquant.inputs.manifest import read_manifest
+from shadowquant.export.mllm import convert_safetensors_to_mllm
+from shadowquant.model.loading import fetch_model as fetch, load_model_from_manifest
+from shadowquant.calibrate.profile_stage import load_profiling_inputs, make_checkpoint
+from shadowquant.calibrate.profiling import act_scales_table, profile_model
+from shadowquant.runtimes.profiles import IDEAL
 from shadowquant.runtimes import DecisionSources, get_runtime
 from shadowquant.runtimes.ideal import point_decisions
-from shadowquant.selection import resolve_export_point
+from shadowquant.evaluate.selection import resolve_export_point
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from shadowquant.config import choice_params, resolve_auto, uses_auto, validate_config
-from shadowquant.download import dataset_cache_path
+from shadowquant.inputs.download import dataset_cache_path
 from shadowquant.errors import PipelineError
-from shadowquant.decision import needs_ranking, parse_point, point_clip
-from shadowquant.manifest import local_source_files
-from shadowquant.model_source import describe_source
-from shadowquant.runtimes import get_runtime
+from shadowquant.inputs.manifest import local_source_files
+from shadowquant.inputs.model_source import describe_source
+from shadowquant.evaluate.plan import sweep_plan
+from shadowquant.runtimes.decision import needs_ranking, point_clip
 from shadowquant.slurm_check import (
     ThreadRequest,
     check_threads_fit,
@@ -29,7 +29,7 @@ try:
     CONFIG_SOURCE = " + ".join(map(str, workflow.configfiles)) or "config"
     config.update(validate_config(config, source=CONFIG_SOURCE))
     # 'auto' runtime.profile and transform.variants shape the workflow, so they are chosen now, from
-    # the model's family (read before fetching: shadowquant.model_source says from where).
+    # the model's family (read before fetching: shadowquant.inputs.model_source says from where).
     AUTO_CHOICES = {}
     if uses_auto(config):
         _model = config["model"]
@@ -180,44 +180,27 @@ onstart:
     check_slurm_threads()
 
 
-# The exported point: an explicit label, or "auto" (the selection's choice). An explicit point is
-# always evaluated too, so the final evaluation can report it.
-EXPORT_POINT = config["export"]["point"]
-EXPORT_IS_AUTO = EXPORT_POINT == "auto"
-# The outlier plot marks an explicit ratio point's threshold.
-EXPORT_THRESHOLD = (
-    parse_point(EXPORT_POINT)[2]
-    if not EXPORT_IS_AUTO and parse_point(EXPORT_POINT)[1] == "ratio"
-    else None
-)
-# The runtime the numbers are for (runtimes/): an NPU profile (a point is a set of shadow layers) or
-# 'ideal'; it says which points the sweep has and which point the error breakdown splits.
+# What the config sweeps (shadowquant.evaluate.plan): the runtime the numbers are for (an NPU profile,
+# where a point is a set of shadow layers, or 'ideal'), its points and their jobs, the breakdown point
+# (itself a sweep point), the statistics that need a sensitivity ranking or MSE clip scales, and the
+# exported point (an explicit one is always evaluated too, so the final evaluation can report it).
+PLAN = sweep_plan(config)
+SIMULATED = PLAN.runtime
 RUNTIME = config["runtime"]["profile"]
-SIMULATED = get_runtime(RUNTIME)
-BREAKDOWN_STATISTIC = SIMULATED.breakdown_statistic(config["sweep"]["statistics"])
-# The "all" bar of the error breakdown is a sweep point: evaluated with it.
-BREAKDOWN_POINT = SIMULATED.breakdown_point(BREAKDOWN_STATISTIC)
+EXPORT_POINT = PLAN.export_point
+EXPORT_IS_AUTO = PLAN.export_is_auto
+EXPORT_THRESHOLD = PLAN.export_threshold
+BREAKDOWN_STATISTIC = PLAN.breakdown_statistic
+BREAKDOWN_POINT = PLAN.breakdown_point
 RUNTIME_SCALES = f"{RUN_RESULTS}/runtime_scales.json"
-SWEEP_LABELS = SIMULATED.sweep_labels(config["sweep"], EXPORT_POINT)
+SWEEP_LABELS = PLAN.labels
 SWEEP_POINTS = [f"{RUN_RESULTS}/sweep/{label}.json" for label in SWEEP_LABELS]
-# sweep.points_per_job > 1: the points in groups, each evaluated by one job with one model load.
-POINTS_PER_JOB = config["sweep"]["points_per_job"]
-POINT_GROUPS = [
-    SWEEP_LABELS[i : i + POINTS_PER_JOB]
-    for i in range(0, len(SWEEP_LABELS), POINTS_PER_JOB)
-]
-GROUP_OF_POINT = {label: g for g, group in enumerate(POINT_GROUPS) for label in group}
-
-
-# Sensitivity is measured when some point needs its ranking.
-SENSITIVITY_STATISTICS = sorted(
-    {parse_point(label)[0] for label in SWEEP_LABELS if needs_ranking(label)}
-)
+POINTS_PER_JOB = PLAN.points_per_job
+POINT_GROUPS = PLAN.point_groups
+GROUP_OF_POINT = PLAN.group_of_point
+SENSITIVITY_STATISTICS = PLAN.sensitivity_statistics
 USES_SENSITIVITY = bool(SENSITIVITY_STATISTICS)
-# MSE clip scales are measured for the statistics of the '-mse' points.
-CLIP_STATISTICS = sorted(
-    {parse_point(label)[0] for label in SWEEP_LABELS if point_clip(label) == "mse"}
-)
+CLIP_STATISTICS = PLAN.clip_statistics
 CLIP_SCALES = f"{RUN_RESULTS}/clip_scales.json"
 SENSITIVITY = f"{RUN_RESULTS}/sensitivity.csv"
 NUM_RESAMPLES = config["sweep"]["bootstrap"]

@@ -1,4 +1,4 @@
-# Stage 2: activation statistics of every Linear (METHOD.md section 1).
+# Stage 2: activation statistics of every Linear (docs/method.md section 1).
 # calibration.shards > 1 splits the calibration batches over profile_shard jobs and merges them.
 
 PROFILE_SHARDS = config["calibration"]["shards"]

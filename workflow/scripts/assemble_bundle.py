@@ -1,8 +1,8 @@
-# Thin adapter: rule bundle -> shadowquant.bundle.assemble_bundle
+# Thin adapter: rule bundle -> shadowquant.bundle.assemble.assemble_bundle
 from pathlib import Path
 
 from shadowquant.adapter import run_stage
-from shadowquant.bundle import assemble_bundle, exported_variant
+from shadowquant.bundle.assemble import assemble_bundle, exported_variant
 
 i, o, p = snakemake.input, snakemake.output, snakemake.params
 

@@ -1,6 +1,6 @@
-# Thin adapter: rule breakdown -> shadowquant.sweep.breakdown
+# Thin adapter: rule breakdown -> shadowquant.evaluate.sweep.breakdown
 from shadowquant.adapter import run_stage
-from shadowquant.sweep import breakdown
+from shadowquant.evaluate.sweep import breakdown
 
 i = snakemake.input
 run_stage(snakemake, breakdown, float_json=i.float, out_json=snakemake.output[0],

@@ -1,6 +1,6 @@
-# Thin adapter: rule bundle_decode_model -> shadowquant.decode_model.choose_decode_model
+# Thin adapter: rule bundle_decode_model -> shadowquant.decoding.candidates.choose_decode_model
 from shadowquant.adapter import run_stage
-from shadowquant.decode_model import choose_decode_model
+from shadowquant.decoding.candidates import choose_decode_model
 
 i, o, p = snakemake.input, snakemake.output, snakemake.params
 run_stage(snakemake, choose_decode_model, candidate_jsons=list(i.results), candidate_models=list(i.models),

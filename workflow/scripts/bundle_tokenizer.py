@@ -1,7 +1,7 @@
-# Thin adapter: rule bundle_tokenizer -> shadowquant.bundle.write_tokenizer
+# Thin adapter: rule bundle_tokenizer -> shadowquant.bundle.assemble.write_tokenizer
 from shadowquant.adapter import run_stage
-from shadowquant.bundle import write_tokenizer
-from shadowquant.manifest import read_manifest
+from shadowquant.bundle.assemble import write_tokenizer
+from shadowquant.inputs.manifest import read_manifest
 
 i, o = snakemake.input, snakemake.output
 run_stage(snakemake, lambda **kw: write_tokenizer(read_manifest(i.manifest)["path"], **kw),

@@ -1,7 +1,7 @@
-# Thin adapter: rule check_bundle_tokenizer -> shadowquant.bundle.check_tokenizer
+# Thin adapter: rule check_bundle_tokenizer -> shadowquant.bundle.assemble.check_tokenizer
 from shadowquant.adapter import run_stage
-from shadowquant.bundle import check_tokenizer
-from shadowquant.manifest import read_manifest
+from shadowquant.bundle.assemble import check_tokenizer
+from shadowquant.inputs.manifest import read_manifest
 
 i, p = snakemake.input, snakemake.params
 run_stage(snakemake, lambda **kw: check_tokenizer(model_dir=read_manifest(i.manifest)["path"], **kw),

@@ -1,6 +1,6 @@
-# Thin adapter: rule clip_scales -> shadowquant.sensitivity.clip_scales_stage
+# Thin adapter: rule clip_scales -> shadowquant.calibrate.sensitivity.clip_scales_stage
 from shadowquant.adapter import run_stage
-from shadowquant.sensitivity import clip_scales_stage
+from shadowquant.calibrate.sensitivity import clip_scales_stage
 
 p = snakemake.params
 run_stage(snakemake, clip_scales_stage, manifest=snakemake.input.manifest, samples=snakemake.input.samples,

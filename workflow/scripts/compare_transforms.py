@@ -1,6 +1,6 @@
-# Thin adapter: rule compare_transforms -> shadowquant.transform_comparison
+# Thin adapter: rule compare_transforms -> shadowquant.evaluate.transform_comparison
 from shadowquant.adapter import run_stage
-from shadowquant.transform_comparison import compare_transforms
+from shadowquant.evaluate.transform_comparison import compare_transforms
 
 i, p, out = snakemake.input, snakemake.params, snakemake.output
 run_stage(snakemake, compare_transforms, sweep_csvs=list(i.sweeps), breakdown_jsons=list(i.breakdowns),

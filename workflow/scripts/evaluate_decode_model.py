@@ -1,7 +1,7 @@
-# Thin adapter: rule evaluate_decode_model -> shadowquant.decode_model.evaluate_decode_candidate
+# Thin adapter: rule evaluate_decode_model -> shadowquant.decoding.candidates.evaluate_decode_candidate
 from shadowquant.adapter import run_stage
-from shadowquant.bundle import exported_variant
-from shadowquant.decode_model import evaluate_decode_candidate
+from shadowquant.bundle.assemble import exported_variant
+from shadowquant.decoding.candidates import evaluate_decode_candidate
 
 i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wildcards
 

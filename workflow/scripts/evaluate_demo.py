@@ -1,7 +1,7 @@
-# Thin adapter: rule evaluate_demo -> shadowquant.demo_evaluation.evaluate_demo
+# Thin adapter: rule evaluate_demo -> shadowquant.evaluate.demo_evaluation.evaluate_demo
 from shadowquant.adapter import run_stage
-from shadowquant.bundle import exported_variant
-from shadowquant.demo_evaluation import evaluate_demo
+from shadowquant.bundle.assemble import exported_variant
+from shadowquant.evaluate.demo_evaluation import evaluate_demo
 
 i, p, out = snakemake.input, snakemake.params, snakemake.output
 

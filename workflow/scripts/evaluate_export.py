@@ -1,7 +1,7 @@
-# Thin adapter: rule evaluate_export -> shadowquant.final_evaluation.evaluate_export
+# Thin adapter: rule evaluate_export -> shadowquant.evaluate.final_evaluation.evaluate_export
 from shadowquant.adapter import run_stage
-from shadowquant.final_evaluation import evaluate_export
-from shadowquant.selection import selected_variant
+from shadowquant.evaluate.final_evaluation import evaluate_export
+from shadowquant.evaluate.selection import selected_variant
 
 i, p = snakemake.input, snakemake.params
 selection = i.selection[0] if i.selection else None

@@ -1,6 +1,6 @@
-# Thin adapter: rule evaluate_float -> shadowquant.sweep.evaluate_float
+# Thin adapter: rule evaluate_float -> shadowquant.evaluate.sweep.evaluate_float
 from shadowquant.adapter import run_stage
-from shadowquant.sweep import evaluate_float
+from shadowquant.evaluate.sweep import evaluate_float
 
 p = snakemake.params
 run_stage(snakemake, evaluate_float, manifest=snakemake.input.manifest, samples=snakemake.input.samples,

@@ -1,8 +1,8 @@
-# Thin adapter: rules evaluate_point and evaluate_part -> shadowquant.sweep.evaluate_point
+# Thin adapter: rules evaluate_point and evaluate_part -> shadowquant.evaluate.sweep.evaluate_point
 from shadowquant.adapter import run_stage
 from shadowquant.runtimes import get_runtime
-from shadowquant.sweep import PointEvaluation, evaluate_point
-from shadowquant.weight_range import resolve_weight_range
+from shadowquant.evaluate.sweep import PointEvaluation, evaluate_point
+from shadowquant.calibrate.weight_range import resolve_weight_range
 
 p, w, i = snakemake.params, snakemake.wildcards, snakemake.input
 # A breakdown part is the runtime's breakdown point with only that part quantized.

@@ -1,7 +1,7 @@
-# Thin adapter: rule evaluate_point_group -> shadowquant.sweep.evaluate_point_group
+# Thin adapter: rule evaluate_point_group -> shadowquant.evaluate.sweep.evaluate_point_group
 from shadowquant.adapter import run_stage
-from shadowquant.sweep import PointEvaluation, evaluate_point_group
-from shadowquant.weight_range import resolve_weight_range
+from shadowquant.evaluate.sweep import PointEvaluation, evaluate_point_group
+from shadowquant.calibrate.weight_range import resolve_weight_range
 
 p, i = snakemake.params, snakemake.input
 

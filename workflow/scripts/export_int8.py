@@ -1,8 +1,8 @@
 # Thin adapter: rule export_int8 -> shadowquant.stages.export (of the selected transform variant)
 from shadowquant.adapter import run_stage
-from shadowquant.selection import selected_variant
+from shadowquant.evaluate.selection import selected_variant
 from shadowquant.stages import export
-from shadowquant.weight_range import resolve_weight_range
+from shadowquant.calibrate.weight_range import resolve_weight_range
 
 i, p = snakemake.input, snakemake.params
 selection = i.selection[0] if i.selection else None

@@ -1,6 +1,6 @@
-# Thin adapter: rule plot_outliers -> shadowquant.plots
+# Thin adapter: rule plot_outliers -> shadowquant.report.plots
 from shadowquant.adapter import run_stage
-from shadowquant.plots import plot_outlier_ratios, write_table_html
+from shadowquant.report.plots import plot_outlier_ratios, write_table_html
 
 
 def profile_figures(scales, table_csv, plot, table, threshold):

@@ -1,6 +1,6 @@
-# Thin adapter: rule plot_quality -> shadowquant.plots
+# Thin adapter: rule plot_quality -> shadowquant.report.plots
 from shadowquant.adapter import run_stage
-from shadowquant.plots import (plot_breakdown, plot_fronts, plot_sensitivity, selection_for_variant,
+from shadowquant.report.plots import (plot_breakdown, plot_fronts, plot_sensitivity, selection_for_variant,
                                write_table_html)
 
 

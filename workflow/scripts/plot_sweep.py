@@ -1,6 +1,6 @@
-# Thin adapter: rule plot_sweep -> shadowquant.plots
+# Thin adapter: rule plot_sweep -> shadowquant.report.plots
 from shadowquant.adapter import run_stage
-from shadowquant.plots import (plot_sweep_vs_shadow, plot_sweep_vs_threshold, selection_for_variant,
+from shadowquant.report.plots import (plot_sweep_vs_shadow, plot_sweep_vs_threshold, selection_for_variant,
                                write_table_html)
 
 

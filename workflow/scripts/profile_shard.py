@@ -1,6 +1,6 @@
-# Thin adapter: rule profile_shard -> shadowquant.profile_stage.profile_shard
+# Thin adapter: rule profile_shard -> shadowquant.calibrate.profile_stage.profile_shard
 from shadowquant.adapter import run_stage
-from shadowquant.profile_stage import profile_shard
+from shadowquant.calibrate.profile_stage import profile_shard
 
 p = snakemake.params
 run_stage(snakemake, profile_shard, manifest=snakemake.input.manifest, samples=snakemake.input.samples,

@@ -1,6 +1,6 @@
-# Thin adapter: rule runtime_scales -> shadowquant.runtime_scales.runtime_scales_stage
+# Thin adapter: rule runtime_scales -> shadowquant.calibrate.runtime_scales.runtime_scales_stage
 from shadowquant.adapter import run_stage
-from shadowquant.runtime_scales import runtime_scales_stage
+from shadowquant.calibrate.runtime_scales import runtime_scales_stage
 
 p, i = snakemake.params, snakemake.input
 run_stage(snakemake, runtime_scales_stage, manifest=i.manifest, samples=i.samples, act_scales=i.scales,

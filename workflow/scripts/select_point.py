@@ -1,6 +1,6 @@
-# Thin adapter: rule select_point -> shadowquant.selection.select_stage
+# Thin adapter: rule select_point -> shadowquant.evaluate.selection.select_stage
 from shadowquant.adapter import run_stage
-from shadowquant.selection import select_stage
+from shadowquant.evaluate.selection import select_stage
 
 p = snakemake.params
 run_stage(snakemake, select_stage, sweep_csvs=list(snakemake.input), out=snakemake.output[0], metric=p.metric,

@@ -2,7 +2,7 @@
 # runtime.profile ideal, shadow layers under an NPU runtime profile)
 from shadowquant.adapter import run_stage
 from shadowquant.runtimes import get_runtime
-from shadowquant.weight_range import resolve_weight_range
+from shadowquant.calibrate.weight_range import resolve_weight_range
 
 p, i = snakemake.params, snakemake.input
 

@@ -1,6 +1,6 @@
-# Thin adapter: rule transform_model -> shadowquant.transforms.transform_stage
+# Thin adapter: rule transform_model -> shadowquant.model.transforms.transform_stage
 from shadowquant.adapter import run_stage
-from shadowquant.transforms import transform_stage
+from shadowquant.model.transforms import transform_stage
 
 p = snakemake.params
 run_stage(snakemake, transform_stage, manifest=snakemake.input.manifest, out_manifest=snakemake.output.manifest,

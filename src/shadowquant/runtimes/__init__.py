@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from shadowquant.runtime import IDEAL, get_profile
+from shadowquant.runtimes.profiles import IDEAL, get_profile
 from shadowquant.runtimes.base import DecisionSources, PointPlan, Runtime
 from shadowquant.runtimes.ideal import IdealRuntime
 from shadowquant.runtimes.npu import NpuRuntime

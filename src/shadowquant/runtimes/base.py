@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from shadowquant.decision import LayerQuant, read_clip_scales, read_ranking, shadow_summary
+from shadowquant.runtimes.decision import LayerQuant, read_clip_scales, read_ranking, shadow_summary
 from shadowquant.errors import PipelineError
-from shadowquant.runtime import RuntimeProfile
+from shadowquant.runtimes.profiles import RuntimeProfile
 
 # Which parts of every quantized Linear are quantized, for the error breakdown.
 PARTS = {
@@ -223,6 +223,10 @@ class Runtime:
     def shadow_line(self, row: dict) -> str:
         """The final evaluation's line on what runs on the CPU for the exported point's sweep row."""
         raise NotImplementedError
+
+    def comparison_cost(self, row: dict) -> str:
+        """The selected point's shadow cost in a row of the transform comparison (transforms.md)."""
+        return f"{row['selected_sides']}"
 
     def cost_column(self, points) -> tuple[str, str]:
         """(sweep.csv column, axis label) of the device cost the sweep plot draws against."""

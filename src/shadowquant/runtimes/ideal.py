@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from shadowquant.decision import (LayerQuant, decide, decide_shadow_set, parse_point, point_clip,
+from shadowquant.runtimes.decision import (LayerQuant, decide, decide_shadow_set, parse_point, point_clip,
                                   point_label)
 from shadowquant.errors import PipelineError
 from shadowquant.runtimes.base import DecisionSources, PointPlan, Runtime, number, part_switches
@@ -111,23 +111,23 @@ class IdealRuntime(Runtime):
         return PointPlan(point, statistic, rule, value, decisions)
 
     def apply(self, model, plan: PointPlan, layers: list[str], part: str = "all", weight_range="max"):
-        from shadowquant.fakequant import apply_w8a8
+        from shadowquant.runtimes.fakequant import apply_w8a8
 
         apply_w8a8(model, plan.decisions, layers, **part_switches(part), weight_range=weight_range)
         return None
 
     def apply_from_export(self, model, tensors: dict, layers: list[str], meta: dict):
-        from shadowquant.fakequant import apply_w8a8_from_export
+        from shadowquant.runtimes.fakequant import apply_w8a8_from_export
 
         return apply_w8a8_from_export(model, tensors, layers)
 
     def export_layers(self, model, family: str) -> list[str]:
-        from shadowquant.families import linear_layer_names
+        from shadowquant.model.families import linear_layer_names
 
         return linear_layer_names(model)
 
     def export_tensors(self, model, plan: PointPlan, layers: list[str], weight_range="max") -> tuple[dict, bool]:
-        from shadowquant.export import int8_state_dict
+        from shadowquant.export.int8 import int8_state_dict
 
         return int8_state_dict(model.state_dict(), plan.decisions, layers, weight_range=weight_range), False
 
@@ -137,7 +137,7 @@ class IdealRuntime(Runtime):
                         "arithmetic; choose an NPU runtime profile (runtime.profile) for a phone"}
 
     def point_record(self, plan: PointPlan, layers: list[str], model, counter, part: str, weight_range) -> dict:
-        from shadowquant.fakequant import weight_range_name
+        from shadowquant.runtimes.fakequant import weight_range_name
 
         counts = plan.counts(layers)
         return dict(
@@ -157,7 +157,7 @@ class IdealRuntime(Runtime):
     def rank(self, manifest, samples, act_scales, out_csv, num_samples: int, seq_len: int, *, statistics,
              measure_top: int, measure_samples: int, cost: str, runtime_scales=None, device: str = "auto",
              dtype: str = "auto", weight_range="max") -> list[dict]:
-        from shadowquant.sensitivity import sensitivity_stage
+        from shadowquant.calibrate.sensitivity import sensitivity_stage
 
         return sensitivity_stage(manifest, samples, act_scales, out_csv, list(statistics), num_samples, seq_len,
                                  measure_top, measure_samples, cost, device=device, dtype=dtype,

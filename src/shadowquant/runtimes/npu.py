@@ -20,9 +20,9 @@ import json
 import logging
 from pathlib import Path
 
-from shadowquant.decision import STAT_KEYS, LayerQuant, parse_point, point_clip, point_label
+from shadowquant.runtimes.decision import STAT_KEYS, LayerQuant, parse_point, point_clip, point_label
 from shadowquant.errors import PipelineError
-from shadowquant.runtime import SHADOW_MAX_POSITIONS, RuntimeProfile, cpp_config, get_profile, layer_index, layer_role
+from shadowquant.runtimes.profiles import SHADOW_MAX_POSITIONS, RuntimeProfile, cpp_config, get_profile, layer_index, layer_role
 from shadowquant.runtimes.base import DecisionSources, PointPlan, Runtime, number, part_switches
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ def layer_ranking(model, layers: list[str], sequences: list[list[int]], act_scal
     """
     from tqdm import tqdm
 
-    from shadowquant.runtime_linear import apply_runtime, reconfigure
-    from shadowquant.sensitivity import compare_to_reference, reference_logprobs
+    from shadowquant.runtimes.runtime_linear import apply_runtime, reconfigure
+    from shadowquant.calibrate.sensitivity import compare_to_reference, reference_logprobs
 
     reference = reference_logprobs(model, sequences, batch_size, progress)
     quantized = copy.deepcopy(model)
@@ -191,7 +191,7 @@ def layer_sensitivity_stage(manifest, samples, act_scales, runtime_scales, out_c
                             seq_len: int, batch_size: int = 4, device: str = "auto", dtype: str = "auto",
                             weight_range="max") -> list[dict]:
     """sensitivity.csv under an NPU runtime profile: the measured layer ranking (layer_ranking)."""
-    from shadowquant.sensitivity import stage_inputs, write_sensitivity_table
+    from shadowquant.calibrate.sensitivity import stage_inputs, write_sensitivity_table
 
     model, sequences, layers, scales = stage_inputs(manifest, samples, act_scales, num_samples, seq_len, device,
                                                      dtype)
@@ -248,24 +248,24 @@ class NpuRuntime(Runtime):
                          runtime_decisions(act_scales, scales, self.profile, layers, shadow), shadow)
 
     def apply(self, model, plan: PointPlan, layers: list[str], part: str = "all", weight_range="max"):
-        from shadowquant.runtime_linear import apply_runtime
+        from shadowquant.runtimes.runtime_linear import apply_runtime
 
         return apply_runtime(model, plan.decisions, layers, self.profile, plan.shadow_layers,
                              weight_range=weight_range, **part_switches(part))
 
     def apply_from_export(self, model, tensors: dict, layers: list[str], meta: dict):
-        from shadowquant.runtime_linear import apply_runtime_from_export
+        from shadowquant.runtimes.runtime_linear import apply_runtime_from_export
 
         shadow = {int(i) for i in meta.get("shadow_layers", "").split()}
         return apply_runtime_from_export(model, tensors, layers, self.profile, shadow)
 
     def export_layers(self, model, family: str) -> list[str]:
-        from shadowquant.families import quantized_layer_names
+        from shadowquant.model.families import quantized_layer_names
 
         return quantized_layer_names(model, family)
 
     def export_tensors(self, model, plan: PointPlan, layers: list[str], weight_range="max") -> tuple[dict, bool]:
-        from shadowquant.export import runtime_state_dict
+        from shadowquant.export.int8 import runtime_state_dict
 
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
@@ -301,7 +301,7 @@ class NpuRuntime(Runtime):
         return f"{label} ({self.name})"
 
     def point_record(self, plan: PointPlan, layers: list[str], model, counter, part: str, weight_range) -> dict:
-        from shadowquant.fakequant import weight_range_name
+        from shadowquant.runtimes.fakequant import weight_range_name
 
         counts = plan.counts(layers)
         shadow = plan.shadow_layers
@@ -355,6 +355,12 @@ class NpuRuntime(Runtime):
         layers = "none" if layers in (None, "") else ", ".join(str(layers).split())
         return (f"Runtime profile {self.name}: shadow layers {layers}; the shadow ops run "
                 f"{100 * row['cpu_share']:.3f} % of the quantized Linear multiply-adds on the CPU (measured).")
+
+    def comparison_cost(self, row: dict) -> str:
+        if number(row.get("selected_cpu_share")) is None:
+            return super().comparison_cost(row)
+        layers = row["selected_shadow_layers"] or "none"
+        return f"shadow layers {layers}, CPU {100 * float(row['selected_cpu_share']):.3f} %"
 
     def cost_column(self, points) -> tuple[str, str]:
         if "cpu_share" in points.columns and points["cpu_share"].notna().all():

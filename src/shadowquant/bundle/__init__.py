@@ -1,0 +1,1 @@
+"""The phone bundle: assembly, mllm tokenizer files, the C++ it ships."""

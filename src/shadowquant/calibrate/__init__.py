@@ -1,0 +1,1 @@
+"""Calibration: activation profiling and statistics, sensitivity, the runtime's scales, the weight range."""

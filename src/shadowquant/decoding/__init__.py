@@ -1,0 +1,1 @@
+"""The CPU decoding model: ggml blocks, importance-weighted rounding, its weights, CPU numerics, candidates."""

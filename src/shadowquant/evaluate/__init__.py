@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the sweep, the selection, the final and demo evaluations, transform comparison."""

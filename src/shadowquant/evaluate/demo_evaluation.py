@@ -1,0 +1,479 @@
+"""What the user of the phone bundle gets: each held-out record run as mllm's NPU demo runs a generation.
+
+mllm's NPU demo (examples/demo_qwen_npu.cpp, the bundle's cpp/shadowquant_demo.cpp) prefills the prompt
+with the int8 NPU model in chunks of runtime.json's `chunk_size`, hands its KV cache (K after RoPE and V,
+float16) to the CPU decoding model and produces every further token with that model. Here a record of L
+tokens is split the same way:
+
+- prefill: its first p = floor(L * prefill_fraction) tokens (at least 1, at most L - 1; half by default),
+  in chunks of `chunk_size`, through the NPU simulation of the int8 export (apply_runtime_from_export,
+  as final_evaluation builds it). The prediction of token p comes from the prefill model's last
+  position, as in the demo (the demo samples the first new token from the prefill's logits).
+- handover: the prefill model's cache of positions 0..p-1, rounded to float16 (the NPU and the CPU
+  caches both hold float16; `handover` "float32" keeps it unrounded, for checks).
+- decode: the decoding model (the float model of its manifest with the decoding file's weights,
+  decode_model.load_decode_weights) under mllm_cpu_numerics with the file's per-tensor formats (Q8_0
+  activations of Q4_0 / Q8_0 weights, float16 K/V), continuing from the handed-over cache over tokens
+  p..L-2, predicting tokens p+1..L-1. Teacher-forced: one forward over those tokens with the cache,
+  which equals feeding them one at a time up to float rounding (every Linear, norm and activation acts
+  per position; the attention of each query sees the same keys).
+
+Scored: tokens p..L-1 of each record (L - p per record), for four models on the same tokens:
+- float: the float model of the prefill's manifest on the whole record (the reference of KL and
+  agreement, and the pair of every perplexity increase);
+- demo: prefill (token p) + decode (tokens p+1..L-1), as above;
+- prefill_only: the NPU simulation over the whole record (it continues from its own cache in chunks
+  after position p; as one pass over the record up to float rounding: the simulation is causal and
+  acts per position);
+- decode_only: the decoding model, under the same numerics, on the whole record in one forward.
+
+Each is summarized as metrics.summarize does (perplexity, KL to float, top-1 agreement with float,
+last-token accuracy, 95 % percentile bootstrap intervals over records, the perplexity increase paired
+with float), and demo is compared with prefill_only and decode_only by paired differences (the same
+resampled records for both sides).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shadowquant.atomic import write_json, write_text
+from shadowquant.errors import PipelineError
+from shadowquant.evaluate.metrics import EvalResult, exact_kl, per_record, summarize
+
+log = logging.getLogger(__name__)
+
+MODELS = ("float", "demo", "prefill_only", "decode_only")
+LABELS = {"float": "float", "demo": "demo (NPU prefill + CPU decode)", "prefill_only": "NPU prefill model only",
+          "decode_only": "CPU decoding model only"}
+HANDOVER_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DECODE_CHOICE_KEY = "manifest"
+
+
+# ---------------------------------------------------------------- the split and one record
+
+
+def prefill_length(length: int, fraction: float = 0.5) -> int:
+    """How many of a record's `length` tokens the NPU prefills: floor(length * fraction), kept within
+    1..length-1 so that the prefill has a token and at least one token is scored after it."""
+    if not 0.0 < fraction < 1.0:
+        raise PipelineError(f"prefill fraction {fraction!r} must be strictly between 0 and 1 (0.5: half the record)")
+    if length < 2:
+        raise PipelineError(f"a record of {length} token(s) cannot be split into a prefill and a continuation; "
+                            "the demo evaluation needs at least 2 tokens per record")
+    return min(length - 1, max(1, int(math.floor(length * fraction))))
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(key, value) per layer of a transformers cache (5.x `layers`, or the older key_cache / value_cache)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def hand_over(cache, dtype: torch.dtype = torch.float16, to_dtype: torch.dtype = torch.float32):
+    """A new DynamicCache holding `cache`'s keys (after RoPE) and values rounded to `dtype`, as the
+    receiving model's `to_dtype`: the KV cache the decoding model continues from."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for index, (key, value) in enumerate(_cache_layers(cache)):
+        out.update(key.to(dtype).to(to_dtype), value.to(dtype).to(to_dtype), index)
+    return out
+
+
+def _with_cache(model, cache) -> dict:
+    """The keyword arguments that continue `cache`: transformers 5.x names it `cache` (`past_key_values`
+    is deprecated there), earlier versions `past_key_values`."""
+    import inspect
+
+    forward = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in forward else "past_key_values": cache, "use_cache": True}
+
+
+@torch.inference_mode()
+def run_chunks(model, ids: torch.Tensor, chunk_size: int, cache=None):
+    """`model` over the token ids [1, n] in chunks of `chunk_size`, continuing `cache` (a new one when None):
+    (logits [n, V] float32, the cache)."""
+    from transformers import DynamicCache
+
+    if chunk_size < 1:
+        raise PipelineError(f"chunk size {chunk_size!r} must be a positive number of tokens")
+    cache = DynamicCache() if cache is None else cache
+    logits = []
+    for start in range(0, ids.shape[1], chunk_size):
+        out = model(input_ids=ids[:, start:start + chunk_size], **_with_cache(model, cache))
+        cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
+        logits.append(out.logits[0].float())
+    return torch.cat(logits), cache
+
+
+@torch.inference_mode()
+def demo_logits(prefill_model, decode_model, ids: list[int], chunk_size: int, fraction: float = 0.5,
+                handover: str = "float16", decode_numerics=None) -> dict[str, torch.Tensor]:
+    """One record as the demo runs it: {"demo", "prefill_only"} logits [L - p, V] of the positions p-1..L-2
+    (predicting tokens p..L-1), and "prefill_length" p. `decode_numerics`: a context manager factory run
+    around the decoding model's forward (mllm_cpu_numerics), or None for plain float."""
+    import contextlib
+
+    if handover not in HANDOVER_DTYPES:
+        raise PipelineError(f"unknown handover dtype {handover!r}; valid: {', '.join(HANDOVER_DTYPES)}")
+    p = prefill_length(len(ids), fraction)
+    device = next(prefill_model.parameters()).device
+    tokens = torch.tensor([ids], dtype=torch.long, device=device)
+    prompt_logits, cache = run_chunks(prefill_model, tokens[:, :p], chunk_size)
+    decode_dtype = next(decode_model.parameters()).dtype
+    handed = hand_over(cache, HANDOVER_DTYPES[handover], decode_dtype)
+    handed_device = next(decode_model.parameters()).device
+    if handed_device != device:
+        for layer in handed.layers:
+            layer.keys, layer.values = layer.keys.to(handed_device), layer.values.to(handed_device)
+    first = prompt_logits[p - 1:p]  # the prefill's last position predicts token p, as in the demo
+    parts = [first]
+    if len(ids) - 1 > p:
+        with decode_numerics() if decode_numerics is not None else contextlib.nullcontext():
+            out = decode_model(input_ids=tokens[:, p:-1].to(handed_device), **_with_cache(decode_model, handed))
+        parts.append(out.logits[0].float().to(first.device))
+    # prefill_only: the NPU simulation continues over the rest of the record from its own cache
+    rest_logits, _ = run_chunks(prefill_model, tokens[:, p:-1], chunk_size, cache) if len(ids) - 1 > p else (None, None)
+    prefill_parts = [first] + ([rest_logits] if rest_logits is not None else [])
+    return {"demo": torch.cat(parts), "prefill_only": torch.cat(prefill_parts), "prefill_length": p}
+
+
+@torch.inference_mode()
+def whole_record_logits(model, ids: list[int], first: int, numerics=None) -> torch.Tensor:
+    """`model` on the whole record in one forward: logits [L - first, V] of positions first-1..L-2."""
+    import contextlib
+
+    device = next(model.parameters()).device
+    tokens = torch.tensor([ids[:-1]], dtype=torch.long, device=device)
+    with numerics() if numerics is not None else contextlib.nullcontext():
+        logits = model(input_ids=tokens, use_cache=False).logits[0]
+    return logits[first - 1:].float()
+
+
+def record_scores(logits: torch.Tensor, targets: torch.Tensor, float_logits: torch.Tensor | None) -> dict:
+    """Per-record sums (metrics.EvalResult's fields) of logits [n, V] predicting `targets` [n]."""
+    targets = targets.to(logits.device)
+    nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
+    scores = {"correct": bool(logits[-1].argmax() == targets[-1]), "nll_sum": float(nll.double().sum()),
+              "num_tokens": int(targets.numel())}
+    if float_logits is not None:
+        float_logits = float_logits.to(logits.device)
+        scores["kl_sum"] = float(exact_kl(float_logits, logits).sum())
+        scores["agreement_count"] = int((logits.argmax(-1) == float_logits.argmax(-1)).sum())
+    return scores
+
+
+def _result(rows: list[dict], with_float: bool) -> EvalResult:
+    result = EvalResult(last_token_correct=[r["correct"] for r in rows], nll_sum=[r["nll_sum"] for r in rows],
+                        num_tokens=[r["num_tokens"] for r in rows])
+    if with_float:
+        result.kl_sum = [r["kl_sum"] for r in rows]
+        result.agreement_count = [r["agreement_count"] for r in rows]
+    return result
+
+
+def score_records(float_model, prefill_model, decode_model, sequences: list[list[int]], chunk_size: int,
+                  fraction: float = 0.5, handover: str = "float16", decode_numerics=None, float_logits_of=None,
+                  progress: bool = True) -> dict[str, EvalResult]:
+    """EvalResults of float, demo, prefill_only and decode_only on the continuation tokens of every record
+    (module docstring), one record at a time. The float logits of record i, positions p-1..L-2, come from
+    `float_logits_of(i, p)` when given (the saved float baseline), else from `float_model` on the whole
+    record, else (both None, for tests) from the prefill model itself."""
+    from tqdm import tqdm
+
+    if not sequences:
+        raise PipelineError("no records to evaluate (empty evaluation set)")
+    for index, seq in enumerate(sequences):
+        if len(seq) < 2:
+            raise PipelineError(f"record {index} has {len(seq)} token(s); the demo evaluation needs at least 2 "
+                                "(a prefill token and a token to predict)")
+    rows: dict[str, list[dict]] = {name: [] for name in MODELS}
+    for index, ids in enumerate(tqdm(sequences, desc="demo", unit="record", disable=not progress)):
+        out = demo_logits(prefill_model, decode_model, ids, chunk_size, fraction, handover, decode_numerics)
+        p = out["prefill_length"]
+        targets = torch.tensor(ids[p:], dtype=torch.long)
+        if float_logits_of is not None:
+            float_logits = float_logits_of(index, p)
+        elif float_model is not None:
+            float_logits = whole_record_logits(float_model, ids, p)
+        else:
+            float_logits = out["prefill_only"]
+        decode_only = whole_record_logits(decode_model, ids, p, decode_numerics)
+        rows["float"].append(record_scores(float_logits, targets, None))
+        for name, logits in (("demo", out["demo"]), ("prefill_only", out["prefill_only"]),
+                             ("decode_only", decode_only)):
+            rows[name].append(record_scores(logits, targets, float_logits))
+    return {name: _result(rows[name], name != "float") for name in MODELS}
+
+
+def baseline_logits(baseline, sequences: list[list[int]], float_head, softcap: float | None = None):
+    """`float_logits_of(i, p)` for score_records from a saved float baseline (metrics.save_baseline) of exactly
+    these records: the float logits of record i's positions p-1..L-2, recomputed from its lm_head inputs with
+    the float lm_head `float_head` (and the model's logit cap `softcap`, metrics.final_logit_softcap)."""
+    from shadowquant.evaluate.metrics import check_baseline_matches, head_logits, load_baseline, tokens_sha256
+
+    baseline = load_baseline(baseline) if isinstance(baseline, (str, Path)) else baseline
+    check_baseline_matches(baseline, sequences, tokens_sha256(sequences))
+    offsets = baseline.offsets()
+
+    def logits_of(index: int, p: int) -> torch.Tensor:
+        start = offsets[index]
+        hidden = baseline.hidden[start + p - 1:start + len(sequences[index]) - 1]
+        return head_logits(float_head, hidden, softcap).float()
+
+    return logits_of
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def paired_differences(a: EvalResult, b: EvalResult, num_resamples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> dict:
+    """a minus b on the same records: KL and agreement differences and the perplexity ratio a / b - 1, each
+    with a paired percentile bootstrap interval (one draw of records for both; None without resamples)."""
+    if list(a.num_tokens) != list(b.num_tokens):
+        raise PipelineError("paired differences need the same records and tokens on both sides")
+    arrays = {side: {key: np.asarray(getattr(r, key), dtype=np.float64)
+                     for key in ("nll_sum", "num_tokens", "kl_sum", "agreement_count")}
+              for side, r in (("a", a), ("b", b))}
+    tokens = arrays["a"]["num_tokens"]
+
+    def stats(index) -> dict[str, np.ndarray]:
+        total = tokens[index].sum(axis=-1)
+        out = {"perplexity_ratio": np.expm1((arrays["a"]["nll_sum"][index].sum(axis=-1)
+                                             - arrays["b"]["nll_sum"][index].sum(axis=-1)) / total)}
+        for key, name in (("kl_sum", "kl"), ("agreement_count", "agreement")):
+            out[name] = (arrays["a"][key][index].sum(axis=-1) - arrays["b"][key][index].sum(axis=-1)) / total
+        return out
+
+    n = len(tokens)
+    point = {key: float(value) for key, value in stats(np.arange(n)).items()}
+    result = {key: {"value": value, "ci_low": None, "ci_high": None} for key, value in point.items()}
+    if num_resamples:
+        draws = np.random.default_rng(seed).integers(0, n, size=(num_resamples, n))
+        tail = (1.0 - level) / 2.0
+        for key, values in stats(draws).items():
+            low, high = np.quantile(values, [tail, 1.0 - tail])
+            result[key].update(ci_low=float(low), ci_high=float(high))
+    return result
+
+
+def summarize_all(results: dict[str, EvalResult], num_resamples: int = 1000) -> dict:
+    """Every model's summary (paired with float) and per-record data, and demo's paired differences."""
+    def clean(value):
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    out = {}
+    for name in MODELS:
+        summary = summarize(results[name], None if name == "float" else results["float"],
+                            num_resamples=num_resamples)
+        if name == "float":
+            summary.update(kl=0.0, agreement=1.0, perplexity_increase=0.0)
+        out[name] = {**{k: clean(v) for k, v in summary.items()}, "per_record": per_record(results[name])}
+    out["differences"] = {f"demo_vs_{other}": paired_differences(results["demo"], results[other], num_resamples)
+                          for other in ("prefill_only", "decode_only")}
+    return out
+
+
+def _interval(row: dict, key: str) -> str:
+    value, low, high = row.get(key), row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if value is None:
+        return "–"
+    if key == "perplexity_increase":
+        return f"{value:+.2%}" + (f" [{low:+.2%}, {high:+.2%}]" if low is not None else "")
+    return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+
+
+def _difference(entry: dict, key: str) -> str:
+    value, low, high = entry["value"], entry["ci_low"], entry["ci_high"]
+    if key == "perplexity_ratio":
+        return f"{value:+.2%}" + (f" [{low:+.2%}, {high:+.2%}]" if low is not None else "")
+    return f"{value:+.4f}" + (f" [{low:+.4f}, {high:+.4f}]" if low is not None else "")
+
+
+ROWS = (("perplexity", "perplexity"), ("perplexity_increase", "perplexity increase over float"),
+        ("kl", "KL(float || model) per token"), ("agreement", "top-1 agreement with float"),
+        ("accuracy", "last-token accuracy"))
+
+
+def markdown_summary(result: dict) -> str:
+    setup = result["setup"]
+    f = result["float"]
+    lines = [
+        f"# What the user gets: {result['model']} as mllm's NPU demo runs it",
+        "",
+        f"Each of {f['num_samples']} held-out records is split as the demo splits a generation: its first "
+        f"{setup['prefill_fraction']:g} of the tokens ({setup['prefill_tokens']} in all) are prefilled by the "
+        f"simulated int8 NPU model ({setup['runtime']}, point {setup['point']}, transform {setup['transform']}) in "
+        f"chunks of {setup['chunk_size']}, its KV cache (K after RoPE, V) is handed over in {setup['handover']}, "
+        f"and the rest is produced by the CPU decoding model `{setup['decode_model']}` (weights of "
+        f"`{setup['decode_manifest']}`, under mllm's CPU numerics: {setup['decode_formats']}, float16 K/V), "
+        "teacher-forced over the continuation. The first token after the prefill is predicted by the prefill "
+        "model's last position, as in the demo.",
+        "",
+        f"Scored: the {f['num_tokens']} continuation tokens only, the same tokens for every column; brackets are "
+        "95 % bootstrap intervals over records (increase, KL and agreement paired with float on the same "
+        "records). prefill-only is the NPU simulation over the whole record, decode-only the decoding model "
+        "over the whole record.",
+        "",
+        "| metric | " + " | ".join(LABELS[m] for m in MODELS) + " |",
+        "| --- |" + " --- |" * len(MODELS),
+    ]
+    for key, label in ROWS:
+        lines.append(f"| {label} | " + " | ".join(_interval(result[m], key) for m in MODELS) + " |")
+    lines += ["", "Demo minus each single model, paired on the same records (95 % bootstrap intervals):", "",
+              "| difference | perplexity ratio - 1 | KL | agreement |", "| --- | --- | --- | --- |"]
+    for name, entry in result["differences"].items():
+        other = LABELS[name.removeprefix("demo_vs_")]
+        lines.append(f"| demo vs {other} | " + " | ".join(
+            _difference(entry[key], key) for key in ("perplexity_ratio", "kl", "agreement")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def decode_manifest_of(decode_choice, default) -> str:
+    """The manifest the decoding model's architecture and unstored tensors come from: decode_choice.json's
+    `manifest`, or `default` (the exported variant's) when no choice file is used. A choice made for another
+    prefill model (its `prefill_manifest`, where it names one, is not `default`) is refused."""
+    if decode_choice is None:
+        return str(default)
+    path = Path(decode_choice)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no decoding-model choice; build it first (the bundle's decoding-model choice "
+                            "writes it) or evaluate against the exported variant's manifest")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: not readable JSON ({exc}); delete it and re-run the decoding-model choice") from None
+    manifest = data.get(DECODE_CHOICE_KEY) if isinstance(data, dict) else None
+    if not isinstance(manifest, str) or not manifest:
+        raise PipelineError(f"{path}: has no '{DECODE_CHOICE_KEY}' (the manifest of the decoding model's weights); "
+                            "re-run the decoding-model choice")
+    if not Path(manifest).is_file():
+        raise PipelineError(f"{path}: its manifest {manifest} does not exist; re-run the decoding-model choice")
+    prefill = data.get("prefill_manifest")
+    if prefill and Path(prefill).resolve() != Path(default).resolve():
+        raise PipelineError(f"{path}: the decoding model was chosen for the prefill model of {prefill}, but the "
+                            f"export is of {default}; re-run the decoding-model choice")
+    return manifest
+
+
+def chunk_size_of(runtime_json) -> int:
+    """The NPU prefill's chunk size, runtime.json's `chunk_size`."""
+    path = Path(runtime_json)
+    if not path.is_file():
+        raise PipelineError(f"{path}: runtime.json not found; run the export first")
+    runtime = json.loads(path.read_text(encoding="utf-8"))
+    chunk = runtime.get("chunk_size")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise PipelineError(f"{path}: chunk_size {chunk!r} is not a positive number of tokens; re-run the export")
+    return chunk
+
+
+def load_decoding_model(manifest, decode_path, device: str = "auto"):
+    """The decoding model: `manifest`'s float model (float32) with every weight the decoding file stores,
+    and {Linear: weight format} for mllm_cpu_numerics from the file's dtypes."""
+    from shadowquant.decoding.cpu_numerics import formats_from_dtypes
+    from shadowquant.decoding.candidates import load_decode_weights
+    from shadowquant.export.mllm import read_mllm
+    from shadowquant.model.loading import load_model_from_manifest
+
+    if not Path(decode_path).is_file():
+        raise PipelineError(f"{decode_path}: decoding model file not found; build the bundle's decoding model first")
+    model, _, _ = load_model_from_manifest(manifest, device, "float32")
+    replaced = load_decode_weights(model, decode_path)
+    formats = formats_from_dtypes(model, {e.name: e.dtype for e in read_mllm(decode_path).entries})
+    log.info("decoding model: %s with %d tensors of %s", manifest, len(replaced), decode_path)
+    return model, formats
+
+
+def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json, out_md, seq_len: int,
+                  decode_choice=None, prefill_fraction: float = 0.5, handover: str = "float16",
+                  baseline=None, device: str = "auto", dtype: str = "float32", num_resamples: int = 1000,
+                  name=None, records: int | None = None) -> dict:
+    """The demo evaluation (module docstring) of the export of `manifest` (the exported variant's) with the
+    decoding model `decode_path` on the manifest decode_choice.json names (None: `manifest`); `name`: the
+    model's name in the summary (default: the manifest's folder). `baseline`: the float baseline of the
+    manifest's float run on the same records (float-baseline.safetensors), which spares the float model's
+    forward; without it the float model runs each record. `records`: only the first that many records
+    (a quick look; the baseline is still checked against all of them)."""
+    import copy
+    from collections import Counter
+
+    from safetensors.torch import load_file
+
+    from shadowquant.decoding.cpu_numerics import mllm_cpu_numerics
+    from shadowquant.model.families import quantized_layer_names
+    from shadowquant.evaluate.final_evaluation import export_metadata
+    from shadowquant.model.loading import load_model_from_manifest
+    from shadowquant.runtimes import runtime_of
+    from shadowquant.evaluate.sweep import evaluation_sequences
+
+    if handover not in HANDOVER_DTYPES:
+        raise PipelineError(f"unknown handover dtype {handover!r}; valid: {', '.join(HANDOVER_DTYPES)}")
+    chunk_size = chunk_size_of(runtime_json)
+    decode_manifest = decode_manifest_of(decode_choice, manifest)
+    if not Path(export).is_file():
+        raise PipelineError(f"{export}: int8 export not found; run the export first")
+    meta = export_metadata(export)
+    float_model, tokenizer, family = load_model_from_manifest(manifest, device, dtype)
+    simulated = runtime_of(meta, family)
+    simulated.require_phone(f"{export} (the demo evaluation)")
+    shadow = {int(i) for i in meta.get("shadow_layers", "").split()}
+    sequences = evaluation_sequences(tokenizer, samples, seq_len)
+    float_logits_of = None
+    if baseline is not None:
+        from shadowquant.evaluate.metrics import final_logit_softcap, output_head
+
+        float_logits_of = baseline_logits(baseline, sequences, copy.deepcopy(output_head(float_model)),
+                                          final_logit_softcap(float_model))
+        prefill_model, float_model = float_model, None  # the float logits come from the baseline
+    else:
+        prefill_model = copy.deepcopy(float_model)
+    tensors = load_file(str(export), device=str(next(prefill_model.parameters()).device))
+    simulated.apply_from_export(prefill_model, tensors, quantized_layer_names(prefill_model, family), meta)
+    del tensors
+    decode_model, formats = load_decoding_model(decode_manifest, decode_path, device)
+    if records is not None:
+        if records < 1:
+            raise PipelineError(f"records {records!r} must be a positive number of records")
+        sequences = sequences[:records]
+
+    def numerics():
+        return mllm_cpu_numerics(decode_model, formats)
+
+    results = score_records(float_model, prefill_model, decode_model, sequences, chunk_size, prefill_fraction,
+                            handover, numerics, float_logits_of)
+    runtime = json.loads(Path(runtime_json).read_text(encoding="utf-8"))
+    result = {
+        "model": name or Path(manifest).parent.name,
+        "setup": {
+            "runtime": simulated.name, "point": runtime.get("point"), "transform": runtime.get("transform", "none"),
+            "shadow_layers": sorted(shadow), "chunk_size": chunk_size, "prefill_fraction": prefill_fraction,
+            "prefill_tokens": sum(prefill_length(len(s), prefill_fraction) for s in sequences),
+            "handover": handover, "first_token": "prefill model's last position",
+            "decode": "teacher-forced over the continuation with the handed-over cache",
+            "prefill_manifest": str(manifest), "decode_manifest": str(decode_manifest),
+            "decode_model": str(decode_path), "decode_choice": None if decode_choice is None else str(decode_choice),
+            "float_reference": "float baseline file" if baseline is not None else "float model",
+            "decode_formats": ", ".join(f"{n} {fmt}" for fmt, n in sorted(Counter(formats.values()).items())),
+        },
+        **summarize_all(results, num_resamples),
+    }
+    write_json(out_json, result)
+    write_text(out_md, markdown_summary(result))
+    for key in MODELS[1:]:
+        m = result[key]
+        log.info("%s: perplexity %.4f (%+.2f %%), KL %.4f, agreement %.4f", key, m["perplexity"],
+                 100 * (m["perplexity_increase"] or 0.0), m["kl"], m["agreement"])
+    return result

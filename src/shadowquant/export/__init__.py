@@ -1,0 +1,1 @@
+"""The int8 export, the mllm file format and its inspector."""
