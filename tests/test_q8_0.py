@@ -12,12 +12,12 @@ import pytest
 
 from shadowquant.errors import PipelineError
 from shadowquant.export.mllm import DTYPE_Q8_0, read_mllm, write_mllm_v1_encoded
-from shadowquant.decoding.q8_0 import (BLOCK_BYTES, DTYPE_CODE, check_q8_0_shape, dequantize_q8_0, fake_quantize_q8_0,
+from shadowquant.decoding.q8_0 import (BLOCK_BYTES, check_q8_0_shape, dequantize_q8_0, fake_quantize_q8_0,
                               q8_0_nbytes, quantize_q8_0)
 
 
 def test_layout_constants():
-    assert BLOCK_BYTES == 34 and DTYPE_CODE == 8 == DTYPE_Q8_0  # mllm/DataType.hpp block_q8_0; Types.hpp enum
+    assert BLOCK_BYTES == 34 and DTYPE_Q8_0 == 8  # mllm/DataType.hpp block_q8_0; Types.hpp enum
     assert q8_0_nbytes(64) == 68
     with pytest.raises(PipelineError):
         q8_0_nbytes(33)

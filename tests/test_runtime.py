@@ -22,8 +22,9 @@ from shadowquant.model.families import quantized_layer_names
 from shadowquant.export.inspector import inspect_mllm
 from shadowquant.model.loading import load_model_from_manifest
 from shadowquant.export.mllm import convert_safetensors_to_mllm, read_mllm
-from shadowquant.runtimes.profiles import (FLOAT32 as FLOAT32_CODE, INT8 as INT8_CODE, INT32 as INT32_CODE, PROFILES,
-                                 Q4_0 as Q4_0_CODE, SideSpec, decode_loaded_tensors, get_profile, layer_index,
+from shadowquant.export.dtypes import (DTYPE_FLOAT32 as FLOAT32_CODE, DTYPE_INT8 as INT8_CODE, DTYPE_INT32 as INT32_CODE,
+                                       DTYPE_Q4_0 as Q4_0_CODE)
+from shadowquant.runtimes.profiles import (PROFILES, SideSpec, decode_loaded_tensors, get_profile, layer_index,
                                  loaded_tensors)
 from shadowquant.decoding.candidates import decode_dtype
 from mllm_loader_helpers import run_native_loader

@@ -20,14 +20,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from shadowquant.atomic import write_json
 from shadowquant.runtimes.decision import STAT_KEYS
 from shadowquant.errors import PipelineError
 from shadowquant.runtimes.profiles import RuntimeProfile, get_profile, layer_index, layer_role
 from shadowquant.runtimes.runtime_linear import quantize, runtime_step
-from shadowquant.calibrate.sensitivity import histogram_mse_clip, observe_sides
+from shadowquant.calibrate.sensitivity import fisher_pass, histogram_mse_clip, observe_sides
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +103,18 @@ def calibration_histograms(model: nn.Module, layers: list[str], sequences: list[
 
 def fisher_scores(model: nn.Module, candidates: dict, sequences: list[list[int]], samples: int = 2, seed: int = 0,
                   progress: bool = True) -> dict:
-    """{(layer, side): [score per candidate step]}: 1/2 (sum g . dy)^2 per record and draw, per token, where dy
-    is the quantization error of that side alone at the candidate step (int8, clamped)."""
+    """{(layer, side): [score per candidate step]}: the Fisher quadratic form (sensitivity.fisher_pass) of dy,
+    the quantization error of that side alone at the candidate step (int8, clamped)."""
     from shadowquant.runtimes.profiles import SideSpec
 
     spec = SideSpec(bits=8)
-    scores = {key: [0.0] * len(steps) for key, steps in candidates.items()}
     by_layer: dict[str, list] = {}
     for (layer, side), steps in candidates.items():
         by_layer.setdefault(layer, []).append((side, steps))
-    was_training = model.training
-    model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    tokens = sum(len(s) - 1 for s in sequences)
 
-    def hook(layer):
-        def record(module, args, output):
-            x, y = args[0].detach(), output.detach()
-            deltas = []
+    def quantization_errors(layer):
+        def perturb(module, x, y):
+            changes = []
             for side, steps in by_layer[layer]:
                 for index, step in enumerate(steps):
                     if side == "input":
@@ -131,34 +122,15 @@ def fisher_scores(model: nn.Module, candidates: dict, sequences: list[list[int]]
                         dy = F.linear(dx, module.weight.float())
                     else:
                         dy = quantize(y, step, spec) * step - y.float()
-                    deltas.append((side, index, dy.double()))
+                    changes.append(((layer, side, index), dy.double()))
+            return changes
+        return perturb
 
-            def accumulate(grad):
-                g = grad.double()
-                for side, index, dy in deltas:
-                    scores[(layer, side)][index] += float(0.5 * (g * dy).sum() ** 2) / samples
-            output.register_hook(accumulate)
-        return record
-
-    handles = [model.get_submodule(layer).register_forward_hook(hook(layer)) for layer in by_layer]
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        device = next(model.parameters()).device
-        for seq in tqdm(sequences, desc="Fisher max/mse choice", unit="sequence", disable=not progress):
-            ids = torch.tensor([seq], dtype=torch.long, device=device)
-            for _ in range(samples):
-                embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                logits = model(inputs_embeds=embeddings, use_cache=False).logits[0, :-1].float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                drawn = torch.multinomial(logprobs.detach().exp().cpu(), 1, generator=generator).to(device)
-                logprobs.gather(-1, drawn).sum().backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
-    return {key: [value / tokens for value in values] for key, values in scores.items()}
+    keys = [(layer, side, index) for (layer, side), steps in candidates.items() for index in range(len(steps))]
+    scores = fisher_pass(model, {layer: quantization_errors(layer) for layer in by_layer}, sequences, samples, seed,
+                         keys=keys, desc="Fisher max/mse choice", progress=progress)
+    return {(layer, side): [scores[(layer, side, index)] for index in range(len(steps))]
+            for (layer, side), steps in candidates.items()}
 
 
 def runtime_scales(model: nn.Module, layers: list[str], profile: RuntimeProfile, act_scales: dict,

@@ -240,60 +240,44 @@ def sensitivity_rows(model: nn.Module, layers: list[str], act_scales: dict, stat
     return rows
 
 
-def sensitivity_proxy(model: nn.Module, layers: list[str], sequences: list[list[int]], act_scales: dict,
-                      statistic: str = "absmax", samples: int = 2, seed: int = 0,
-                      clip_scales: dict[Side, float] | None = None, progress: bool = True) -> dict[Side, float]:
-    """Second-order estimate of the KL increase of clipping each side alone, from the float model.
+def fisher_pass(model: nn.Module, perturbations: dict, sequences: list[list[int]], samples: int = 2, seed: int = 0,
+                keys: Iterable = (), desc: str = "Fisher pass", progress: bool = True) -> dict:
+    """The Fisher quadratic form (the KL to second order) of output perturbations, per key.
 
-    Per sequence and sampled target set: 1/2 (sum over positions of g . dy)^2, where g is the gradient of
-    the summed log-probability of tokens drawn from the float model at the Linear's output and dy the
-    output change clip - shadow of that side (input side: linear(x_clip - x_shadow, W)); its expectation
-    is the Fisher quadratic form, i.e. the KL to second order. Averaged over `samples` draws, divided by
-    the number of predicted tokens (a per-token KL like delta_kl). Cost: `samples` forward + backward passes.
-    """
-    scales = side_scales(act_scales, statistic, layers)
-    clip_scales = clip_scales or {}
-    steps = {}
-    for (layer, side), (ori, top) in scales.items():
-        clip = float(clip_scales.get((layer, side), ori))
-        make = input_step if side == "input" else output_step
-        steps[(layer, side)] = (make(clip), make(top))
-    modules = {layer: model.get_submodule(layer) for layer in layers}
-    for layer, module in modules.items():
-        if not isinstance(module, nn.Linear):
-            raise PipelineError(f"sensitivity_proxy needs the float model; '{layer}' is a {type(module).__name__}")
-    was_training = model.training
-    model.eval()
-    params = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    totals = {key: 0.0 for key in scales}
+    `perturbations`: layer name -> f(module, x, y) returning [(key, dy)] at that layer's forward (x its
+    input, y its output, both detached; dy a change of y, float64). Per sequence and draw of target
+    tokens from the model itself: 1/2 (g . dy)^2 with g the gradient at the layer's output of the drawn
+    tokens' summed log-probability; averaged over `samples` draws, summed over sequences, divided by the
+    number of predicted tokens. `keys` fixes the result's order (others follow as first seen). Cost:
+    `samples` forward + backward passes per sequence; the parameters stay frozen."""
+    totals = {key: 0.0 for key in keys}
     tokens = sum(len(s) - 1 for s in sequences)
-    generator = torch.Generator().manual_seed(seed)
 
-    def hook(layer):
+    def hook(perturb):
         def record(module, args, output):
-            x = args[0].detach()
-            (in_clip, in_shadow), (out_clip, out_shadow) = steps[(layer, "input")], steps[(layer, "output")]
-            dx = fake_quant_activation(x, in_clip, True) - fake_quant_activation(x, in_shadow, False)
-            dy_in = F.linear(dx, module.weight).double()
-            y = output.detach()
-            dy_out = (fake_quant_activation(y, out_clip, True) - fake_quant_activation(y, out_shadow, False)).double()
+            changes = perturb(module, args[0].detach(), output.detach())
 
             def accumulate(grad):
                 # One sequence per forward: the whole output is one sequence (also for MoE experts'
                 # token subsets), so g . dy sums over all its elements.
                 g = grad.double()
-                totals[(layer, "input")] += float(0.5 * (g * dy_in).sum() ** 2) / samples
-                totals[(layer, "output")] += float(0.5 * (g * dy_out).sum() ** 2) / samples
+                for key, dy in changes:
+                    totals[key] = totals.get(key, 0.0) + float(0.5 * (g * dy).sum() ** 2) / samples
             output.register_hook(accumulate)
         return record
 
-    handles = [modules[layer].register_forward_hook(hook(layer)) for layer in layers]
+    was_training = model.training
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handles = [model.get_submodule(layer).register_forward_hook(hook(perturb))
+               for layer, perturb in perturbations.items()]
+    generator = torch.Generator().manual_seed(seed)
     try:
         device = next(model.parameters()).device
-        for index in tqdm(range(len(sequences)), desc="sensitivity proxy", unit="sequence", disable=not progress):
-            ids = torch.tensor([sequences[index]], dtype=torch.long, device=device)
+        for sequence in tqdm(sequences, desc=desc, unit="sequence", disable=not progress):
+            ids = torch.tensor([sequence], dtype=torch.long, device=device)
             for _ in range(samples):
                 # Gradients flow from the embeddings on (parameters stay frozen).
                 embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -305,10 +289,42 @@ def sensitivity_proxy(model: nn.Module, layers: list[str], sequences: list[list[
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in zip(model.parameters(), params):
+        for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
         model.train(was_training)
     return {key: value / tokens for key, value in totals.items()}
+
+
+def sensitivity_proxy(model: nn.Module, layers: list[str], sequences: list[list[int]], act_scales: dict,
+                      statistic: str = "absmax", samples: int = 2, seed: int = 0,
+                      clip_scales: dict[Side, float] | None = None, progress: bool = True) -> dict[Side, float]:
+    """Second-order estimate of the KL increase of clipping each side alone, from the float model
+    (fisher_pass): dy is the output change clip - shadow of that side (input side: linear(x_clip -
+    x_shadow, W)); a per-token KL like delta_kl."""
+    scales = side_scales(act_scales, statistic, layers)
+    clip_scales = clip_scales or {}
+    steps = {}
+    for (layer, side), (ori, top) in scales.items():
+        clip = float(clip_scales.get((layer, side), ori))
+        make = input_step if side == "input" else output_step
+        steps[(layer, side)] = (make(clip), make(top))
+    modules = {layer: model.get_submodule(layer) for layer in layers}
+    for layer, module in modules.items():
+        if not isinstance(module, nn.Linear):
+            raise PipelineError(f"sensitivity_proxy needs the float model; '{layer}' is a {type(module).__name__}")
+
+    def clip_minus_shadow(layer):
+        (in_clip, in_shadow), (out_clip, out_shadow) = steps[(layer, "input")], steps[(layer, "output")]
+
+        def perturb(module, x, y):
+            dx = fake_quant_activation(x, in_clip, True) - fake_quant_activation(x, in_shadow, False)
+            dy_in = F.linear(dx, module.weight).double()
+            dy_out = (fake_quant_activation(y, out_clip, True) - fake_quant_activation(y, out_shadow, False)).double()
+            return [((layer, "input"), dy_in), ((layer, "output"), dy_out)]
+        return perturb
+
+    return fisher_pass(model, {layer: clip_minus_shadow(layer) for layer in layers}, sequences, samples, seed,
+                       keys=scales, desc="sensitivity proxy", progress=progress)
 
 
 @torch.inference_mode()

@@ -27,7 +27,6 @@ import numpy as np
 from shadowquant.errors import PipelineError
 from shadowquant.decoding.ggml_blocks import BLOCK_VALUES, block_nbytes, block_view, check_block_shape
 
-DTYPE_CODE = 8  # MLLM_TYPE_Q8_0
 BLOCK_BYTES = 34
 BLOCK_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", (BLOCK_VALUES,))])
 VARIANTS = ("neon", "avx2", "reference")

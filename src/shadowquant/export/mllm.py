@@ -23,24 +23,27 @@ from shadowquant.atomic import atomic_path
 from shadowquant.errors import PipelineError
 from shadowquant.decoding.q4_0 import BLOCK_BYTES as Q4_0_BLOCK_BYTES, BLOCK_VALUES as Q4_0_BLOCK_VALUES, dequantize_q4_0
 from shadowquant.decoding.q8_0 import BLOCK_BYTES as Q8_0_BLOCK_BYTES, BLOCK_VALUES as Q8_0_BLOCK_VALUES, dequantize_q8_0
+from shadowquant.export.dtypes import (
+    DTYPE_BFLOAT16,
+    DTYPE_FLOAT16,
+    DTYPE_FLOAT32,
+    DTYPE_INT16,
+    DTYPE_INT32,
+    DTYPE_INT64,
+    DTYPE_INT8,
+    DTYPE_ITEMSIZE,
+    DTYPE_NAMES,
+    DTYPE_Q4_0,
+    DTYPE_Q8_0,
+    DTYPE_UINT16,
+    DTYPE_UINT32,
+    DTYPE_UINT64,
+    DTYPE_UINT8,
+)
 from shadowquant.export.safetensors_header import read_tensor_table
 
-# ---- dtype codes ---------------------------------------------------------------------------
+# ---- dtype codes (export/dtypes.py) -----------------------------------------------------------
 
-DTYPE_FLOAT32 = 0
-DTYPE_FLOAT16 = 1
-DTYPE_Q4_0 = 2  # ggml blocks of 32 values in 18 bytes (q4_0.py); mllm's CPU decoding models
-DTYPE_Q8_0 = 8  # ggml blocks of 32 values in 34 bytes (q8_0.py); MLLM_TYPE_Q8_0
-DTYPE_INT8 = 16
-DTYPE_INT16 = 17
-DTYPE_INT32 = 18
-# Version 2 only.
-DTYPE_BFLOAT16 = 128
-DTYPE_UINT8 = 129
-DTYPE_UINT16 = 130
-DTYPE_UINT32 = 131
-DTYPE_INT64 = 132
-DTYPE_UINT64 = 133
 
 V1_DTYPES = frozenset({DTYPE_FLOAT32, DTYPE_FLOAT16, DTYPE_INT8, DTYPE_INT16, DTYPE_INT32})
 # What the reader accepts in v1: the writers' codes and the Q4_0 / Q8_0 blocks of a CPU decoding model.
@@ -49,36 +52,6 @@ V1_READ_DTYPES = V1_DTYPES | {DTYPE_Q4_0, DTYPE_Q8_0}
 BLOCK_DTYPES: dict[int, tuple[int, int]] = {DTYPE_Q4_0: (Q4_0_BLOCK_BYTES, Q4_0_BLOCK_VALUES),
                                             DTYPE_Q8_0: (Q8_0_BLOCK_BYTES, Q8_0_BLOCK_VALUES)}
 V2_DTYPES = V1_DTYPES | {DTYPE_BFLOAT16, DTYPE_UINT8, DTYPE_UINT16, DTYPE_UINT32, DTYPE_INT64, DTYPE_UINT64}
-
-DTYPE_NAMES: dict[int, str] = {
-    DTYPE_FLOAT32: "float32",
-    DTYPE_FLOAT16: "float16",
-    DTYPE_Q4_0: "q4_0",
-    DTYPE_Q8_0: "q8_0",
-    DTYPE_INT8: "int8",
-    DTYPE_INT16: "int16",
-    DTYPE_INT32: "int32",
-    DTYPE_BFLOAT16: "bfloat16",
-    DTYPE_UINT8: "uint8",
-    DTYPE_UINT16: "uint16",
-    DTYPE_UINT32: "uint32",
-    DTYPE_INT64: "int64",
-    DTYPE_UINT64: "uint64",
-}
-
-DTYPE_ITEMSIZE: dict[int, int] = {
-    DTYPE_FLOAT32: 4,
-    DTYPE_FLOAT16: 2,
-    DTYPE_INT8: 1,
-    DTYPE_INT16: 2,
-    DTYPE_INT32: 4,
-    DTYPE_BFLOAT16: 2,
-    DTYPE_UINT8: 1,
-    DTYPE_UINT16: 2,
-    DTYPE_UINT32: 4,
-    DTYPE_INT64: 8,
-    DTYPE_UINT64: 8,
-}
 
 # numpy dtype a stored code is read back as; bfloat16 has none and is widened to float32.
 _NUMPY_OF_CODE: dict[int, np.dtype] = {

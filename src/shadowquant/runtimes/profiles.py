@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 from shadowquant.errors import PipelineError
+from shadowquant.export.dtypes import (DTYPE_FLOAT16, DTYPE_FLOAT32, DTYPE_INT8, DTYPE_INT32, DTYPE_ITEMSIZE, DTYPE_Q4_0,
+                                       DTYPE_Q8_0)
 from shadowquant.model.families import FAMILIES, NPU_FAMILIES
 
 IDEAL = "ideal"
@@ -263,9 +265,7 @@ def get_profile(name: str, family: str | None = None) -> RuntimeProfile:
 
 
 
-# mllm dtype codes of the model file (method.md, the mllm v1 format; mllm/Types.hpp).
-FLOAT32, Q4_0, INT8, INT32 = 0, 2, 16, 18
-_BYTES = {FLOAT32: 4, INT8: 1, INT32: 4}
+_BYTES = {code: DTYPE_ITEMSIZE[code] for code in (DTYPE_FLOAT32, DTYPE_INT8, DTYPE_INT32)}
 # The Linears whose bias mllm's Qwen models build: q/k/v (the NPU model's `use_i32_bias` Linears or its
 # DequantizeAdd ops; the CPU model's MultiHeadAttention with qkv_bias = true). Always allocated and loaded,
 # so a model without q/k/v biases gets zero ones in both files.
@@ -316,33 +316,33 @@ def loaded_tensors(profile: RuntimeProfile, dims: dict, shadow_layers) -> dict[s
     shapes = _cpp_linear_shapes(dims)
     hidden, vocab = int(dims["hidden_size"]), int(dims["vocab_size"])
     shadow_layers = frozenset(int(i) for i in shadow_layers)
-    out: dict[str, tuple[int, int]] = {"model.embed_tokens.weight": (FLOAT32, 4 * vocab * hidden)}
+    out: dict[str, tuple[int, int]] = {"model.embed_tokens.weight": (DTYPE_FLOAT32, 4 * vocab * hidden)}
     for index in range(int(dims["num_hidden_layers"])):
         base = f"model.layers.{index}"
-        out[f"{base}.input_layernorm.weight"] = (FLOAT32, 4 * hidden)
+        out[f"{base}.input_layernorm.weight"] = (DTYPE_FLOAT32, 4 * hidden)
         for role, (fan_in, fan_out) in shapes.items():
             name = f"{base}.{_PARENTS[role]}.{role}"
             spec = profile.spec(name, shadow_layers)
-            out[f"{name}.weight"] = (INT8, fan_in * fan_out)
+            out[f"{name}.weight"] = (DTYPE_INT8, fan_in * fan_out)
             if role in QKV_ROLES and profile.bias == "int32":
-                out[f"{name}.bias"] = (INT32, 4 * fan_out)  # the Linear's
+                out[f"{name}.bias"] = (DTYPE_INT32, 4 * fan_out)  # the Linear's
             elif role in QKV_ROLES and profile.bias == "float32":
-                out[f"{name}.bias"] = (FLOAT32, 4 * fan_out)  # the DequantizeAdd's
-            out[f"{name}.weight.scale"] = (FLOAT32, 4)
-            out[f"{name}.bias.scale"] = (FLOAT32, 4)
-            out[f"{name}.output_scale"] = (FLOAT32, 4)
+                out[f"{name}.bias"] = (DTYPE_FLOAT32, 4 * fan_out)  # the DequantizeAdd's
+            out[f"{name}.weight.scale"] = (DTYPE_FLOAT32, 4)
+            out[f"{name}.bias.scale"] = (DTYPE_FLOAT32, 4)
+            out[f"{name}.output_scale"] = (DTYPE_FLOAT32, 4)
             source = spec.input.scale_from
             if source is None:
-                out[f"{name}.input_scale"] = (FLOAT32, 4)
+                out[f"{name}.input_scale"] = (DTYPE_FLOAT32, 4)
             elif source[1] == "input":
-                out[f"{base}.{_PARENTS[source[0]]}.{source[0]}.input_scale"] = (FLOAT32, 4)
+                out[f"{base}.{_PARENTS[source[0]]}.{source[0]}.input_scale"] = (DTYPE_FLOAT32, 4)
             if spec.shadow:
-                out[f"{name}.clip_input"] = (INT8, 1)
-                out[f"{name}.clip_output"] = (INT8, 1)
-        out[f"{base}.post_attention_layernorm.weight"] = (FLOAT32, 4 * hidden)
-    out["model.norm.weight"] = (FLOAT32, 4 * hidden)
+                out[f"{name}.clip_input"] = (DTYPE_INT8, 1)
+                out[f"{name}.clip_output"] = (DTYPE_INT8, 1)
+        out[f"{base}.post_attention_layernorm.weight"] = (DTYPE_FLOAT32, 4 * hidden)
+    out["model.norm.weight"] = (DTYPE_FLOAT32, 4 * hidden)
     if profile.lm_head == "own" or not dims.get("tie_embedding_words", False):
-        out["lm_head.weight"] = (FLOAT32, 4 * vocab * hidden)
+        out["lm_head.weight"] = (DTYPE_FLOAT32, 4 * vocab * hidden)
     return out
 
 
@@ -384,7 +384,7 @@ def decode_loaded_tensors(profile: RuntimeProfile, dims: dict, dtype_of, tied: b
     out = {}
     for name, numel in numels.items():
         code = int(dtype_of(name))
-        if code == Q4_0:
+        if code == DTYPE_Q4_0:
             out[name] = (code, q4_0_nbytes(numel))
         elif code in _DECODE_BLOCKS:  # (values, bytes) per block or element
             values, nbytes = _DECODE_BLOCKS[code]
@@ -393,13 +393,14 @@ def decode_loaded_tensors(profile: RuntimeProfile, dims: dict, dtype_of, tied: b
             out[name] = (code, numel // values * nbytes)
         else:
             raise PipelineError(f"{name}: dtype code {code} is not one a decoding model stores; valid codes: "
-                                f"{', '.join(str(c) for c in sorted({Q4_0, *_DECODE_BLOCKS}))}")
+                                f"{', '.join(str(c) for c in sorted({DTYPE_Q4_0, *_DECODE_BLOCKS}))}")
     return out
 
 
 # Other dtypes mllm's CPU ops read from a decoding file (mllm/Types.hpp codes): float32, float16, Q8_0 (ggml's
 # block: a float16 step and 32 int8 values).
-_DECODE_BLOCKS = {FLOAT32: (1, 4), 1: (1, 2), 8: (32, 34)}
+_DECODE_BLOCKS = {DTYPE_FLOAT32: (1, DTYPE_ITEMSIZE[DTYPE_FLOAT32]), DTYPE_FLOAT16: (1, DTYPE_ITEMSIZE[DTYPE_FLOAT16]),
+                  DTYPE_Q8_0: (32, 34)}
 
 
 # Where mllm's NPU model cannot represent a model, the idealized simulation still can.
