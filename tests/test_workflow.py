@@ -14,7 +14,7 @@ from safetensors import safe_open
 from shadowquant.model.families import FAMILIES, NPU_FAMILIES
 from shadowquant.cli import inspect_command as inspect_main
 from shadowquant.export.mllm import DTYPE_INT8, read_mllm
-from test_bundle_workflow import check_bundle
+from bundle_checks import check_bundle
 from workflow_helpers import planned_jobs, snakemake, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
