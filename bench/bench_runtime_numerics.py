@@ -7,7 +7,7 @@
 For each point, the profile's simulation with none of these effects ("without"), each effect alone on top
 of it, and the profile as runtime.py defines it ("profile"), evaluated on the same held-out records:
 perplexity increase over float and over "without", both with a 95 % bootstrap interval paired on the
-records, KL to float and top-1 agreement. The effects (data of runtime.RuntimeProfile / SideSpec):
+records, KL to float and top-1 agreement. The effects (data of runtimes.profiles.RuntimeProfile / SideSpec):
 
   a  hvx-dequant   NPU outputs dequantized through float16 levels (LLaMADequantize's HVX code)
   b  npu-eps       the NPU RMSNorms with LLaMAPackage's epsilon 1e-6 instead of the model's

@@ -296,7 +296,7 @@ def resolve_auto(cfg: dict[str, Any], info, source: str = "config") -> tuple[dic
 
 
 def _npu_unfit(config_json: dict[str, Any] | None, profile) -> str | None:
-    """Why mllm's NPU model config cannot represent the model of `config_json` (runtime.cpp_config's
+    """Why mllm's NPU model config cannot represent the model of `config_json` (runtimes.profiles.cpp_config's
     refusal), or None (also when the config is not readable before the fetch)."""
     from types import SimpleNamespace
 

@@ -2,12 +2,12 @@
 
 results/<name>/bundle/ holds
 - prefill-int8.mllm  the QNN prefill model (a copy of the export's model.mllm)
-- decode.mllm        the CPU decoding model: the candidate bundle.decode chose (decode_model.py; Q4_0 / Q8_0
+- decode.mllm        the CPU decoding model: the candidate bundle.decode chose (decoding/candidates.py; Q4_0 / Q8_0
                      per tensor, from the prefill variant's weights or the unrotated ones with the same KV cache)
-- vocab.mllm, merges.txt  the tokenizer in mllm's format (mllm_tokenizer.py)
+- vocab.mllm, merges.txt  the tokenizer in mllm's format (bundle/tokenizer.py)
 - runtime.json       the export's runtime.json plus a `bundle` section (files, tokenizer, demo)
 - README.txt         how to build the demo in mllm and the commands to run it
-- cpp/               the demo program and tokenizer for mllm, written for this model (bundle_cpp.py)
+- cpp/               the demo program and tokenizer for mllm, written for this model (bundle/cpp.py)
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_c
 def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, runtime_json, tokenizer_check,
                     decode_choice, float_json, out_prefill, out_runtime, out_readme, out_report,
                     out_cpp_dir=None) -> dict:
-    """Copy the prefill model in, write the C++ demo folder (bundle_cpp.py; `out_cpp_dir`, by default
+    """Copy the prefill model in, write the C++ demo folder (bundle/cpp.py; `out_cpp_dir`, by default
     cpp/ in the bundle), the bundle's runtime.json and README.txt, inspect the whole bundle and write the
     report (sizes, tokenizer check, decoding model quality)."""
     from shadowquant.evaluate.sweep import read_point_json

@@ -1,4 +1,4 @@
-"""The fixed part of the bundle's C++ demo (cpp/shadowquant_demo.cpp), as a string; bundle_cpp.py writes
+"""The fixed part of the bundle's C++ demo (cpp/shadowquant_demo.cpp), as a string; bundle/cpp.py writes
 the model's values (namespace sq_model) in front of it.
 
 Written against mllm's public API of the v1 branch: QWenConfig / QWenNPUConfig

@@ -1,10 +1,10 @@
-"""The C++ tokenizer header of the bundle's cpp/ folder (written by bundle_cpp.py), as a string.
+"""The C++ tokenizer header of the bundle's cpp/ folder (written by bundle/cpp.py), as a string.
 
 Byte-level BPE with the merges applied by rank, every merge line counted (also lines starting with
 '#', which mllm's own merges readers skip), the model's added tokens matched before the
 pre-tokenization, and the pre-tokenization patterns hand-written over mllm's Unicode categories
 (mllm/tokenizers/Unicode.hpp: unicode_cpt_from_utf8, unicode_cpt_flags). Its Python twin is
-shadowquant.bundle.tokenizer.FileTokenizer(as_mllm=False) without NFC (see bundle_cpp.demo_tokenizer).
+shadowquant.bundle.tokenizer.FileTokenizer(as_mllm=False) without NFC (see bundle.cpp.demo_tokenizer).
 It depends on mllm only through those Unicode functions, so it compiles standalone against a stub.
 """
 

@@ -58,7 +58,7 @@ def decode_tensors(state: dict[str, torch.Tensor], qkv_bias: bool = True) -> dic
     """The float tensors of the decoding model: the state, plus lm_head copied from a tied embedding, plus
     (`qkv_bias`) a zero bias beside every q/k/v weight that has none: mllm's CPU Qwen model
     (QWenForCausalLM, modeling_qwen.hpp) builds q/k/v with bias whatever the model, and loads it
-    (runtime.decode_loaded_tensors); without one it adds uninitialised memory. A real bias is kept."""
+    (runtimes.profiles.decode_loaded_tensors); without one it adds uninitialised memory. A real bias is kept."""
     tensors = {name: tensor for name, tensor in state.items() if tensor.is_floating_point()}
     if LM_HEAD not in tensors:
         if EMBEDDING not in tensors:
@@ -204,7 +204,7 @@ def dtype_mix(dtypes: dict[str, str]) -> str:
 
 
 def file_dtype_of(stored):
-    """`dtype_of(name)` for runtime.decode_loaded_tensors from a decoding file as written: the file's own
+    """`dtype_of(name)` for runtimes.profiles.decode_loaded_tensors from a decoding file as written: the file's own
     dtype where it stores the name (so a Q4_0 / Q8_0 mix is checked with its sizes), else the dtype
     mllm's quantizer gives the name."""
     def dtype_of(name: str) -> int:

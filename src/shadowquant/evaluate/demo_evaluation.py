@@ -12,7 +12,7 @@ tokens is split the same way:
 - handover: the prefill model's cache of positions 0..p-1, rounded to float16 (the NPU and the CPU
   caches both hold float16; `handover` "float32" keeps it unrounded, for checks).
 - decode: the decoding model (the float model of its manifest with the decoding file's weights,
-  decode_model.load_decode_weights) under mllm_cpu_numerics with the file's per-tensor formats (Q8_0
+  decoding.candidates.load_decode_weights) under mllm_cpu_numerics with the file's per-tensor formats (Q8_0
   activations of Q4_0 / Q8_0 weights, float16 K/V), continuing from the handed-over cache over tokens
   p..L-2, predicting tokens p+1..L-1. Teacher-forced: one forward over those tokens with the cache,
   which equals feeding them one at a time up to float rounding (every Linear, norm and activation acts

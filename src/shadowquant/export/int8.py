@@ -59,7 +59,7 @@ def int8_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQu
 def runtime_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, LayerQuant], quantized: Iterable[str],
                        profile: RuntimeProfile, shadow_layers, weight_range="max",
                        tied_head: bool = False) -> dict[str, torch.Tensor]:
-    """The export tensors an NPU runtime profile's model loads (runtime.loaded_tensors), from the float state.
+    """The export tensors an NPU runtime profile's model loads (runtimes.profiles.loaded_tensors), from the float state.
 
     Int8 weights `[in, out]` with `weight.scale` (as for ideal); every Linear's `input_scale` is the
     range its quantizer reads (the shared one for k/v/gate), `output_scale` its own; the bias as the
@@ -70,7 +70,7 @@ def runtime_state_dict(state: dict[str, torch.Tensor], decisions: dict[str, Laye
     What the C++ model loads although the model has no such parameter is written too, with a value that
     changes nothing: every Linear's `bias.scale` (QNNLinearINT8 asks for it bias or not; input step *
     weight step, the accumulator's step), and zero q/k/v biases under the Qwen profiles (int32 or float32
-    as the profile stores them), which that model always builds (runtime.loaded_tensors).
+    as the profile stores them), which that model always builds (runtimes.profiles.loaded_tensors).
     """
     quantized = list(quantized)
     missing = [n for n in quantized if n not in decisions]

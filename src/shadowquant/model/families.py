@@ -67,7 +67,7 @@ class Family:
     # Config flag that, when True, marks an old checkpoint without a final norm (OPT).
     no_final_norm_flag: str | None = None
     npu: bool = False  # an NPU runtime profile runs it (mllm's NPU models are LLaMA-shaped)
-    # decode_weights derives the unrotated CPU decoding model (RMSNorm, separate q/k/v, gated MLP).
+    # decoding/weights.py derives the unrotated CPU decoding model (RMSNorm, separate q/k/v, gated MLP).
     decoding: bool = False
     # Modules that shadowquant.model.loading.prepare_for_quantization renames: (loaded, checkpoint) name parts.
     checkpoint_names: tuple[tuple[str, str], ...] = ()

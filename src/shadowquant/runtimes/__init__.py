@@ -15,7 +15,7 @@ __all__ = ["DecisionSources", "PointPlan", "Runtime", "get_runtime", "runtime_of
 
 
 def get_runtime(name: str, family: str | None = None) -> Runtime:
-    """The runtime of profile `name` (runtime.PROFILES); with `family`, checked that it runs that family."""
+    """The runtime of profile `name` (runtimes.profiles.PROFILES); with `family`, checked that it runs that family."""
     profile = get_profile(name, family)
     return IdealRuntime(profile) if profile.shadow_role == "any" else NpuRuntime(profile)
 

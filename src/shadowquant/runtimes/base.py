@@ -1,6 +1,6 @@
 """The runtime as the seam: one interface every stage calls, whatever runtime profile is simulated.
 
-A `Runtime` wraps one profile of runtime.PROFILES (the data) and answers, for the workflow and the
+A `Runtime` wraps one profile of runtimes.profiles.PROFILES (the data) and answers, for the workflow and the
 stages, everything that differs between the idealized W8A8 (runtimes/ideal.py) and the NPU profiles
 (runtimes/npu.py): the sweep's point labels for a config, whether a point suits it, the decisions of a
 point, the simulation applied to a model (from scales and from an export), the export tensors, the

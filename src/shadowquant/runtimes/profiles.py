@@ -353,8 +353,8 @@ def decode_loaded_tensors(profile: RuntimeProfile, dims: dict, dtype_of, tied: b
     whose MultiHeadAttention is built with q/k/v bias on whatever the model (so a model without q/k/v
     biases needs zero ones), and PhoneLMForCausalLM (models/phonelm/modeling_phonelm.hpp, no bias) under
     phonelm-npu. Every CPU op there (CPULinear, CPUEmbedding, CPURMSNorm, CPUParameter) takes the dtype
-    from the file, so the byte size follows the name's dtype: `dtype_of(name)` (decode_model.decode_dtype for
-    mllm's quantizer's Q4_0 recipe, decode_model.file_dtype_of for a written file of any recipe), Q4_0 18
+    from the file, so the byte size follows the name's dtype: `dtype_of(name)` (decoding.candidates.decode_dtype for
+    mllm's quantizer's Q4_0 recipe, decoding.candidates.file_dtype_of for a written file of any recipe), Q4_0 18
     bytes per 32 values, Q8_0 34, float32 4 bytes a value.
 
     `tied`: a C++ config with tie_embedding_words builds the head as a Parameter reading
