@@ -27,6 +27,7 @@ from shadowquant.bundle.cpp_demo import DEMO_BODY
 from shadowquant.bundle.cpp_tokenizer import TOKENIZER_HEADER, TOKENIZER_HPP
 from shadowquant.errors import PipelineError
 from shadowquant.bundle.tokenizer import GPT2_PATTERN, FileTokenizer, TokenizerSpec
+from shadowquant.runtimes.profiles import PROFILES
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ QWEN_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_k
                "vocab_size", "rope_theta", "rms_norm_eps", "max_position_embeddings", "tie_embedding_words",
                "bos_token_id", "eos_token_id")
 NPU_FIELDS = ("use_i32_bias", "use_high_precision_silu")
-QWEN_PROFILES = ("qwen-npu", "qwen-npu-rotated")
+# The profiles this demo builds a model for: those run by mllm's Qwen models (the profile table's cpp_model).
+QWEN_PROFILES = tuple(name for name, profile in PROFILES.items() if profile.cpp_model.startswith("mllm/models/qwen/"))
 
 # Placeholders for taking a chat template apart.
 _PLACEHOLDERS = ("SQSYSTEMTEXT", "SQUSERONETEXT", "SQASSISTANTTEXT", "SQUSERTWOTEXT")
