@@ -15,6 +15,7 @@ is parsed; the methods that run models import torch-using modules inside.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -93,7 +94,7 @@ class PointPlan:
                               self.value if self.rule == "ratio" else math.nan, self.statistic)
 
 
-class Runtime:
+class Runtime(ABC):
     """One runtime profile as the stages see it; runtimes/ideal.py and runtimes/npu.py implement it."""
 
     # The unit a point shadows: "sides" (any Linear side) or "layers" (decoder layers).
@@ -113,18 +114,22 @@ class Runtime:
 
     # ---------------------------------------------------------------- the config and the sweep (no torch)
 
+    @abstractmethod
     def check_config(self, statistics, export_point: str, source: str) -> None:
         """Refuse sweep statistics and an export point this runtime cannot run, before any work."""
         raise NotImplementedError
 
+    @abstractmethod
     def check_point(self, point: str) -> None:
         """Refuse a point this runtime cannot run (a one-line error says what it can)."""
         raise NotImplementedError
 
+    @abstractmethod
     def breakdown_statistic(self, statistics) -> str:
         """The statistic of the error breakdown, among the swept `statistics`."""
         raise NotImplementedError
 
+    @abstractmethod
     def breakdown_point(self, statistic: str) -> str:
         """The point the error breakdown splits into weights, inputs and outputs."""
         raise NotImplementedError
@@ -133,6 +138,7 @@ class Runtime:
         """The ratio-rule thresholds swept for the config's `sweep` section."""
         return sorted({float(t) for t in sweep["thresholds"]})
 
+    @abstractmethod
     def sweep_labels(self, sweep: dict, export_point: str) -> list[str]:
         """The sorted point labels of the sweep for the config's `sweep` section (an explicit export point
         is always among them)."""
@@ -144,6 +150,7 @@ class Runtime:
 
     # ---------------------------------------------------------------- decisions (no torch)
 
+    @abstractmethod
     def decide(self, act_scales: dict, point: str, layers: list[str], sources: DecisionSources,
                source: str = "act_scales.json") -> PointPlan:
         """The decisions of `point` for the named Linears."""
@@ -151,19 +158,23 @@ class Runtime:
 
     # ---------------------------------------------------------------- the simulation and the export (torch)
 
+    @abstractmethod
     def apply(self, model, plan: PointPlan, layers: list[str], part: str = "all", weight_range="max"):
         """Replace the named Linears of `model` in place by this runtime's simulation of `plan`; returns the
         CPU counter where the runtime measures one, else None."""
         raise NotImplementedError
 
+    @abstractmethod
     def apply_from_export(self, model, tensors: dict, layers: list[str], meta: dict):
         """The simulation rebuilt out of the int8 export itself (its tensors and metadata)."""
         raise NotImplementedError
 
+    @abstractmethod
     def export_layers(self, model, family: str) -> list[str]:
         """The Linears the int8 export writes scales for."""
         raise NotImplementedError
 
+    @abstractmethod
     def export_tensors(self, model, plan: PointPlan, layers: list[str], weight_range="max") -> tuple[dict, bool]:
         """(the export's tensors, whether the model's lm_head is tied to its embeddings)."""
         raise NotImplementedError
@@ -180,6 +191,7 @@ class Runtime:
         """What a log line adds about a plan (e.g. ', shadow layers [1, 3]')."""
         return ""
 
+    @abstractmethod
     def describe(self, model, plan: PointPlan, tied: bool, point: str, variant: str) -> dict:
         """runtime.json: the runtime a model file is for and what its C++ model must be built with."""
         raise NotImplementedError
@@ -189,13 +201,16 @@ class Runtime:
     def progress_label(self, label: str) -> str:
         return label
 
+    @abstractmethod
     def point_record(self, plan: PointPlan, layers: list[str], model, counter, part: str, weight_range) -> dict:
         """A sweep point's fields beside its metrics (the columns of sweep.csv this runtime fills)."""
         raise NotImplementedError
 
+    @abstractmethod
     def log_point(self, log, label: str, metrics: dict) -> None:
         raise NotImplementedError
 
+    @abstractmethod
     def rank(self, manifest, samples, act_scales, out_csv, num_samples: int, seq_len: int, *, statistics,
              measure_top: int, measure_samples: int, cost: str, runtime_scales=None, device: str = "auto",
              dtype: str = "auto", weight_range="max") -> list[dict]:
@@ -204,22 +219,27 @@ class Runtime:
 
     # ---------------------------------------------------------------- reports (no torch)
 
+    @abstractmethod
     def selection_cost(self, row: dict, loss: float) -> tuple:
         """The device cost of a sweep row, for the selection's ordering (cheapest first)."""
         raise NotImplementedError
 
+    @abstractmethod
     def selection_reason(self, best: dict, within: int, candidates: int, loss_description: str,
                          budget: float) -> str:
         raise NotImplementedError
 
+    @abstractmethod
     def selection_fields(self, row: dict) -> dict:
         """selection.json's runtime fields of the chosen row."""
         raise NotImplementedError
 
+    @abstractmethod
     def cost_note(self, selection: dict) -> str:
         """The selected point's device cost, for the report's figures."""
         raise NotImplementedError
 
+    @abstractmethod
     def shadow_line(self, row: dict) -> str:
         """The final evaluation's line on what runs on the CPU for the exported point's sweep row."""
         raise NotImplementedError
