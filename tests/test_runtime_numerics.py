@@ -13,7 +13,7 @@ from shadowquant.errors import PipelineError
 from shadowquant.inputs.model_source import SourceInfo
 from shadowquant.runtimes.profiles import PROFILES, SideSpec
 from shadowquant.runtimes.runtime_linear import (RuntimeSiLU, apply_runtime_model, dequantize, fp16_cpu_attention,
-                                        fp16_lane_matmul, silu_fp16_poly)
+                                        fp16_lane_matmul, fp16_lane_matmul_plain, silu_fp16_poly)
 
 QWEN = PROFILES["qwen-npu"]
 
@@ -65,6 +65,20 @@ def test_fp16_lane_matmul_accumulates_in_float16():
     big = torch.full((1, 2048), 1.0, dtype=torch.float16)
     ones = torch.ones(2048, 1, dtype=torch.float16)
     assert float(fp16_lane_matmul(big, ones)) == 2048.0  # 256 per lane: exact in float16
+
+
+@pytest.mark.parametrize("shape_a, shape_b", [((2, 3, 7, 13), (2, 3, 13, 5)), ((1, 9, 20, 64), (1, 9, 64, 20)),
+                                              ((3, 16), (16, 4)), ((1, 1, 1, 3), (1, 1, 3, 1)),
+                                              ((2, 1, 5, 24), (2, 4, 24, 6))])
+@pytest.mark.parametrize("scale", [1.0, 40.0, 1e-3])
+def test_fp16_lane_matmul_matches_the_plain_accumulation_to_the_bit(shape_a, shape_b, scale):
+    generator = torch.Generator().manual_seed(int(scale * 1000) + len(shape_a) + shape_a[-1])
+    a = (torch.randn(shape_a, generator=generator) * scale).to(torch.float16)
+    b = (torch.randn(shape_b, generator=generator) * scale).to(torch.float16)
+    a[..., 0] = 0.0  # zeros and negative zeros: the first step must keep their sign
+    b[..., -1, :] = -0.0
+    got, want = fp16_lane_matmul(a, b), fp16_lane_matmul_plain(a, b)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
 def test_fp16_attention_is_close_to_float_attention_and_masks_like_it():
