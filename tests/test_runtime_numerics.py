@@ -70,7 +70,7 @@ def test_fp16_lane_matmul_accumulates_in_float16():
 @pytest.mark.parametrize("shape_a, shape_b", [((2, 3, 7, 13), (2, 3, 13, 5)), ((1, 9, 20, 64), (1, 9, 64, 20)),
                                               ((3, 16), (16, 4)), ((1, 1, 1, 3), (1, 1, 3, 1)),
                                               ((2, 1, 5, 24), (2, 4, 24, 6))])
-@pytest.mark.parametrize("scale", [1.0, 40.0, 1e-3])
+@pytest.mark.parametrize("scale", [1.0, 40.0, 1e-3, 300.0])  # 300: float16 overflow
 def test_fp16_lane_matmul_matches_the_plain_accumulation_to_the_bit(shape_a, shape_b, scale):
     generator = torch.Generator().manual_seed(int(scale * 1000) + len(shape_a) + shape_a[-1])
     a = (torch.randn(shape_a, generator=generator) * scale).to(torch.float16)

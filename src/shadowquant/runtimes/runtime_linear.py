@@ -392,33 +392,26 @@ def fp16_lane_matmul(a: torch.Tensor, b: torch.Tensor, lanes: int = 8) -> torch.
     k = j, j + lanes, ..., each step rounded to float16, as a fused multiply-add), the lanes then summed in
     float32: llamafile's tinyBLAS with float16x8_t on ARM (mllm's CPU Matmul of an fp16 operand). float32 out.
 
-    A product of two float16 values is exact in float32; each step adds it to the lane's float16 sum in
-    float32 and rounds once to float16. The steps run in place in three preallocated buffers (the
-    sequential float16 rounding is the cost of the simulation: this is most of an NPU point's time)."""
-    k = a.shape[-1]
-    pad = (-k) % lanes
+    A product of two float16 values is exact in float32, and torch's float16 `addcmul_` computes
+    acc + a * b in float32 and rounds once to float16: one step of the lanes in one pass, in place (the
+    sequential rounding is most of an NPU point's time). tests/test_runtime_numerics.py checks it against
+    fp16_lane_matmul_plain to the bit."""
+    pad = (-a.shape[-1]) % lanes
     if pad:
         a = F.pad(a, (0, pad))
         b = F.pad(b, (0, 0, 0, pad))
     # a: [..., steps, M, lanes, 1], b: [..., steps, 1, lanes, N]; one step's products: [..., M, lanes, N].
-    a = a.float().unflatten(-1, (-1, lanes)).movedim(-2, -3).contiguous().unsqueeze(-1)
-    b = b.float().unflatten(-2, (-1, lanes)).unsqueeze(-3)
-    shape = torch.broadcast_shapes(a.shape[:-4] + a.shape[-3:], b.shape[:-4] + b.shape[-3:])
-    prod = torch.empty(shape, device=a.device)
-    acc = torch.empty(shape, device=a.device)
-    acc16 = torch.empty(shape, dtype=torch.float16, device=a.device)
-    for step in range(a.shape[-4]):
-        torch.mul(a[..., step, :, :, :], b[..., step, :, :, :], out=prod)
-        if step:
-            prod.add_(acc)
-        acc16.copy_(prod)  # the one rounding of the fused multiply-add
-        acc.copy_(acc16)
-    return acc.sum(-2)
+    a = a.to(torch.float16).unflatten(-1, (-1, lanes)).movedim(-2, -3).contiguous().unsqueeze(-1)
+    b = b.to(torch.float16).unflatten(-2, (-1, lanes)).unsqueeze(-3)
+    acc = a[..., 0, :, :, :] * b[..., 0, :, :, :]
+    for step in range(1, a.shape[-4]):
+        acc.addcmul_(a[..., step, :, :, :], b[..., step, :, :, :])
+    return acc.float().sum(-2)
 
 
 def fp16_lane_matmul_plain(a: torch.Tensor, b: torch.Tensor, lanes: int = 8) -> torch.Tensor:
-    """fp16_lane_matmul in its plain form (a new tensor per step), the reference the in-place version is
-    checked against to the bit (tests) and timed against (bench/bench_lane_matmul.py)."""
+    """fp16_lane_matmul in its plain form (float32 products and sums, a new tensor per step), the reference the
+    float16 in-place version is checked against to the bit (tests) and timed against (bench/bench_lane_matmul.py)."""
     pad = (-a.shape[-1]) % lanes
     a = F.pad(a, (0, pad)).float().unflatten(-1, (-1, lanes))  # [..., M, steps, lanes]
     b = F.pad(b, (0, 0, 0, pad)).float().unflatten(-2, (-1, lanes))  # [..., steps, lanes, N]
