@@ -1,5 +1,5 @@
 """The whole pipeline through the snakemake CLI on tiny random models of every family: one run per family
-(a module-scoped fixture), checked concern by concern."""
+(a session-scoped fixture), checked concern by concern."""
 
 import json
 import shutil
@@ -62,13 +62,30 @@ class FamilyRun:
         return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="module",
-                params=[pytest.param(f, marks=pytest.mark.xdist_group(f"workflow-{f}")) for f in FAMILIES])
-def family_run(request, tiny_model_dir, tiny_text_corpus, tmp_path_factory) -> FamilyRun:
+@pytest.fixture(scope="session")
+def family_runs(tiny_model_dir, tiny_text_corpus, tmp_path_factory):
+    """Factory: family -> its whole-workflow run, made once per session (a module-scoped fixture would be
+    torn down whenever xdist runs another module's test in between, and run again)."""
+    runs: dict[str, FamilyRun] = {}
+
+    def get(family: str) -> FamilyRun:
+        if family not in runs:
+            runs[family] = run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory)
+        return runs[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family_run(request, family_runs) -> FamilyRun:
+    """One family's run, shared by the tests below (conftest.py puts a family's tests in one xdist group, so
+    they run on one worker)."""
+    return family_runs(request.param)
+
+
+def run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory) -> FamilyRun:
     """The default transform and runtime ('auto') with only the model changed: every family reaches
-    model.mllm (and the LLaMA run goes on to the phone bundle). One run per family, shared by the tests
-    below (xdist keeps a family's tests on one worker)."""
-    family = request.param
+    model.mllm (and the LLaMA run goes on to the phone bundle)."""
     workdir = tmp_path_factory.mktemp(f"workflow_{family}")
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
     overrides = {"runtime.profile": "auto", "transform.variants": "auto"}
