@@ -88,12 +88,3 @@ def profiled_tiny_llama(tmp_path_factory, tiny_model_dir, tiny_text_corpus) -> C
 
     return copy
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """The tests of one family's whole-workflow run (test_workflow.family_run) in one xdist group: one worker
-    runs them all on one run (marks on a fixture's params do not reach xdist)."""
-    for item in items:
-        family = getattr(item, "callspec", None) and item.callspec.params.get("family_run")
-        if family:
-            item.add_marker(pytest.mark.xdist_group(f"workflow-{family}"))

@@ -1,5 +1,5 @@
-"""The whole pipeline through the snakemake CLI on tiny random models of every family: one run per family
-(a session-scoped fixture), checked concern by concern."""
+"""The whole pipeline through the snakemake CLI on tiny random models of every family: one run per family,
+checked concern by concern (check_* functions)."""
 
 import json
 import shutil
@@ -62,27 +62,6 @@ class FamilyRun:
         return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="session")
-def family_runs(tiny_model_dir, tiny_text_corpus, tmp_path_factory):
-    """Factory: family -> its whole-workflow run, made once per session (a module-scoped fixture would be
-    torn down whenever xdist runs another module's test in between, and run again)."""
-    runs: dict[str, FamilyRun] = {}
-
-    def get(family: str) -> FamilyRun:
-        if family not in runs:
-            runs[family] = run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory)
-        return runs[family]
-
-    return get
-
-
-@pytest.fixture(params=FAMILIES)
-def family_run(request, family_runs) -> FamilyRun:
-    """One family's run, shared by the tests below (conftest.py puts a family's tests in one xdist group, so
-    they run on one worker)."""
-    return family_runs(request.param)
-
-
 def run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory) -> FamilyRun:
     """The default transform and runtime ('auto') with only the model changed: every family reaches
     model.mllm (and the LLaMA run goes on to the phone bundle)."""
@@ -102,7 +81,21 @@ def run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory) -> Fa
     return FamilyRun(family, workdir, cfg)
 
 
-def test_auto_takes_the_best_exact_transform(family_run):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_the_whole_workflow(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory, native_loader):
+    """One run per family (so pytest-xdist cannot split it over workers and run it twice), checked concern by
+    concern by the check_* functions below."""
+    run = run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory)
+    check_auto_takes_the_best_exact_transform(run)
+    check_sweep_has_the_points_of_its_runtime_with_intervals(run)
+    check_breakdown_fronts_and_plots(run)
+    check_final_evaluation_generates_from_the_export(run)
+    check_runtime_json_and_export_metadata_name_the_runtime(run)
+    check_mllm_file_holds_what_its_runtime_loads(run)
+    check_bundle_where_asked_and_nothing_stale_afterwards(run, native_loader)
+
+
+def check_auto_takes_the_best_exact_transform(family_run):
     transform = family_run.json(family_run.workdir / f"resources/models/tiny-{family_run.family}/transformed/"
                                                      "rotate+smooth/hf/transform.json")
     assert transform["transforms"] == ["rotate", "smooth"]
@@ -110,7 +103,7 @@ def test_auto_takes_the_best_exact_transform(family_run):
                                              "rotate and smooth are exact")
 
 
-def test_sweep_has_the_points_of_its_runtime_with_intervals(family_run):
+def check_sweep_has_the_points_of_its_runtime_with_intervals(family_run):
     sweep = pd.read_csv(family_run.run / "sweep.csv")
     ratio = ["absmax-t1", "absmax-t4", "absmax-t10000000"]  # ideal: t = 1 comes with the breakdown
     if family_run.npu:  # shadow layers: none (always), the layer front, the ratio rule per layer, no '-mse' twins
@@ -131,7 +124,7 @@ def test_sweep_has_the_points_of_its_runtime_with_intervals(family_run):
         assert set(sweep.loc[sweep["point"] != "float", "weight_range"]) == {chosen}
 
 
-def test_breakdown_fronts_and_plots(family_run):
+def check_breakdown_fronts_and_plots(family_run):
     for plot in ("sweep_threshold.png", "sweep_shadow.png", "outlier_ratios.png"):
         assert (family_run.run / "plots" / plot).read_bytes()[:8] == PNG
     if not family_run.full:
@@ -144,12 +137,12 @@ def test_breakdown_fronts_and_plots(family_run):
         assert (family_run.run / "plots" / plot).read_bytes()[:8] == PNG
 
 
-def test_final_evaluation_generates_from_the_export(family_run):
+def check_final_evaluation_generates_from_the_export(family_run):
     evaluation = family_run.json(family_run.results / "evaluation.json")
     assert evaluation["generations"][0]["prompt"] == "The list"
 
 
-def test_runtime_json_and_export_metadata_name_the_runtime(family_run):
+def check_runtime_json_and_export_metadata_name_the_runtime(family_run):
     runtime = family_run.json(family_run.results / "runtime.json")
     assert runtime["runtime"] == family_run.runtime_name
     assert runtime["auto_choices"]["runtime.profile"]["value"] == runtime["runtime"]
@@ -159,7 +152,7 @@ def test_runtime_json_and_export_metadata_name_the_runtime(family_run):
     assert meta["family"] == family_run.family and meta["runtime"] == family_run.runtime_name
 
 
-def test_mllm_file_holds_what_its_runtime_loads(family_run):
+def check_mllm_file_holds_what_its_runtime_loads(family_run):
     mllm = family_run.results / "model.mllm"
     # runtime.json beside the file: the inspector checks what that runtime's C++ model loads.
     assert inspect_main([str(mllm), "--export", str(mllm.with_name("model-int8.safetensors"))]) == 0
@@ -177,7 +170,7 @@ def test_mllm_file_holds_what_its_runtime_loads(family_run):
             assert f.entry(f"{layer}.clip_input").dtype == DTYPE_INT8
 
 
-def test_bundle_where_asked_and_nothing_stale_afterwards(family_run, native_loader):
+def check_bundle_where_asked_and_nothing_stale_afterwards(family_run, native_loader):
     """Only the LLaMA run asks for the bundle (the other families' refusals: test_bundle_workflow)."""
     if family_run.family != "llama":
         assert not (family_run.results / "bundle").exists()
