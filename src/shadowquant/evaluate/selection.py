@@ -23,13 +23,13 @@ point meets the budget, the point with the smallest loss is taken and the select
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from shadowquant.atomic import write_json
 from shadowquant.errors import PipelineError
 from shadowquant.jsonfile import read_json_object
 from shadowquant.runtimes import runtime_of
+from shadowquant.runtimes.base import number
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +44,21 @@ LOSS_DESCRIPTION = {
 }
 
 
-def _number(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(value) else value
-
-
 def loss(row, float_row, metric: str) -> float | None:
     """The loss of a sweep row against the float row (see the module docstring); None when unknown."""
     if metric == "perplexity":
-        increase = _number(row.get("perplexity_increase"))
+        increase = number(row.get("perplexity_increase"))
         if increase is not None:
             return increase
-        value, reference = _number(row.get("perplexity")), _number(float_row.get("perplexity"))
+        value, reference = number(row.get("perplexity")), number(float_row.get("perplexity"))
         return None if value is None or not reference else value / reference - 1.0
     if metric == "kl":
-        return _number(row.get("kl"))
+        return number(row.get("kl"))
     if metric == "agreement":
-        value = _number(row.get("agreement"))
+        value = number(row.get("agreement"))
         return None if value is None else 1.0 - value
     if metric == "accuracy":
-        value, reference = _number(row.get("accuracy")), _number(float_row.get("accuracy"))
+        value, reference = number(row.get("accuracy")), number(float_row.get("accuracy"))
         return None if value is None or reference is None else reference - value
     raise PipelineError(f"unknown selection metric '{metric}'; valid: {', '.join(METRICS)}")
 
@@ -74,14 +66,14 @@ def loss(row, float_row, metric: str) -> float | None:
 def loss_interval(row, float_row, metric: str) -> tuple[float | None, float | None]:
     """The bootstrap interval of the loss where the sweep table has one (perplexity increase, kl, agreement)."""
     if metric == "perplexity":
-        return _number(row.get("perplexity_increase_ci_low")), _number(row.get("perplexity_increase_ci_high"))
+        return number(row.get("perplexity_increase_ci_low")), number(row.get("perplexity_increase_ci_high"))
     if metric == "kl":
-        return _number(row.get("kl_ci_low")), _number(row.get("kl_ci_high"))
+        return number(row.get("kl_ci_low")), number(row.get("kl_ci_high"))
     if metric == "agreement":
-        high, low = _number(row.get("agreement_ci_low")), _number(row.get("agreement_ci_high"))
+        high, low = number(row.get("agreement_ci_low")), number(row.get("agreement_ci_high"))
         return (None if low is None else 1.0 - low), (None if high is None else 1.0 - high)
-    reference = _number(float_row.get("accuracy"))
-    high, low = _number(row.get("accuracy_ci_low")), _number(row.get("accuracy_ci_high"))
+    reference = number(float_row.get("accuracy"))
+    high, low = number(row.get("accuracy_ci_low")), number(row.get("accuracy_ci_high"))
     if reference is None:
         return None, None
     return (None if low is None else reference - low), (None if high is None else reference - high)
@@ -144,16 +136,16 @@ def choose(table, metric: str, budget: float, point: str | None = None, transfor
                   f"{runtime.shadow_unit} / smaller thresholds")
     float_row = floats[best["transform"]]
     low, high = loss_interval(best, float_row, metric)
-    threshold = _number(best.get("threshold"))
-    shadow_budget = _number(best.get("shadow_budget"))
+    threshold = number(best.get("threshold"))
+    shadow_budget = number(best.get("shadow_budget"))
     return {
         "point": str(best["point"]), "transform": str(best["transform"]), "rule": str(best["rule"]),
         "statistic": str(best["statistic"]),
         "threshold": threshold, "shadow_budget": None if shadow_budget is None else int(shadow_budget),
         "metric": metric, "budget": float(budget), "loss": float(best_loss), "loss_ci_low": low, "loss_ci_high": high,
-        "budget_met": bool(best_loss <= budget + 1e-12), "float_value": _number(float_row.get(metric)),
-        "selected_value": _number(best.get(metric)), "num_shadow_sides": int(best["num_shadow_sides"]),
-        "shadow_flop_fraction": _number(best.get("shadow_flop_fraction")),
+        "budget_met": bool(best_loss <= budget + 1e-12), "float_value": number(float_row.get(metric)),
+        "selected_value": number(best.get(metric)), "num_shadow_sides": int(best["num_shadow_sides"]),
+        "shadow_flop_fraction": number(best.get("shadow_flop_fraction")),
         **runtime.selection_fields(best), "reason": reason,
         "candidates": len(rows), "within_budget": len(within),
     }
