@@ -519,12 +519,17 @@ def _sentinel_label(points, sentinel: float | None) -> str:
     return threshold_label(sentinel) + ("\n(no shadow)" if len(sides) and (sides == 0).all() else "")
 
 
-def plot_sweep_vs_threshold(sweep_csv: str | Path, selection_json: str | Path | None, out_png: str | Path) -> None:
-    """The ratio rule's loss against float vs threshold t (log x), one line per statistic, with 95 % bands."""
+def _sweep_inputs(sweep_csv, selection_json):
+    """(the sweep table, selection.json or None, the selected row or None, the float row) of a sweep plot."""
     table = load_sweep(sweep_csv)
     selection = load_selection(selection_json) if selection_json is not None else None
     selected = _selected_row(table, selection, sweep_csv, selection_json) if selection is not None else None
-    float_row = _float_row(table)
+    return table, selection, selected, _float_row(table)
+
+
+def plot_sweep_vs_threshold(sweep_csv: str | Path, selection_json: str | Path | None, out_png: str | Path) -> None:
+    """The ratio rule's loss against float vs threshold t (log x), one line per statistic, with 95 % bands."""
+    table, selection, selected, float_row = _sweep_inputs(sweep_csv, selection_json)
     points = table[table["rule"] == "ratio"]
     metrics = _loss_metrics(table, selection)
     heading = _sweep_heading(table, "loss of the ratio rule against float vs threshold")
@@ -571,10 +576,7 @@ def plot_sweep_vs_shadow(sweep_csv: str | Path, selection_json: str | Path | Non
     import numpy as np
     from matplotlib.ticker import PercentFormatter
 
-    table = load_sweep(sweep_csv)
-    selection = load_selection(selection_json) if selection_json is not None else None
-    selected = _selected_row(table, selection, sweep_csv, selection_json) if selection is not None else None
-    float_row = _float_row(table)
+    table, selection, selected, float_row = _sweep_inputs(sweep_csv, selection_json)
     points = table[table["rule"] != "float"]
     cost, cost_label = table_runtime(points).cost_column(points)
     metrics = [m for m in ("perplexity", "accuracy", selection["metric"] if selection else None)
@@ -636,13 +638,10 @@ def plot_sweep_vs_shadow(sweep_csv: str | Path, selection_json: str | Path | Non
 
 def plot_fronts(sweep_csv: str | Path, selection_json: str | Path | None, out_png: str | Path) -> None:
     """Loss against float vs shadow sides: the ratio rule's front beside the sensitivity rule's, 95 % error bars."""
-    table = load_sweep(sweep_csv)
-    selection = load_selection(selection_json) if selection_json is not None else None
-    selected = _selected_row(table, selection, sweep_csv, selection_json) if selection is not None else None
-    float_row = _float_row(table)
+    table, selection, selected, float_row = _sweep_inputs(sweep_csv, selection_json)
     points = table[table["rule"] != "float"]
     metrics = _loss_metrics(table, selection)
-    layers = "num_shadow_layers" in points.columns and points["num_shadow_layers"].notna().all()
+    layers = table_runtime(points).shadow_unit == "layers"
     count, unit = ("num_shadow_layers", "shadow layers") if layers else ("num_shadow_sides", "shadow sides")
     axis_label = ("shadow layers (down_proj with the CPU shadow op; log above 1)" if layers
                   else "shadow sides (Linear inputs/outputs kept in float on the CPU; log above 1)")
