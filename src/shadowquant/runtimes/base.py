@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from shadowquant.runtimes.decision import LayerQuant, read_clip_scales, read_ranking, shadow_summary
@@ -49,23 +48,25 @@ class DecisionSources:
         self.sensitivity = sensitivity
         self.clip_scales = clip_scales
         self.runtime_scales = runtime_scales
-        self.ranking = cache(self.read_ranking)
-        self.clips = cache(self.read_clips)
         self.read: dict = {}
 
-    def once(self, key: str, read):
+    def once(self, key, read):
         """`read()`, called the first time `key` is asked for; its value after that."""
         if key not in self.read:
             self.read[key] = read()
         return self.read[key]
 
-    def read_ranking(self, statistic: str) -> list[tuple[str, str]] | None:
+    def ranking(self, statistic: str) -> list[tuple[str, str]] | None:
         """The (layer, side) pairs of sensitivity.csv for `statistic`, or None without the file."""
-        return read_ranking(self.sensitivity, statistic) if self.sensitivity is not None else None
+        if self.sensitivity is None:
+            return None
+        return self.once(("ranking", statistic), lambda: read_ranking(self.sensitivity, statistic))
 
-    def read_clips(self, statistic: str) -> dict | None:
+    def clips(self, statistic: str) -> dict | None:
         """The MSE clip scales of clip_scales.json for `statistic`, or None without the file."""
-        return read_clip_scales(self.clip_scales, statistic) if self.clip_scales is not None else None
+        if self.clip_scales is None:
+            return None
+        return self.once(("clips", statistic), lambda: read_clip_scales(self.clip_scales, statistic))
 
 
 @dataclass(frozen=True)
