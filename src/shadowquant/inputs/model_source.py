@@ -13,12 +13,12 @@ from, in order:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shadowquant.errors import PipelineError
+from shadowquant.jsonfile import read_json_object
 from shadowquant.model.families import FAMILIES, GGUF_MODEL_TYPES, KNOWN_PYPI_FAMILIES, detect_family
 
 
@@ -29,16 +29,6 @@ class SourceInfo:
     family: str
     config: dict[str, Any] | None = field(default=None, compare=False)
     origin: str = ""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read the model's config ({exc})") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: not a JSON object")
-    return data
 
 
 def gguf_architecture(path: Path) -> str:
@@ -58,7 +48,7 @@ def _hub_config(repo_id: str, revision: str | None) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     try:
-        return _read_json(Path(hf_hub_download(repo_id, "config.json", revision=revision)))
+        return read_json_object(hf_hub_download(repo_id, "config.json", revision=revision), "the model's config")
     except PipelineError:
         raise
     except Exception as exc:  # offline, not found, gated: every failure means the same here
@@ -77,13 +67,13 @@ def describe_source(source: str, declared: str | None = None, revision: str | No
     """The model's family and config before (or after) fetch_model; raises PipelineError naming
     model.type when neither can be found."""
     if fetched_manifest is not None and Path(fetched_manifest).is_file():
-        manifest = _read_json(Path(fetched_manifest))
+        manifest = read_json_object(fetched_manifest, "the fetched model's manifest")
         config_path = Path(manifest.get("path", "")) / "config.json"
         if manifest.get("source") == source and manifest.get("family") in FAMILIES and config_path.is_file():
-            family = manifest["family"]
+            family, config = manifest["family"], read_json_object(config_path, "the model's config")
             if declared not in (None, family):
-                family = _family_of(_read_json(config_path), declared, str(config_path))
-            return SourceInfo(family, _read_json(config_path), f"the fetched model's manifest {fetched_manifest}")
+                family = _family_of(config, declared, str(config_path))
+            return SourceInfo(family, config, f"the fetched model's manifest {fetched_manifest}")
     try:
         if source.startswith("hf:"):
             config = _hub_config(source[3:], revision)
@@ -101,7 +91,7 @@ def describe_source(source: str, declared: str | None = None, revision: str | No
             config = {"model_type": GGUF_MODEL_TYPES.get(architecture, architecture)}
             return SourceInfo(_family_of(config, declared, str(path)), config, f"{path}'s GGUF metadata")
         if (path / "config.json").is_file():
-            config = _read_json(path / "config.json")
+            config = read_json_object(path / "config.json", "the model's config")
             return SourceInfo(_family_of(config, declared, str(path / "config.json")), config,
                               f"{path / 'config.json'}")
         raise PipelineError(f"model.source = {source!r} has no readable config.json")

@@ -20,6 +20,7 @@ from torch import nn
 
 from shadowquant.atomic import atomic_directory
 from shadowquant.errors import PipelineError
+from shadowquant.jsonfile import read_json_object
 from shadowquant.model.families import detect_family, get_family
 from shadowquant.inputs.manifest import read_manifest
 from shadowquant.model.moe import unfuse_mixtral_experts
@@ -95,12 +96,7 @@ def inspect_model_dir(model_dir: str | os.PathLike, declared_family: str | None 
     if not config_path.is_file():
         raise PipelineError(f"{model_dir}: no config.json; not a Hugging Face model directory (expected "
                             "config.json, *.safetensors and tokenizer files)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PipelineError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise PipelineError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, "the model's config")
     try:
         family = detect_family(config, declared_family)
     except PipelineError as exc:  # name the file whose model_type was checked

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shadowquant.errors import PipelineError
+from shadowquant.jsonfile import read_json_object
 
 SIDES = ("input", "output")
 STATISTICS = ("signed", "absmax")
@@ -85,18 +86,8 @@ def decide_side(ori: float, top: float, threshold: float) -> tuple[float, bool]:
 
 
 def load_act_scales(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: activation scales file not found") from None
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except UnicodeDecodeError:
-        raise PipelineError(f"{path}: not UTF-8 JSON text; expected the act_scales.json written by profiling") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path}: expected a JSON object with keys 'ori', 'top_0_1' and 'all_stat' "
-                            f"(the act_scales format of docs/method.md section 1), got a {type(data).__name__}")
+    """act_scales.json (docs/method.md section 1), checked for the keys the decisions read."""
+    data = read_json_object(path, "activation scales file", "expected the act_scales.json written by profiling")
     for key in ("ori", "top_0_1"):
         if not isinstance(data.get(key), dict):
             raise PipelineError(f"{path}: missing key '{key}' (expected the act_scales format of docs/method.md section 1)")
