@@ -265,7 +265,6 @@ def get_profile(name: str, family: str | None = None) -> RuntimeProfile:
 
 
 
-_BYTES = {code: DTYPE_ITEMSIZE[code] for code in (DTYPE_FLOAT32, DTYPE_INT8, DTYPE_INT32)}
 # The Linears whose bias mllm's Qwen models build: q/k/v (the NPU model's `use_i32_bias` Linears or its
 # DequantizeAdd ops; the CPU model's MultiHeadAttention with qkv_bias = true). Always allocated and loaded,
 # so a model without q/k/v biases gets zero ones in both files.
@@ -362,6 +361,12 @@ def decode_loaded_tensors(profile: RuntimeProfile, dims: dict, dtype_of, tied: b
     file always stores `lm_head.weight` beside the embedding, so the untied list (the default) holds both.
     """
     from shadowquant.decoding.q4_0 import q4_0_nbytes
+    from shadowquant.decoding.q8_0 import q8_0_nbytes
+
+    # The dtypes mllm's CPU ops read from a decoding file (mllm/Types.hpp codes) and their byte sizes.
+    nbytes_of = {DTYPE_Q4_0: q4_0_nbytes, DTYPE_Q8_0: q8_0_nbytes,
+                 DTYPE_FLOAT32: lambda n: n * DTYPE_ITEMSIZE[DTYPE_FLOAT32],
+                 DTYPE_FLOAT16: lambda n: n * DTYPE_ITEMSIZE[DTYPE_FLOAT16]}
 
     if not profile.cpp_model:
         raise PipelineError(f"runtime profile '{profile.name}' has no C++ model; it has no decoding model either")
@@ -384,23 +389,14 @@ def decode_loaded_tensors(profile: RuntimeProfile, dims: dict, dtype_of, tied: b
     out = {}
     for name, numel in numels.items():
         code = int(dtype_of(name))
-        if code == DTYPE_Q4_0:
-            out[name] = (code, q4_0_nbytes(numel))
-        elif code in _DECODE_BLOCKS:  # (values, bytes) per block or element
-            values, nbytes = _DECODE_BLOCKS[code]
-            if numel % values:
-                raise PipelineError(f"{name}: {numel} values do not fill whole blocks of {values} (dtype code {code})")
-            out[name] = (code, numel // values * nbytes)
-        else:
+        if code not in nbytes_of:
             raise PipelineError(f"{name}: dtype code {code} is not one a decoding model stores; valid codes: "
-                                f"{', '.join(str(c) for c in sorted({DTYPE_Q4_0, *_DECODE_BLOCKS}))}")
+                                f"{', '.join(str(c) for c in sorted(nbytes_of))}")
+        try:
+            out[name] = (code, nbytes_of[code](numel))
+        except PipelineError as exc:
+            raise PipelineError(f"{name}: {exc}") from None
     return out
-
-
-# Other dtypes mllm's CPU ops read from a decoding file (mllm/Types.hpp codes): float32, float16, Q8_0 (ggml's
-# block: a float16 step and 32 int8 values).
-_DECODE_BLOCKS = {DTYPE_FLOAT32: (1, DTYPE_ITEMSIZE[DTYPE_FLOAT32]), DTYPE_FLOAT16: (1, DTYPE_ITEMSIZE[DTYPE_FLOAT16]),
-                  DTYPE_Q8_0: (32, 34)}
 
 
 # Where mllm's NPU model cannot represent a model, the idealized simulation still can.
