@@ -12,7 +12,8 @@ from shadowquant.config import resolve_auto, validate_config
 from shadowquant.errors import PipelineError
 from shadowquant.inputs.model_source import SourceInfo
 from shadowquant.runtimes.profiles import PROFILES, SideSpec
-from shadowquant.runtimes.runtime_linear import (RuntimeSiLU, apply_runtime_model, dequantize, fp16_cpu_attention,
+from shadowquant.runtimes.runtime_linear import (RuntimeSiLU, apply_runtime_model, attention_key_extents, dequantize,
+                                        fp16_cpu_attention, fp16_cpu_attention_full,
                                         fp16_lane_matmul, fp16_lane_matmul_plain, silu_fp16_poly)
 
 QWEN = PROFILES["qwen-npu"]
@@ -91,6 +92,43 @@ def test_fp16_attention_is_close_to_float_attention_and_masks_like_it():
     assert out.shape == (2, 6, 4, 8) and (out - ref.transpose(1, 2)).abs().max() < 5e-3
     unmasked, _ = fp16_cpu_attention(module, q, k, v, None, scaling=8 ** -0.5)
     assert torch.equal(out, unmasked)  # None means causal, as sdpa's is_causal
+
+
+def _padded_float_mask(batch, q_len, k_len, lengths):
+    """Hugging Face's additive mask: causal (queries are the last q_len positions) and right padding."""
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len).expand(batch, 1, q_len, k_len).clone()
+    for row, length in enumerate(lengths):
+        allowed[row, :, :, length:] = False
+    return torch.zeros(batch, 1, q_len, k_len).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("q_len,k_len,mask_kind", [(128, 128, "none"), (37, 37, "bool"), (5, 40, "none"),
+                                                  (40, 40, "float"), (1, 9, "none"), (33, 33, "padded")])
+def test_tiled_attention_equals_the_full_one_to_the_bit(q_len, k_len, mask_kind):
+    generator = torch.Generator().manual_seed(q_len * 1000 + k_len)
+    module = type("M", (), {"num_key_value_groups": 3})()
+    q = torch.randn(2, 6, q_len, 16, generator=generator) * 3
+    k, v = torch.randn(2, 2, k_len, 16, generator=generator) * 3, torch.randn(2, 2, k_len, 16, generator=generator)
+    causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    mask = {"none": None, "bool": causal.expand(2, 1, q_len, k_len),
+            "float": _padded_float_mask(2, q_len, k_len, [k_len, k_len]),
+            "padded": _padded_float_mask(2, q_len, k_len, [k_len, 7])}[mask_kind]
+    tiled, _ = fp16_cpu_attention(module, q, k, v, mask, scaling=0.25)
+    full, _ = fp16_cpu_attention_full(module, q, k, v, mask, scaling=0.25)
+    assert torch.equal(tiled, full)
+
+
+def test_attention_key_extents_skip_only_keys_no_row_of_a_tile_sees():
+    assert attention_key_extents(None, 40, 40, tile=16) == [(0, 16, 16), (16, 32, 32), (32, 40, 40)]
+    assert attention_key_extents(None, 4, 10, tile=16) == [(0, 4, 10)]  # decoding after a 6-token prefix
+    # Right padding in one batch element does not shorten the extent another element needs.
+    assert attention_key_extents(_padded_float_mask(2, 20, 20, [20, 3]), 20, 20, tile=8) == [
+        (0, 8, 8), (8, 16, 16), (16, 20, 20)]
+    # A key hidden from every row (a padded position in the only batch element) is never computed.
+    assert attention_key_extents(_padded_float_mask(1, 20, 20, [3]), 20, 20, tile=8) == [
+        (0, 8, 3), (8, 16, 3), (16, 20, 3)]
+    nothing = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    assert attention_key_extents(nothing, 4, 4) == [(0, 4, 0)]
 
 
 def _tiny_llama():

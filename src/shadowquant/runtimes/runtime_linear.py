@@ -422,16 +422,59 @@ def fp16_lane_matmul_plain(a: torch.Tensor, b: torch.Tensor, lanes: int = 8) -> 
     return acc.float().sum(-2)
 
 
+ATTENTION_ROW_TILE = 16  # query rows per tile of the CPU attention: keys no row of a tile sees are skipped
+
+
+def attention_key_extents(attention_mask, q_len: int, k_len: int, tile: int = ATTENTION_ROW_TILE):
+    """(first row, end row, key extent) per tile of `tile` query rows: the extent is one past the last key any
+    row of the tile may attend to in any batch element or head (0: the tile sees no key). None means causal
+    (the queries are the last q_len positions); a bool mask allows True; a float mask allows what is above
+    its dtype's minimum (Hugging Face's additive masks put that minimum where a key is hidden)."""
+    if attention_mask is None:
+        rows = torch.arange(q_len)
+        allowed = rows[:, None] + (k_len - q_len) >= torch.arange(k_len)[None, :]
+    else:
+        mask = attention_mask[..., :k_len]
+        hidden = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min
+        allowed = ~hidden.reshape(-1, *hidden.shape[-2:]).all(0)
+        allowed = allowed.expand(q_len, k_len).cpu()
+    extents = []
+    for start in range(0, q_len, tile):
+        seen = allowed[start:start + tile].any(0).nonzero()
+        extents.append((start, min(start + tile, q_len), int(seen[-1]) + 1 if len(seen) else 0))
+    return extents
+
+
 def fp16_cpu_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """mllm's CPU attention of the NPU models (QwenQKVmm): k (RoPE of the float16 k, stored float16 in the
     KV cache, CPUKVCacheNPU) and v in float16; QK^T with q rounded to float16 and PV with the float32
     probabilities rounded to float16, both accumulated in float16 (fp16_lane_matmul); scale and softmax
-    in float32. A Hugging Face attention function (transformers' AttentionInterface)."""
+    in float32. A Hugging Face attention function (transformers' AttentionInterface).
+
+    Computed a tile of query rows at a time over the keys the tile may see (attention_key_extents): a
+    score each row is masked from is never computed (the mask decides its value alone) and its probability
+    is an exact zero, so a causal mask halves the work and the values stay those of fp16_cpu_attention_full
+    (the sign of an exact zero aside, which no later operation reads; tests compare the two)."""
     groups = query.shape[1] // key.shape[1]
-    k16 = key.to(torch.float16).repeat_interleave(groups, dim=1)
+    q16 = query.to(torch.float16)
+    k16 = key.to(torch.float16).repeat_interleave(groups, dim=1).transpose(-1, -2).contiguous()
     v16 = value.to(torch.float16).repeat_interleave(groups, dim=1)
-    scores = fp16_lane_matmul(query.to(torch.float16), k16.transpose(-1, -2)) * scaling
-    q_len, k_len = scores.shape[-2:]
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    extents = attention_key_extents(attention_mask, q_len, k_len)
+    scores = query.new_zeros(*q16.shape[:-1], k_len, dtype=torch.float32)
+    for start, end, extent in extents:
+        if extent:
+            scores[..., start:end, :extent] = fp16_lane_matmul(q16[..., start:end, :], k16[..., :extent])
+    probs = _masked_softmax(scores * scaling, attention_mask, q_len, k_len).to(torch.float16)
+    out = query.new_zeros(*q16.shape[:-1], v16.shape[-1], dtype=torch.float32)
+    for start, end, extent in extents:
+        if extent:
+            out[..., start:end, :] = fp16_lane_matmul(probs[..., start:end, :extent], v16[..., :extent, :])
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _masked_softmax(scores: torch.Tensor, attention_mask, q_len: int, k_len: int) -> torch.Tensor:
+    """float32 softmax of the scaled scores under the mask (None: causal); a row that sees no key is 0."""
     if attention_mask is None:
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
         scores = scores.masked_fill(~causal, float("-inf"))
@@ -439,7 +482,18 @@ def fp16_cpu_attention(module, query, key, value, attention_mask, scaling, dropo
         scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
     else:
         scores = scores + attention_mask[..., :k_len].float()
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+def fp16_cpu_attention_full(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """fp16_cpu_attention over every query row and key (no tiles): the reference the tiled one is checked
+    against (tests) and timed against (bench/bench_lane_matmul.py)."""
+    groups = query.shape[1] // key.shape[1]
+    k16 = key.to(torch.float16).repeat_interleave(groups, dim=1)
+    v16 = value.to(torch.float16).repeat_interleave(groups, dim=1)
+    scores = fp16_lane_matmul(query.to(torch.float16), k16.transpose(-1, -2)) * scaling
+    q_len, k_len = scores.shape[-2:]
+    probs = _masked_softmax(scores, attention_mask, q_len, k_len)
     out = fp16_lane_matmul(probs.to(torch.float16), v16)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
