@@ -261,6 +261,24 @@ def test_decode_weights_load_back_into_the_model(tiny_model_dir, tmp_path):
     assert torch.equal(weight.detach().reshape(-1), torch.from_numpy(stored.read(name)))
 
 
+def test_a_tied_model_takes_its_embedding_and_head_each_from_its_own_tensor(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=40, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # The embedding Q4_0, the head Q8_0: two different roundings of the one tied matrix.
+    write_decode_model(model.state_dict(), tmp_path / "decode.mllm", recipe="q4_0i-v8-lm8")
+    stored = read_mllm(tmp_path / "decode.mllm")
+    load_decode_weights(model, tmp_path / "decode.mllm")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        values = torch.from_numpy(stored.read(name))
+        assert torch.equal(dict(model.named_parameters(remove_duplicate=False))[name].detach().reshape(-1), values)
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
 # ------------------------------------------------------------------------------------------ mllm's loader
 
 

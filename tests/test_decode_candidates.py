@@ -41,27 +41,34 @@ def plan_of(recipe: str) -> dict[str, str]:
     return {name: encoding for name, encoding, _, _ in recipe_plan(decode_tensors(tiny_float_state(DIMS)), recipe)}
 
 
+def _ends(name):
+    return name.startswith(("model.layers.0.", "model.layers.2."))  # DIMS: three layers
+
+
+# recipe -> (embedding, lm_head, how a body weight is stored)
+EXPECTED_ENCODINGS = {
+    "q4_0": (Q4, Q4, lambda n: Q4),
+    "q4_0-head8": (Q8, Q8, lambda n: Q4),
+    "q4_0i-head8": (Q8, Q8, lambda n: Q4I),
+    "q4_0i-down8-head8": (Q8, Q8, lambda n: Q8 if "down_proj" in n else Q4I),
+    "q4_0i-ends8-head8": (Q8, Q8, lambda n: Q8 if _ends(n) else Q4I),
+    "q4_0i-v8-lm8": (Q4, Q8, lambda n: Q8 if "v_proj" in n else Q4I),
+    "q4_0i-v8-ends8-lm8": (Q4, Q8, lambda n: Q8 if "v_proj" in n or _ends(n) else Q4I),
+    "q4_0i-vo8-ends8-lm8": (Q4, Q8, lambda n: Q8 if "v_proj" in n or "o_proj" in n or _ends(n) else Q4I),
+    "q8_0": (Q8, Q8, lambda n: Q8),
+}
+
+
 def test_each_recipe_gives_its_per_tensor_types():
-    head = {"model.embed_tokens.weight", "lm_head.weight"}
-    for recipe in RECIPES:
+    assert set(EXPECTED_ENCODINGS) == set(RECIPES)
+    for recipe, (embedding, head, body_encoding) in EXPECTED_ENCODINGS.items():
         plan = plan_of(recipe)
         floats = {n for n in plan if "norm" in n or n.endswith(".bias")}
         assert floats and all(plan[n] == F32 for n in floats), recipe  # norms and biases float32 everywhere
-        body = {n for n in plan if n not in floats | head}
-        assert {plan[n] for n in head} == ({Q4} if recipe == "q4_0" else {Q8}), recipe
-        if recipe == "q4_0":
-            assert {plan[n] for n in body} == {Q4}
-        elif recipe == "q4_0-head8":
-            assert {plan[n] for n in body} == {Q4}
-        elif recipe == "q4_0i-head8":
-            assert {plan[n] for n in body} == {Q4I}
-        elif recipe == "q4_0i-down8-head8":
-            assert all(plan[n] == (Q8 if "down_proj" in n else Q4I) for n in body)
-        elif recipe == "q4_0i-ends8-head8":
-            assert all(plan[n] == (Q8 if n.startswith(("model.layers.0.", "model.layers.2.")) else Q4I) for n in body)
-            assert plan["model.layers.1.mlp.up_proj.weight"] == Q4I
-        else:
-            assert recipe == "q8_0" and {plan[n] for n in body} == {Q8}
+        assert (plan["model.embed_tokens.weight"], plan["lm_head.weight"]) == (embedding, head), recipe
+        body = [n for n in plan if n not in floats | {"model.embed_tokens.weight", "lm_head.weight"}]
+        assert len(body) == 3 * 7 and all(plan[n] == body_encoding(n) for n in body), recipe
+    assert plan_of("q4_0i-vo8-ends8-lm8")["model.layers.1.mlp.up_proj.weight"] == Q4I
     with pytest.raises(PipelineError, match="valid recipes: q4_0, q4_0-head8"):
         plan_of("q3_k")
 

@@ -80,13 +80,31 @@ ENCODING_DTYPE = {F32: DTYPE_FLOAT32, Q4: DTYPE_Q4_0, Q4I: DTYPE_Q4_0, Q8: DTYPE
 # The dtypes a decoding model's weights may have in the bundle (the inspector accepts these).
 DECODE_WEIGHT_DTYPES = (DTYPE_Q4_0, DTYPE_Q8_0)
 
+# A recipe: a base for the weights ('q4_0': mllm's reference Q4_0 encoder, 'q4_0i': importance-weighted Q4_0,
+# 'q8_0'), then the parts stored Q8_0 instead (Q8_PARTS), joined by '-'.
 RECIPES = {
     "q4_0": "mllm's quantizer: every weight Q4_0 (reference encoder), the embedding and the head too",
     "q4_0-head8": "Q4_0 body; embedding and head Q8_0",
     "q4_0i-head8": "importance-weighted (imatrix) Q4_0 body; embedding and head Q8_0",
     "q4_0i-down8-head8": "imatrix Q4_0 body with every down_proj Q8_0; embedding and head Q8_0",
     "q4_0i-ends8-head8": "imatrix Q4_0 body with the first and the last layer Q8_0; embedding and head Q8_0",
+    "q4_0i-v8-lm8": "imatrix Q4_0 body with every v_proj Q8_0; embedding Q4_0, head Q8_0",
+    "q4_0i-v8-ends8-lm8": "imatrix Q4_0 body with every v_proj and the first and the last layer Q8_0; "
+                          "embedding Q4_0, head Q8_0",
+    "q4_0i-vo8-ends8-lm8": "imatrix Q4_0 body with every v_proj and o_proj and the first and the last layer "
+                           "Q8_0; embedding Q4_0, head Q8_0",
     "q8_0": "every weight Q8_0",
+}
+# What a recipe's part stores as Q8_0: a test on (tensor name, its Linear's role, its layer, the layer count).
+# v_proj and o_proj hold the prefill's V basis (a per-head rotation and v -> o smoothing that the shared KV
+# cache imposes on the decoding model), which costs 4-bit weights more than the rest of a layer.
+Q8_PARTS = {
+    "head8": lambda name, role, layer, layers: is_head(name),
+    "lm8": lambda name, role, layer, layers: name == LM_HEAD,
+    "v8": lambda name, role, layer, layers: role == "v_proj",
+    "vo8": lambda name, role, layer, layers: role in ("v_proj", "o_proj"),
+    "down8": lambda name, role, layer, layers: role == "down_proj",
+    "ends8": lambda name, role, layer, layers: layer in (0, layers - 1),
 }
 SOURCES = {
     "prefill": "the float weights of the transform variant the prefill model was exported from",
@@ -110,22 +128,17 @@ def is_head(name: str) -> bool:
 
 def tensor_encoding(recipe: str, name: str, num_layers: int) -> str:
     """How `recipe` stores tensor `name` (F32, Q4, Q4I or Q8) in a model of `num_layers` decoder layers.
-    A name mllm's quantizer keeps float32 (norms, biases: decode_dtype) stays float32 in every recipe."""
+    A name mllm's quantizer keeps float32 (norms, biases: decode_dtype) stays float32 in every recipe; the
+    embedding, a table of rows rather than a matmul, takes the reference Q4_0 encoder under base q4_0i."""
     if recipe not in RECIPES:
         raise PipelineError(f"unknown decoding recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
     if decode_dtype(name) == DTYPE_FLOAT32:
         return F32
-    if recipe in ("q4_0", "q8_0"):
-        return Q4 if recipe == "q4_0" else Q8
-    if is_head(name):
+    base, *parts = recipe.split("-")
+    role, layer = layer_role(name.rpartition(".")[0]), layer_index(name)
+    if base == "q8_0" or any(Q8_PARTS[part](name, role, layer, num_layers) for part in parts):
         return Q8
-    if recipe == "q4_0-head8":
-        return Q4
-    if recipe == "q4_0i-down8-head8" and layer_role(name.rpartition(".")[0]) == "down_proj":
-        return Q8
-    if recipe == "q4_0i-ends8-head8" and layer_index(name) in (0, num_layers - 1):
-        return Q8
-    return Q4I
+    return Q4I if base == "q4_0i" and not is_head(name) else Q4
 
 
 def num_layers_of(names) -> int:
@@ -234,9 +247,12 @@ def decode_dtype_problems(stored, label: str) -> list[str]:
 @torch.no_grad()
 def load_decode_weights(model: torch.nn.Module, decode_path: str | Path) -> list[str]:
     """Replace every weight of `model` the decoding file stores with the file's values (Q4_0 decoded);
-    returns the names replaced. A tied head takes the file's lm_head values for both sides only when
-    the file's two copies agree, as they do when written from a tied model."""
+    returns the names replaced. A tied head is untied first: the file stores the embedding and lm_head as
+    two tensors, which a recipe may encode differently (mllm's CPU model reads each from its own)."""
     stored = read_mllm(decode_path)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embedding is not None and head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
     params = dict(model.named_parameters(remove_duplicate=False))
     replaced = []
     for name in stored.names:
