@@ -92,6 +92,17 @@ def check_bundle(tmp_path, name: str, native_loader, candidates=DEFAULT_CANDIDAT
     assert "--model decode.mllm --qnn-model prefill-int8.mllm" in readme and "--mode cpu" in readme
     assert f"decoding model {choice['chosen']} ({choice['dtype_mix']}" in readme and "chosen: " in readme
     assert "add_subdirectory(shadowquant)" in readme
+    # Its headline: what a generation gets (NPU prefill, then this decoding model), from the demo evaluation.
+    generation = json.loads((results / "demo_evaluation.json").read_text())
+    assert generation["setup"]["decode_model"].endswith("bundle/decode.mllm")
+    quality = runtime["bundle"]["generation_quality"]
+    for key, label in (("demo", "NPU prefill + CPU decoding:"), ("prefill_only", "NPU prefill model alone:"),
+                       ("decode_only", "CPU decoding model alone:")):
+        m = generation[key]
+        assert quality[key]["perplexity"] == m["perplexity"] and quality[key]["num_tokens"] == m["num_tokens"]
+        assert m["perplexity_increase_ci_low"] <= m["perplexity_increase"] <= m["perplexity_increase_ci_high"]
+        assert f"{label:<28} perplexity {m['perplexity']:.3f} ({m['perplexity_increase']:+.1%}" in readme
+    assert readme.index("NPU prefill + CPU decoding:") < readme.index(f"decoding model {choice['chosen']}")
     demo = (bundle / "cpp/shadowquant_demo.cpp").read_text()
     assert "c.shadow_layers = {" + ", ".join(str(i) for i in runtime["shadow_layers"]) + "};" in demo
     assert runtime["bundle"]["files"]["decode.mllm"]["bytes"] == (bundle / "decode.mllm").stat().st_size

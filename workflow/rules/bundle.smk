@@ -1,5 +1,5 @@
 # Stage 5: the phone bundle (snakemake bundle): prefill model, the decoding model chosen among measured
-# candidates (bundle.decode), tokenizer, README.
+# candidates (bundle.decode), tokenizer, README with what a generation gets (the demo evaluation, demo.smk).
 
 # The decoding candidates evaluated: bundle.decode.candidates, plus a named choice when it is not among them.
 DECODE_CANDIDATES = list(config["bundle"]["decode"]["candidates"])
@@ -142,6 +142,8 @@ rule bundle:
         tokenizer_check=f"{RESULTS}/bundle_tokenizer_check.json",
         decode_choice=f"{RESULTS}/decode_choice.json",
         floats=export_inputs(f"{RUN_RESULTS}/sweep/float.json"),
+        # What a generation gets (NPU prefill, then this decoding model): README.txt's headline.
+        demo=f"{RESULTS}/demo_evaluation.json",
     output:
         prefill=f"{BUNDLE}/prefill-int8.mllm",
         runtime=f"{BUNDLE}/runtime.json",

@@ -142,7 +142,7 @@ THREADS_CONFIG_KEYS = {
     "transform_model": "threads.export",
     "export_pth": "threads.export",
     "bundle_decode_model": "threads.export",
-    "evaluate_demo": "threads.evaluate",
+    "evaluate_demo": "threads.demo",
 }
 
 

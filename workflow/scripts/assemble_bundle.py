@@ -15,4 +15,4 @@ def assemble(**kwargs):
 run_stage(snakemake, assemble, name=p.name, prefill=i.prefill, decode=i.decode, vocab=i.vocab, merges=i.merges,
           tokenizer_json=i.tokenizer, runtime_json=i.runtime, tokenizer_check=i.tokenizer_check,
           decode_choice=i.decode_choice, out_prefill=o.prefill, out_runtime=o.runtime, out_readme=o.readme,
-          out_report=o.check, out_cpp_dir=Path(o.cpp_demo).parent)
+          out_report=o.check, out_cpp_dir=Path(o.cpp_demo).parent, demo_evaluation=i.demo)

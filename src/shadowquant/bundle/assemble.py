@@ -185,8 +185,25 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
+def demo_headline(demo_result: dict) -> list[str]:
+    """README lines for the demo evaluation (evaluate.demo_evaluation): what a generation gets, the NPU prefill
+    handing over to the CPU decoding model, beside each model alone, on the same continuation tokens."""
+    setup, demo = demo_result["setup"], demo_result["demo"]
+    lines = [f"  What a generation gets, as the demo runs it: the NPU model prefills the first {setup['prefill_fraction']:g} "
+             f"of each of {demo['num_samples']} held-out records",
+             f"  (chunks of {setup['chunk_size']}), hands its KV cache over in {setup['handover']}, and the CPU decoding "
+             f"model writes the rest ({demo['num_tokens']} tokens scored):"]
+    for key, label in (("demo", "NPU prefill + CPU decoding"), ("prefill_only", "NPU prefill model alone"),
+                       ("decode_only", "CPU decoding model alone")):
+        m = demo_result[key]
+        lines.append(f"    {label + ':':<28} perplexity {m['perplexity']:.3f} ({m['perplexity_increase']:+.1%} "
+                     f"[{m['perplexity_increase_ci_low']:+.1%}, {m['perplexity_increase_ci_high']:+.1%}] over float), "
+                     f"KL {m['kl']:.4f}, agreement {m['agreement']:.3f}")
+    return lines
+
+
 def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_choice: dict | None,
-                check: dict | None = None) -> str:
+                check: dict | None = None, demo_result: dict | None = None) -> str:
     cfg = runtime.get("cpp_config", {})
     demo = (check or {}).get("demo") or {}
     run = commands(runtime, demo)
@@ -255,10 +272,13 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_c
     for key, value in cfg.items():
         lines.append(f"  {key} = {json.dumps(value)}")
     lines.append("")
+    if decode_choice or demo_result:
+        lines.append("Quality on held-out text (95 % bootstrap intervals, paired with float):")
+    if demo_result:
+        lines += demo_headline(demo_result)
     if decode_choice:
         m, c = decode_choice["metrics"], decode_choice
         lines += [
-            "Quality on held-out text (95 % bootstrap intervals, paired with float):",
             f"  decoding model {c['chosen']} ({c['dtype_mix']}; {c['recipe_description']}; "
             f"weights: {c['source_description']}):",
             f"    perplexity {m['perplexity']:.3f} ({m['perplexity_increase']:+.1%} "
@@ -274,10 +294,11 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_c
 
 def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, runtime_json, tokenizer_check,
                     decode_choice, float_json, out_prefill, out_runtime, out_readme, out_report,
-                    out_cpp_dir=None) -> dict:
+                    out_cpp_dir=None, demo_evaluation=None) -> dict:
     """Copy the prefill model in, write the C++ demo folder (bundle/cpp.py; `out_cpp_dir`, by default
     cpp/ in the bundle), the bundle's runtime.json and README.txt, inspect the whole bundle and write the
-    report (sizes, tokenizer check, decoding model quality)."""
+    report (sizes, tokenizer check, decoding model quality). `demo_evaluation`: demo_evaluation.json of this
+    bundle's two models, the quality a generation gets (README.txt's and runtime.json's headline)."""
     from shadowquant.evaluate.sweep import read_point_json
 
     runtime = json.loads(Path(runtime_json).read_text(encoding="utf-8"))
@@ -285,6 +306,8 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     tokenizer = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
     check = json.loads(Path(tokenizer_check).read_text(encoding="utf-8"))
     choice = read_json_object(decode_choice, "decoding model choice", "re-run the bundle")
+    demo_result = (read_json_object(demo_evaluation, "demo evaluation", "run snakemake demo again")
+                   if demo_evaluation is not None else None)
     decode_metrics = {**choice["metrics"], "candidate": choice["chosen"], "why": choice["why"],
                       "dtype_mix": choice["dtype_mix"], "file_bytes": choice["file_bytes"]}
     float_metrics = {k: v for k, v in read_point_json(float_json).items() if k != "per_record"}
@@ -311,6 +334,10 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
         "decoding_quality": {k: choice["metrics"].get(k) for k in ("perplexity", "perplexity_increase",
                                                                   "perplexity_increase_ci_low",
                                                                   "perplexity_increase_ci_high", "kl", "agreement")},
+        "generation_quality": None if demo_result is None else {
+            key: {k: demo_result[key].get(k) for k in ("perplexity", "perplexity_increase", "perplexity_increase_ci_low",
+                                                       "perplexity_increase_ci_high", "kl", "agreement", "num_tokens")}
+            for key in ("demo", "prefill_only", "decode_only", "float")},
         "vocab": VOCAB, "merges": MERGES, "config_name": config_name,
         "tokenizer": {"mllm_class": tokenizer["mllm_class"], "note": tokenizer["mllm_class_note"],
                       "spec": tokenizer["spec"], "merges_mllm_skips": len(tokenizer["merges_mllm_skips"])},
@@ -324,7 +351,7 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
     }
     write_json(out_runtime, runtime)
     sizes[RUNTIME] = Path(out_runtime).stat().st_size
-    text = readme_text(name, runtime, tokenizer, sizes, choice, check)
+    text = readme_text(name, runtime, tokenizer, sizes, choice, check, demo_result)
     write_text(out_readme, text)
     sizes[README] = Path(out_readme).stat().st_size
     report = inspect_bundle(bundle_dir)
