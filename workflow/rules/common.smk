@@ -135,7 +135,7 @@ THREADS_CONFIG_KEYS = {
     "sensitivity": "threads.evaluate",
     "choose_weight_range": "threads.evaluate",
     "clip_scales": "threads.evaluate",
-    "runtime_scales": "threads.evaluate",
+    "runtime_scales": "threads.profile",
     "evaluate_export": "threads.evaluate",
     "evaluate_decode_model": "threads.evaluate",
     "export_int8": "threads.export",
