@@ -138,6 +138,9 @@ rule sensitivity:
         f"{RUN_LOGS}/sensitivity.log",
     benchmark:
         f"{RUN_BENCH}/sensitivity.tsv"
+    # First among the ready jobs: the layer-front points wait for it (started after the other points, it
+    # left a CPU idle while they queued behind it).
+    priority: 10
     conda:
         CONDA_ENV
     threads: rule_threads("sensitivity")
