@@ -353,8 +353,12 @@ class NpuRuntime(Runtime):
     def shadow_line(self, row: dict) -> str:
         layers = row.get("shadow_layers")
         layers = "none" if layers in (None, "") else ", ".join(str(layers).split())
+        # This model only prefills on the phone: say where the number of a whole generation is.
         return (f"Runtime profile {self.name}: shadow layers {layers}; the shadow ops run "
-                f"{100 * row['cpu_share']:.3f} % of the quantized Linear multiply-adds on the CPU (measured).")
+                f"{100 * row['cpu_share']:.3f} % of the quantized Linear multiply-adds on the CPU (measured). "
+                "On the phone this model prefills the prompt and the CPU decoding model writes every further "
+                "token: `snakemake bundle` measures the two together as the demo runs them (demo_evaluation.md, "
+                "the bundle's README.txt).")
 
     def comparison_cost(self, row: dict) -> str:
         if number(row.get("selected_cpu_share")) is None:
