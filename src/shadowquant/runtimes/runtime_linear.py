@@ -431,8 +431,7 @@ def attention_key_extents(attention_mask, q_len: int, k_len: int, tile: int = AT
     (the queries are the last q_len positions); a bool mask allows True; a float mask allows what is above
     its dtype's minimum (Hugging Face's additive masks put that minimum where a key is hidden)."""
     if attention_mask is None:
-        rows = torch.arange(q_len)
-        allowed = rows[:, None] + (k_len - q_len) >= torch.arange(k_len)[None, :]
+        allowed = causal_mask(q_len, k_len)
     else:
         mask = attention_mask[..., :k_len]
         hidden = ~mask if mask.dtype == torch.bool else mask <= torch.finfo(mask.dtype).min
@@ -473,11 +472,15 @@ def fp16_cpu_attention(module, query, key, value, attention_mask, scaling, dropo
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """[q_len, k_len] bool, True where a query (the last q_len of k_len positions) may see a key."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
 def _masked_softmax(scores: torch.Tensor, attention_mask, q_len: int, k_len: int) -> torch.Tensor:
     """float32 softmax of the scaled scores under the mask (None: causal); a row that sees no key is 0."""
     if attention_mask is None:
-        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        scores = scores.masked_fill(~causal, float("-inf"))
+        scores = scores.masked_fill(~causal_mask(q_len, k_len, scores.device), float("-inf"))
     elif attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
     else:
