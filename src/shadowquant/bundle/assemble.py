@@ -185,6 +185,21 @@ def sha256(path) -> str:
     return digest.hexdigest()
 
 
+# The quality figures runtime.json records for a model (decoding model, and each model of the demo evaluation).
+QUALITY_KEYS = ("perplexity", "perplexity_increase", "perplexity_increase_ci_low", "perplexity_increase_ci_high", "kl",
+                "agreement")
+
+
+def quality_of(metrics: dict, extra=()) -> dict:
+    return {k: metrics.get(k) for k in (*QUALITY_KEYS, *extra)}
+
+
+def increase_text(m: dict) -> str:
+    """'+6.0% [+5.1%, +6.9%] over float': a perplexity increase with its interval, as README.txt writes it."""
+    return (f"{m['perplexity_increase']:+.1%} [{m['perplexity_increase_ci_low']:+.1%}, "
+            f"{m['perplexity_increase_ci_high']:+.1%}] over float")
+
+
 def demo_headline(demo_result: dict) -> list[str]:
     """README lines for the demo evaluation (evaluate.demo_evaluation): what a generation gets, the NPU prefill
     handing over to the CPU decoding model, beside each model alone, on the same continuation tokens."""
@@ -196,8 +211,7 @@ def demo_headline(demo_result: dict) -> list[str]:
     for key, label in (("demo", "NPU prefill + CPU decoding"), ("prefill_only", "NPU prefill model alone"),
                        ("decode_only", "CPU decoding model alone")):
         m = demo_result[key]
-        lines.append(f"    {label + ':':<28} perplexity {m['perplexity']:.3f} ({m['perplexity_increase']:+.1%} "
-                     f"[{m['perplexity_increase_ci_low']:+.1%}, {m['perplexity_increase_ci_high']:+.1%}] over float), "
+        lines.append(f"    {label + ':':<28} perplexity {m['perplexity']:.3f} ({increase_text(m)}), "
                      f"KL {m['kl']:.4f}, agreement {m['agreement']:.3f}")
     return lines
 
@@ -281,8 +295,7 @@ def readme_text(name: str, runtime: dict, tokenizer: dict, sizes: dict, decode_c
         lines += [
             f"  decoding model {c['chosen']} ({c['dtype_mix']}; {c['recipe_description']}; "
             f"weights: {c['source_description']}):",
-            f"    perplexity {m['perplexity']:.3f} ({m['perplexity_increase']:+.1%} "
-            f"[{m['perplexity_increase_ci_low']:+.1%}, {m['perplexity_increase_ci_high']:+.1%}] over float), KL to "
+            f"    perplexity {m['perplexity']:.3f} ({increase_text(m)}), KL to "
             f"float {m['kl']:.4f}, top-1 agreement {m['agreement']:.3f}",
             f"    chosen: {c['why']}",
             "    (measured with mllm's CPU numerics: Q8_0 activations at every Q4_0 / Q8_0 matmul, K/V in float16;",
@@ -331,13 +344,10 @@ def assemble_bundle(name: str, prefill, decode, vocab, merges, tokenizer_json, r
         "prefill_model": PREFILL, "decoding_model": DECODE, "decoding_candidate": choice["chosen"],
         "decoding_source": choice["source"], "decoding_recipe": choice["recipe"], "decoding_dtype": choice["dtype_mix"],
         "decoding_tensors_by_dtype": choice["tensors_by_dtype"], "decoding_why": choice["why"],
-        "decoding_quality": {k: choice["metrics"].get(k) for k in ("perplexity", "perplexity_increase",
-                                                                  "perplexity_increase_ci_low",
-                                                                  "perplexity_increase_ci_high", "kl", "agreement")},
+        "decoding_quality": quality_of(choice["metrics"]),
         "generation_quality": None if demo_result is None else {
-            key: {k: demo_result[key].get(k) for k in ("perplexity", "perplexity_increase", "perplexity_increase_ci_low",
-                                                       "perplexity_increase_ci_high", "kl", "agreement", "num_tokens")}
-            for key in ("demo", "prefill_only", "decode_only", "float")},
+            key: quality_of(demo_result[key], ("num_tokens",)) for key in ("demo", "prefill_only", "decode_only",
+                                                                           "float")},
         "vocab": VOCAB, "merges": MERGES, "config_name": config_name,
         "tokenizer": {"mllm_class": tokenizer["mllm_class"], "note": tokenizer["mllm_class_note"],
                       "spec": tokenizer["spec"], "merges_mllm_skips": len(tokenizer["merges_mllm_skips"])},
