@@ -143,7 +143,7 @@ rule bundle:
         decode_choice=f"{RESULTS}/decode_choice.json",
         floats=export_inputs(f"{RUN_RESULTS}/sweep/float.json"),
         # What a generation gets (NPU prefill, then this decoding model): README.txt's headline.
-        demo=f"{RESULTS}/demo_evaluation.json",
+        demo=DEMO_EVALUATION,
     output:
         prefill=f"{BUNDLE}/prefill-int8.mllm",
         runtime=f"{BUNDLE}/runtime.json",

@@ -402,6 +402,8 @@ def default_targets():
 
 # The phone bundle (bundle.smk).
 BUNDLE = f"{RESULTS}/bundle"
+# The demo evaluation (demo.smk), which the bundle's README.txt leads with.
+DEMO_EVALUATION = f"{RESULTS}/demo_evaluation.json"
 
 
 def bundle_runtime_json(wildcards=None):

@@ -16,7 +16,7 @@ localrules:
 
 rule demo:
     input:
-        f"{RESULTS}/demo_evaluation.json",
+        DEMO_EVALUATION,
         f"{RESULTS}/demo_evaluation.md",
 
 
@@ -33,7 +33,7 @@ rule evaluate_demo:
         samples=f"{RESULTS}/evaluation.jsonl",
         baselines=export_inputs(f"{RUN_RESULTS}/sweep/float-baseline.safetensors"),
     output:
-        metrics=f"{RESULTS}/demo_evaluation.json",
+        metrics=DEMO_EVALUATION,
         summary=report(
             f"{RESULTS}/demo_evaluation.md",
             category="Evaluation",
