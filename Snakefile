@@ -44,6 +44,7 @@ localrules:
     primary_model,
     primary_runtime,
     bundle,
+    evaluation_summary,
 
 
 rule all:

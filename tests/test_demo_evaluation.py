@@ -15,10 +15,10 @@ from shadowquant.cli import main as cli_main
 from shadowquant.decoding.cpu_numerics import mllm_cpu_numerics
 from shadowquant.decoding.candidates import write_decode_model
 from shadowquant.evaluate.demo_evaluation import (MODELS, _with_cache, chunk_size_of, decode_manifest_of, demo_logits,
-                                         evaluate_demo, hand_over, paired_differences, prefill_length, run_chunks,
+                                         evaluate_demo, hand_over, load_decoding_model, paired_differences, run_chunks,
                                          score_records, summarize_all, whole_record_logits)
 from shadowquant.errors import PipelineError
-from shadowquant.evaluate.metrics import evaluate
+from shadowquant.evaluate.metrics import evaluate, output_head, per_record, prefill_length
 from shadowquant.model.loading import load_model_from_manifest
 
 
@@ -161,14 +161,64 @@ def test_evaluate_demo_writes_paired_summaries(run, tmp_path):
         assert again[m]["agreement"] == result[m]["agreement"]
 
 
-def test_decode_choice_names_the_decoding_models_manifest(run, tmp_path):
+@pytest.fixture(scope="module")
+def single_files(run, tmp_path_factory):
+    """What the workflow writes before the demo: evaluation.json with the NPU model's per-record sums
+    (`w8a8_per_record`, as the sweep evaluates it: batched, against the float baseline) and decode_choice.json
+    with the decoding model's (as its candidate evaluation does, under mllm's CPU numerics)."""
+    from safetensors.torch import load_file
+
+    from shadowquant.model.families import quantized_layer_names
+    from shadowquant.runtimes.profiles import get_profile
+    from shadowquant.runtimes.runtime_linear import apply_runtime_from_export
+
+    d = tmp_path_factory.mktemp("singles")
+    manifest = run / "model" / "manifest.json"
+    model, tokenizer, family = load_model_from_manifest(manifest, "cpu", "float32")
+    sequences = sweep.evaluation_sequences(tokenizer, run / "eval.jsonl", 24)
+    float_head = copy.deepcopy(output_head(model))  # the decoding file's head is not the float one
+    apply_runtime_from_export(model, load_file(str(run / "export.safetensors")), quantized_layer_names(model, family),
+                              get_profile("qwen-npu", family), {0, 1})
+    prefill = evaluate(model, sequences, batch_size=4, baseline=run / "base.safetensors", float_head=float_head)
+    (d / "evaluation.json").write_text(json.dumps({"w8a8_per_record": per_record(prefill)}))
+    decoder, formats = load_decoding_model(manifest, run / "decode.mllm", "cpu")
+    with mllm_cpu_numerics(decoder, formats):
+        decode = evaluate(decoder, sequences, batch_size=4, baseline=run / "base.safetensors", float_head=float_head)
+    (d / "decode_choice.json").write_text(json.dumps({"manifest": str(manifest), "prefill_manifest": str(manifest),
+                                                      "chosen": "prefill:q4_0", "per_record": per_record(decode)}))
+    return d
+
+
+def test_decode_choice_names_the_decoding_models_manifest(run, single_files, tmp_path):
     manifest = str(run / "model" / "manifest.json")
-    choice = tmp_path / "decode_choice.json"
-    choice.write_text(json.dumps({"manifest": manifest, "prefill_manifest": manifest}))
+    choice = single_files / "decode_choice.json"
     assert decode_manifest_of(choice, manifest) == manifest
     assert decode_manifest_of(None, manifest) == manifest
     result = _demo(run, tmp_path, decode_choice=choice, records=2)
     assert result["setup"]["decode_manifest"] == manifest and result["float"]["num_samples"] == 2
+    assert result["setup"]["decode_candidate"] == "prefill:q4_0"
+    assert result["setup"]["decode_only_from"] == str(choice) and result["setup"]["prefill_only_from"] == "this evaluation"
+
+
+def test_single_models_from_their_own_evaluations_equal_the_demos_own_run(run, single_files, tmp_path):
+    """The prefill-only and decode-only sums read from evaluation.json and decode_choice.json (batched forwards,
+    metrics.evaluate's continuation sums) are what the demo computes itself one record at a time, up to float
+    rounding; the demo column is the same computation either way."""
+    base = run / "base.safetensors"
+    computed = _demo(run, tmp_path, baseline=base)
+    reused = _demo(run, tmp_path, baseline=base, prefill_json=single_files / "evaluation.json",
+                   decode_choice=single_files / "decode_choice.json")
+    assert reused["setup"]["prefill_only_from"].endswith("evaluation.json")
+    assert reused["demo"]["per_record"] == computed["demo"]["per_record"]
+    for m in ("prefill_only", "decode_only"):
+        a, b = reused[m]["per_record"], computed[m]["per_record"]
+        assert a["num_tokens"] == b["num_tokens"] and a["last_token_correct"] == b["last_token_correct"]
+        assert a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-4)
+        assert a["kl_sum"] == pytest.approx(b["kl_sum"], rel=2e-2, abs=1e-5)
+        # an argmax may flip where two logits tie to float rounding: at most one position per record
+        assert all(abs(x - y) <= 1 for x, y in zip(a["agreement_count"], b["agreement_count"]))
+    assert reused["differences"]["demo_vs_decode_only"]["perplexity_ratio"]["value"] == pytest.approx(
+        computed["differences"]["demo_vs_decode_only"]["perplexity_ratio"]["value"], abs=1e-4)
 
 
 def test_paired_differences_resample_the_same_records(float_model):
@@ -217,6 +267,19 @@ def test_bad_inputs_give_one_line_errors(run, tmp_path, float_model):
             prefill_length(10, fraction)
     with pytest.raises(PipelineError, match="unknown handover"):
         demo_logits(model, model, [1, 2, 3], 2, handover="bfloat16")
+    with pytest.raises(PipelineError, match="unknown single model"):
+        score_records(None, model, model, [[1, 2, 3]], chunk_size=2, progress=False, singles=["float"])
+    # single-model sums without continuation sums, or of other records, are refused by name
+    (tmp_path / "old.json").write_text(json.dumps({"w8a8_per_record": {"nll_sum": [1.0], "num_tokens": [3]}}))
+    with pytest.raises(PipelineError, match="no continuation sums") as e:
+        _demo(run, tmp_path, prefill_json=tmp_path / "old.json", records=1)
+    _one_line(e)
+    (tmp_path / "short.json").write_text(json.dumps({"w8a8_per_record": {"continuation": {
+        "prefill_fraction": 0.5, "last_token_correct": [True], "nll_sum": [1.0], "num_tokens": [3], "kl_sum": [0.1],
+        "agreement_count": [2]}}}))
+    with pytest.raises(PipelineError, match="other records") as e:
+        _demo(run, tmp_path, prefill_json=tmp_path / "short.json", records=1)
+    _one_line(e)
     (tmp_path / "runtime.json").write_text(json.dumps({"runtime": "qwen-npu"}))
     with pytest.raises(PipelineError, match="chunk_size None") as e:
         chunk_size_of(tmp_path / "runtime.json")

@@ -18,10 +18,12 @@ from shadowquant.model.families import FAMILIES, quantized_layer_names
 from shadowquant.evaluate.metrics import (
     EvalResult,
     bootstrap_intervals,
+    continuation_from_per_record,
     evaluate,
     head_logits,
     load_baseline,
     per_record,
+    prefill_length,
     result_from_per_record,
     save_baseline,
     summarize,
@@ -238,6 +240,38 @@ def test_quantized_kl_and_agreement_brute_force(family, tiny_model_dir, tmp_path
     assert explicit.kl_sum == pytest.approx(quant_result.kl_sum, rel=1e-6)
     ppl_ratio = summary["perplexity"] / summarize(float_result)["perplexity"]
     assert summary["perplexity_increase"] == pytest.approx(ppl_ratio - 1, rel=1e-9)
+
+
+def test_continuation_sums_are_the_sums_after_the_demos_prefill(tiny_model_dir, tmp_path):
+    """Each record's continuation sums (the tokens after prefill_length) are its per-position NLL, KL and
+    agreement summed over those positions only, from unbatched forwards; they survive the JSON round trip."""
+    float_model = load_family(tiny_model_dir, "llama")
+    quant_model = quantize(load_family(tiny_model_dir, "llama"), "llama", 0.05)
+    sequences = make_sequences(float_model, n=7, vocab=float_model.config.vocab_size)
+    path = tmp_path / "baseline.safetensors"
+    save_baseline(path, evaluate(float_model, sequences, batch_size=3, collect_baseline=True).baseline)
+    result = evaluate(quant_model, sequences, batch_size=4, baseline=path)
+    tail = result.continuation
+    for i, seq in enumerate(sequences):
+        start = prefill_length(len(seq)) - 1
+        p = unbatched_logits(float_model, seq)[:-1].log_softmax(-1)[start:]
+        q = unbatched_logits(quant_model, seq)[:-1].log_softmax(-1)[start:]
+        nll = -float(q.gather(-1, torch.tensor(seq[start + 1:])[:, None]).sum())
+        assert tail.num_tokens[i] == len(seq) - prefill_length(len(seq)) == len(seq) - 1 - start
+        assert tail.nll_sum[i] == pytest.approx(nll, rel=1e-5)
+        assert tail.kl_sum[i] == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-3, abs=1e-7)
+        assert tail.agreement_count[i] == int((p.argmax(-1) == q.argmax(-1)).sum())
+        assert tail.last_token_correct[i] == result.last_token_correct[i]
+    assert sum(tail.num_tokens) < sum(result.num_tokens)
+    data = json.loads(json.dumps(per_record(result)))
+    back = continuation_from_per_record(data, "point.json")
+    assert back.nll_sum == tail.nll_sum and back.agreement_count == tail.agreement_count
+    assert result_from_per_record(data).nll_sum == result.nll_sum  # the whole-record sums are unchanged
+    with pytest.raises(PipelineError, match="point.json: continuation sums after a prefill of 0.5 .* 0.25"):
+        continuation_from_per_record(data, "point.json", 0.25)
+    del data["continuation"]
+    with pytest.raises(PipelineError, match="point.json: its per-record data has no continuation sums"):
+        continuation_from_per_record(data, "point.json")
 
 
 def test_baseline_roundtrip(llama, sequences, tmp_path):

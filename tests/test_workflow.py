@@ -68,8 +68,8 @@ def run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory) -> Fa
     workdir = tmp_path_factory.mktemp(f"workflow_{family}")
     model_dir = tiny_model_dir("qwen2" if family == "qwen1" else family)
     overrides = {"runtime.profile": "auto", "transform.variants": "auto"}
-    if family == "llama":
-        overrides["bundle.decode"] = {"candidates": DECODE_CANDIDATES}
+    if family == "llama":  # the default target builds the bundle (bundle.default_target, the default config's)
+        overrides.update({"bundle.decode": {"candidates": DECODE_CANDIDATES}, "bundle.default_target": True})
     if family == "opt":
         overrides.update({"sweep.clip_scales": ["max", "mse"], "sweep.weight_range": "auto"})
     elif family not in FULL_FAMILIES:
@@ -77,7 +77,7 @@ def run_family(family, tiny_model_dir, tiny_text_corpus, tmp_path_factory) -> Fa
     cfg = write_config(workdir, tiny_config(model_dir, tiny_text_corpus, f"tiny-{family}",
                                             **{"model.type": family}, **overrides))
     # The default target: sweep, selection, export, mllm, evaluation, plots (LLaMA: and the phone bundle).
-    snakemake(workdir, cfg, *(["all", "bundle"] if family == "llama" else []))
+    snakemake(workdir, cfg)
     return FamilyRun(family, workdir, cfg)
 
 
@@ -178,6 +178,18 @@ def check_bundle_where_asked_and_nothing_stale_afterwards(family_run, native_loa
     check = check_bundle(family_run.workdir, "tiny-llama", native_loader, DECODE_CANDIDATES)
     assert check["decoding_model"]["candidate"] == "unrotated:q4_0i-down8-head8"  # the smaller, within budget
     assert check["decoding_model"]["dtype_mix"] == "q4_0+q8_0"
+    # evaluation.md leads with what a generation gets, the demo evaluation's number with its interval
+    demo = family_run.json(family_run.results / "demo_evaluation.json")
+    assert demo["setup"]["prefill_only_from"].endswith("evaluation.json")
+    assert demo["setup"]["decode_only_from"].endswith("decode_choice.json")
+    assert demo["setup"]["decode_candidate"] == "unrotated:q4_0i-down8-head8"
+    summary = (family_run.results / "evaluation.md").read_text()
+    headline = summary.index("## What a generation on the phone gets")
+    assert headline < summary.index("## The int8 prefill model (NPU)")
+    m = demo["demo"]
+    assert (f"{m['perplexity_increase']:+.2%} [{m['perplexity_increase_ci_low']:+.2%}, "
+            f"{m['perplexity_increase_ci_high']:+.2%}] over float") in summary
+    assert "What a generation on the phone gets" in (family_run.results / "evaluation.html").read_text()
     assert check["float"]["point"] == "float"
     workdir, cfg = family_run.workdir, family_run.config
     # The family is now read from the fetched model, no longer from model.type: nothing is stale.
@@ -219,6 +231,8 @@ def test_default_config_dry_run(tmp_path):
     jobs = planned_jobs(proc)
     assert {"fetch_model", "build_pydoc_corpus", "select_calibration", "profile", "export_int8",
             "convert_mllm", "primary_model"} <= set(jobs)
+    # make run builds what the phone needs too, and evaluation.md waits for the demo evaluation
+    assert {"evaluate_decode_model", "evaluate_demo", "bundle", "evaluation_summary"} <= set(jobs)
 
 
 def test_points_per_job_groups_the_sweep_into_fewer_jobs(tiny_model_dir, tiny_text_corpus, tmp_path):

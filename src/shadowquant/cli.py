@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-choice", default=None, help="decode_choice.json (its manifest: the decoding model's "
                    "float model); default the --manifest")
     s.add_argument("--baseline", default=None, help="the --manifest's float-baseline.safetensors on these records")
+    s.add_argument("--prefill-json", default=None, help="evaluation.json, whose per-record sums of the exported point "
+                   "give the prefill model alone (default: run it here); the decoding model alone comes from "
+                   "--decode-choice the same way")
     s.add_argument("--out-json", required=True)
     s.add_argument("--out-md", required=True)
     s.add_argument("--seq-len", type=int, default=128)
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             from shadowquant.evaluate.demo_evaluation import evaluate_demo
 
             evaluate_demo(args.manifest, args.export, args.runtime_json, args.samples, args.decode, args.out_json,
-                          args.out_md, args.seq_len, decode_choice=args.decode_choice,
+                          args.out_md, args.seq_len, decode_choice=args.decode_choice, prefill_json=args.prefill_json,
                           prefill_fraction=args.prefill_fraction, handover=args.handover, baseline=args.baseline,
                           device=args.device, num_resamples=args.bootstrap, records=args.records)
         elif args.command == "clip-scales":

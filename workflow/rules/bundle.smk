@@ -60,7 +60,9 @@ rule evaluate_decode_model:
     # One decoding candidate: written, read back and evaluated on the held-out records.
     input:
         manifests=[variant_manifest(v) for v in EXPORT_VARIANTS],
-        runtime=bundle_runtime_json,
+        # runtime.json only when the export may come from several variants: with one, the candidates
+        # need no export and run beside the sweep.
+        runtime=exported_variant_input,
         samples=f"{RESULTS}/evaluation.jsonl",
         floats=export_inputs(f"{RUN_RESULTS}/sweep/float.json"),
         baselines=export_inputs(f"{RUN_RESULTS}/sweep/float-baseline.safetensors"),

@@ -397,13 +397,38 @@ def default_targets():
     targets += [path for pattern in per_run_targets for path in per_run(pattern)]
     if config["export"]["pth"]:
         targets.append(f"{RESULTS}/model-int8.pth")
+    if BUNDLE_IN_RUN:
+        targets += [
+            f"{BUNDLE}/README.txt",
+            f"{RESULTS}/bundle_check.json",
+            DEMO_EVALUATION,
+            f"{RESULTS}/demo_evaluation.md",
+        ]
     return targets
 
 
 # The phone bundle (bundle.smk).
 BUNDLE = f"{RESULTS}/bundle"
-# The demo evaluation (demo.smk), which the bundle's README.txt leads with.
+# The demo evaluation (demo.smk), which the bundle's README.txt and evaluation.md lead with.
 DEMO_EVALUATION = f"{RESULTS}/demo_evaluation.json"
+# The default target builds the bundle and the demo evaluation too where a phone runs the runtime.
+BUNDLE_IN_RUN = config["bundle"]["default_target"] and SIMULATED.runs_on_phone
+
+
+def evaluation_summary_inputs(wildcards=None):
+    """evaluation.md's inputs: the export's evaluation, and the demo evaluation where the run makes one."""
+    inputs = {"evaluation": f"{RESULTS}/evaluation.json"}
+    if BUNDLE_IN_RUN:
+        inputs["demo"] = DEMO_EVALUATION
+    return inputs
+
+
+def exported_variant_input(wildcards=None):
+    """What says which variant the export came from: runtime.json when several may be exported, nothing when
+    one is (so that jobs needing only the variant do not wait for the export). Refuses a runtime no phone
+    runs before any job runs, as everything the phone bundle needs does."""
+    SIMULATED.require_phone(f"{CONFIG_SOURCE} (the bundle)")
+    return [f"{RESULTS}/runtime.json"] if len(EXPORT_VARIANTS) > 1 else []
 
 
 def bundle_runtime_json(wildcards=None):

@@ -5,9 +5,6 @@
 # choice (decode_choice.json, whose `manifest` gives the architecture and unstored tensors).
 DEMO_DECODE_MODEL = f"{BUNDLE}/decode.mllm"
 DEMO_DECODE_CHOICE = f"{RESULTS}/decode_choice.json"
-# The share of each record's tokens the NPU prefills (the rest is decoded and scored): half, as a prompt
-# of the record's first half.
-DEMO_PREFILL_FRACTION = 0.5
 
 
 localrules:
@@ -29,7 +26,10 @@ rule evaluate_demo:
         export=f"{RESULTS}/model-int8.safetensors",
         runtime=bundle_runtime_json,
         decode=DEMO_DECODE_MODEL,
-        decode_choice=[DEMO_DECODE_CHOICE] if DEMO_DECODE_CHOICE else [],
+        # The single models' sums over the same continuation tokens: the sweep's evaluation of the exported
+        # point (evaluation.json) and the chosen decoding candidate's (decode_choice.json).
+        decode_choice=DEMO_DECODE_CHOICE,
+        prefill_json=f"{RESULTS}/evaluation.json",
         samples=f"{RESULTS}/evaluation.jsonl",
         baselines=export_inputs(f"{RUN_RESULTS}/sweep/float-baseline.safetensors"),
     output:
@@ -52,7 +52,6 @@ rule evaluate_demo:
     params:
         name=NAME,
         variants=EXPORT_VARIANTS,
-        prefill_fraction=DEMO_PREFILL_FRACTION,
         seq_len=config["evaluation"]["seq_len"],
         device=config["device"],
         num_resamples=NUM_RESAMPLES,

@@ -7,7 +7,7 @@ i, o, p, w = snakemake.input, snakemake.output, snakemake.params, snakemake.wild
 
 
 def evaluate_exported_variant(**kwargs):
-    n = exported_variant(i.runtime, p.variants)
+    n = exported_variant(i.runtime[0] if i.runtime else None, p.variants)
     return evaluate_decode_candidate(prefill_manifest=i.manifests[n], float_json=i.floats[n],
                                      baseline=i.baselines[n], **kwargs)
 

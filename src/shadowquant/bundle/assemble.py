@@ -500,7 +500,13 @@ def format_bundle_report(report: BundleReport) -> str:
 
 
 def exported_variant(runtime_json, variants) -> int:
-    """Index into `variants` of the transform the prefill model was exported from (runtime.json)."""
+    """Index into `variants` of the transform the prefill model was exported from (runtime.json; None when
+    `variants` has only the one)."""
+    variants = list(variants)
+    if runtime_json is None:
+        if len(variants) != 1:
+            raise PipelineError(f"the export may come from any of {', '.join(variants)}; its runtime.json says which")
+        return 0
     runtime = json.loads(Path(runtime_json).read_text(encoding="utf-8"))
     transform = runtime.get("transform", "none")
     variants = list(variants)

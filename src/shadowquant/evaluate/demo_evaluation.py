@@ -27,6 +27,14 @@ Scored: tokens p..L-1 of each record (L - p per record), for four models on the 
   acts per position);
 - decode_only: the decoding model, under the same numerics, on the whole record in one forward.
 
+The two single models were evaluated on these records already, over whole records, by the sweep (the
+exported point: evaluation.json's `w8a8_per_record`, the point's JSON) and by the decoding candidate's
+evaluation (decode_choice.json's `per_record`); metrics.evaluate keeps every record's sums over the
+same continuation tokens, so the stage reads them there (`prefill_json`, `decode_choice`) instead of
+running both models once more (two thirds of the work). Those came from batched forwards and equal what
+this module would compute up to float rounding (a test compares the two); without the files the stage
+computes them itself.
+
 Each is summarized as metrics.summarize does (perplexity, KL to float, top-1 agreement with float,
 last-token accuracy, 95 % percentile bootstrap intervals over records, the perplexity increase paired
 with float), and demo is compared with prefill_only and decode_only by paired differences (the same
@@ -45,7 +53,8 @@ import torch
 
 from shadowquant.atomic import write_json, write_text
 from shadowquant.errors import PipelineError
-from shadowquant.evaluate.metrics import EvalResult, exact_kl, per_record, summarize
+from shadowquant.evaluate.metrics import (PREFILL_FRACTION, EvalResult, continuation_from_per_record, exact_kl,
+                                          per_record, prefill_length, result_of_sums, summarize)
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +63,11 @@ LABELS = {"float": "float", "demo": "demo (NPU prefill + CPU decode)", "prefill_
           "decode_only": "CPU decoding model only"}
 HANDOVER_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 DECODE_CHOICE_KEY = "manifest"
+# evaluation.json's per-record sums of the exported point (the sweep's evaluation of the prefill model).
+PREFILL_KEY = "w8a8_per_record"
 
 
 # ---------------------------------------------------------------- the split and one record
-
-
-def prefill_length(length: int, fraction: float = 0.5) -> int:
-    """How many of a record's `length` tokens the NPU prefills: floor(length * fraction), kept within
-    1..length-1 so that the prefill has a token and at least one token is scored after it."""
-    if not 0.0 < fraction < 1.0:
-        raise PipelineError(f"prefill fraction {fraction!r} must be strictly between 0 and 1 (0.5: half the record)")
-    if length < 2:
-        raise PipelineError(f"a record of {length} token(s) cannot be split into a prefill and a continuation; "
-                            "the demo evaluation needs at least 2 tokens per record")
-    return min(length - 1, max(1, int(math.floor(length * fraction))))
 
 
 def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -115,11 +115,12 @@ def run_chunks(model, ids: torch.Tensor, chunk_size: int, cache=None):
 
 
 @torch.inference_mode()
-def demo_logits(prefill_model, decode_model, ids: list[int], chunk_size: int, fraction: float = 0.5,
-                handover: str = "float16", decode_numerics=None) -> dict[str, torch.Tensor]:
-    """One record as the demo runs it: {"demo", "prefill_only"} logits [L - p, V] of the positions p-1..L-2
-    (predicting tokens p..L-1), and "prefill_length" p. `decode_numerics`: a context manager factory run
-    around the decoding model's forward (mllm_cpu_numerics), or None for plain float."""
+def demo_logits(prefill_model, decode_model, ids: list[int], chunk_size: int, fraction: float = PREFILL_FRACTION,
+                handover: str = "float16", decode_numerics=None, prefill_only: bool = True) -> dict:
+    """One record as the demo runs it: "demo" logits [L - p, V] of the positions p-1..L-2 (predicting tokens
+    p..L-1), with `prefill_only` also the prefill model's own continuation ("prefill_only", same positions), and
+    "prefill_length" p. `decode_numerics`: a context manager factory run around the decoding model's forward
+    (mllm_cpu_numerics), or None for plain float."""
     import contextlib
 
     if handover not in HANDOVER_DTYPES:
@@ -140,10 +141,11 @@ def demo_logits(prefill_model, decode_model, ids: list[int], chunk_size: int, fr
         with decode_numerics() if decode_numerics is not None else contextlib.nullcontext():
             out = decode_model(input_ids=tokens[:, p:-1].to(handed_device), **_with_cache(decode_model, handed))
         parts.append(out.logits[0].float().to(first.device))
-    # prefill_only: the NPU simulation continues over the rest of the record from its own cache
-    rest_logits, _ = run_chunks(prefill_model, tokens[:, p:-1], chunk_size, cache) if len(ids) - 1 > p else (None, None)
-    prefill_parts = [first] + ([rest_logits] if rest_logits is not None else [])
-    return {"demo": torch.cat(parts), "prefill_only": torch.cat(prefill_parts), "prefill_length": p}
+    out = {"demo": torch.cat(parts), "prefill_length": p}
+    if prefill_only:  # the NPU simulation continues over the rest of the record from its own cache
+        rest = [run_chunks(prefill_model, tokens[:, p:-1], chunk_size, cache)[0]] if len(ids) - 1 > p else []
+        out["prefill_only"] = torch.cat([first, *rest])
+    return out
 
 
 @torch.inference_mode()
@@ -171,21 +173,14 @@ def record_scores(logits: torch.Tensor, targets: torch.Tensor, float_logits: tor
     return scores
 
 
-def _result(rows: list[dict], with_float: bool) -> EvalResult:
-    result = EvalResult(last_token_correct=[r["correct"] for r in rows], nll_sum=[r["nll_sum"] for r in rows],
-                        num_tokens=[r["num_tokens"] for r in rows])
-    if with_float:
-        result.kl_sum = [r["kl_sum"] for r in rows]
-        result.agreement_count = [r["agreement_count"] for r in rows]
-    return result
-
-
 def score_records(float_model, prefill_model, decode_model, sequences: list[list[int]], chunk_size: int,
-                  fraction: float = 0.5, handover: str = "float16", decode_numerics=None, float_logits_of=None,
-                  progress: bool = True) -> dict[str, EvalResult]:
-    """EvalResults of float, demo, prefill_only and decode_only on the continuation tokens of every record
-    (module docstring), one record at a time. The float logits of record i, positions p-1..L-2, come from
-    `float_logits_of(i, p)` when given (the saved float baseline), else from `float_model` on the whole
+                  fraction: float = PREFILL_FRACTION, handover: str = "float16", decode_numerics=None,
+                  float_logits_of=None, progress: bool = True, singles=("prefill_only", "decode_only")
+                  ) -> dict[str, EvalResult]:
+    """EvalResults of float, demo and the `singles` (prefill_only, decode_only; the demo evaluation takes them
+    from the sweep's and the decoding candidate's own evaluations instead) on the continuation tokens of every
+    record (module docstring), one record at a time. The float logits of record i, positions p-1..L-2, come
+    from `float_logits_of(i, p)` when given (the saved float baseline), else from `float_model` on the whole
     record, else (both None, for tests) from the prefill model itself."""
     from tqdm import tqdm
 
@@ -195,9 +190,15 @@ def score_records(float_model, prefill_model, decode_model, sequences: list[list
         if len(seq) < 2:
             raise PipelineError(f"record {index} has {len(seq)} token(s); the demo evaluation needs at least 2 "
                                 "(a prefill token and a token to predict)")
-    rows: dict[str, list[dict]] = {name: [] for name in MODELS}
+    unknown = set(singles) - set(MODELS[2:])
+    if unknown:
+        raise PipelineError(f"unknown single model(s) {', '.join(sorted(unknown))}; valid: {', '.join(MODELS[2:])}")
+    names = ("float", "demo", *[name for name in MODELS[2:] if name in singles])
+    rows: dict[str, list[dict]] = {name: [] for name in names}
     for index, ids in enumerate(tqdm(sequences, desc="demo", unit="record", disable=not progress)):
-        out = demo_logits(prefill_model, decode_model, ids, chunk_size, fraction, handover, decode_numerics)
+        needs_prefill_only = "prefill_only" in singles or (float_logits_of is None and float_model is None)
+        out = demo_logits(prefill_model, decode_model, ids, chunk_size, fraction, handover, decode_numerics,
+                          prefill_only=needs_prefill_only)
         p = out["prefill_length"]
         targets = torch.tensor(ids[p:], dtype=torch.long)
         if float_logits_of is not None:
@@ -206,12 +207,13 @@ def score_records(float_model, prefill_model, decode_model, sequences: list[list
             float_logits = whole_record_logits(float_model, ids, p)
         else:
             float_logits = out["prefill_only"]
-        decode_only = whole_record_logits(decode_model, ids, p, decode_numerics)
         rows["float"].append(record_scores(float_logits, targets, None))
-        for name, logits in (("demo", out["demo"]), ("prefill_only", out["prefill_only"]),
-                             ("decode_only", decode_only)):
-            rows[name].append(record_scores(logits, targets, float_logits))
-    return {name: _result(rows[name], name != "float") for name in MODELS}
+        logits = {"demo": out["demo"], "prefill_only": out.get("prefill_only")}
+        if "decode_only" in singles:
+            logits["decode_only"] = whole_record_logits(decode_model, ids, p, decode_numerics)
+        for name in names[1:]:
+            rows[name].append(record_scores(logits[name], targets, float_logits))
+    return {name: result_of_sums(rows[name]) for name in names}
 
 
 def baseline_logits(baseline, sequences: list[list[int]], float_head, softcap: float | None = None):
@@ -304,6 +306,20 @@ ROWS = (("perplexity", "perplexity"), ("perplexity_increase", "perplexity increa
         ("accuracy", "last-token accuracy"))
 
 
+def model_cells(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of the table of the four models (columns) and the metrics (rows) of a demo
+    evaluation's result, each value with its interval."""
+    return (["metric", *(LABELS[m] for m in MODELS)],
+            [[label, *(_interval(result[m], key) for m in MODELS)] for key, label in ROWS])
+
+
+def model_table(result: dict) -> list[str]:
+    """model_cells as markdown lines."""
+    header, rows = model_cells(result)
+    return ["| " + " | ".join(header) + " |", "| --- |" + " --- |" * (len(header) - 1),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
 def markdown_summary(result: dict) -> str:
     setup = result["setup"]
     f = result["float"]
@@ -322,13 +338,11 @@ def markdown_summary(result: dict) -> str:
         f"Scored: the {f['num_tokens']} continuation tokens only, the same tokens for every column; brackets are "
         "95 % bootstrap intervals over records (increase, KL and agreement paired with float on the same "
         "records). prefill-only is the NPU simulation over the whole record, decode-only the decoding model "
-        "over the whole record.",
+        f"over the whole record (their sums: prefill-only from {setup['prefill_only_from']}, decode-only from "
+        f"{setup['decode_only_from']}).",
         "",
-        "| metric | " + " | ".join(LABELS[m] for m in MODELS) + " |",
-        "| --- |" + " --- |" * len(MODELS),
+        *model_table(result),
     ]
-    for key, label in ROWS:
-        lines.append(f"| {label} | " + " | ".join(_interval(result[m], key) for m in MODELS) + " |")
     lines += ["", "Demo minus each single model, paired on the same records (95 % bootstrap intervals):", "",
               "| difference | perplexity ratio - 1 | KL | agreement |", "| --- | --- | --- | --- |"]
     for name, entry in result["differences"].items():
@@ -368,6 +382,13 @@ def decode_manifest_of(decode_choice, default) -> str:
     return manifest
 
 
+def decode_candidate_of(decode_choice) -> str | None:
+    """The chosen decoding candidate's name (decode_choice.json's `chosen`), None without a choice file."""
+    if decode_choice is None:
+        return None
+    return json.loads(Path(decode_choice).read_text(encoding="utf-8")).get("chosen")
+
+
 def chunk_size_of(runtime_json) -> int:
     """The NPU prefill's chunk size, runtime.json's `chunk_size`."""
     path = Path(runtime_json)
@@ -397,16 +418,38 @@ def load_decoding_model(manifest, decode_path, device: str = "auto"):
     return model, formats
 
 
+def single_model_results(prefill_json, decode_choice, fraction: float, records: int | None) -> dict[str, EvalResult]:
+    """The continuation sums of the single models evaluated elsewhere on the same records (module docstring):
+    prefill_only from `prefill_json` (evaluation.json's `w8a8_per_record`), decode_only from `decode_choice`
+    (decode_choice.json's `per_record`); each only where its file is given. `records`: the first that many."""
+    from shadowquant.jsonfile import read_json_object
+
+    found = {}
+    for name, path, key in (("prefill_only", prefill_json, PREFILL_KEY), ("decode_only", decode_choice, "per_record")):
+        if path is None:
+            continue
+        data = read_json_object(path, f"the {LABELS[name]}'s evaluation", "re-run the step that wrote it")
+        if key not in data:
+            raise PipelineError(f"{path}: has no '{key}' (per-record sums of the {LABELS[name]}); delete it and re-run "
+                                "the step that wrote it")
+        result = continuation_from_per_record(data[key], f"{path} ({key})", fraction)
+        if records is not None:
+            result = EvalResult(**{k: v[:records] for k, v in vars(result).items() if isinstance(v, list)})
+        found[name] = result
+    return found
+
+
 def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json, out_md, seq_len: int,
-                  decode_choice=None, prefill_fraction: float = 0.5, handover: str = "float16",
-                  baseline=None, device: str = "auto", dtype: str = "float32", num_resamples: int = 1000,
-                  name=None, records: int | None = None) -> dict:
+                  decode_choice=None, prefill_json=None, prefill_fraction: float = PREFILL_FRACTION,
+                  handover: str = "float16", baseline=None, device: str = "auto", dtype: str = "float32",
+                  num_resamples: int = 1000, name=None, records: int | None = None) -> dict:
     """The demo evaluation (module docstring) of the export of `manifest` (the exported variant's) with the
     decoding model `decode_path` on the manifest decode_choice.json names (None: `manifest`); `name`: the
     model's name in the summary (default: the manifest's folder). `baseline`: the float baseline of the
     manifest's float run on the same records (float-baseline.safetensors), which spares the float model's
-    forward; without it the float model runs each record. `records`: only the first that many records
-    (a quick look; the baseline is still checked against all of them)."""
+    forward; without it the float model runs each record. `prefill_json` (evaluation.json) and
+    `decode_choice` give the single models' continuation sums; where one is None that model runs here.
+    `records`: only the first that many records (a quick look; the baseline is still checked against all)."""
     import copy
     from collections import Counter
 
@@ -452,8 +495,16 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
     def numerics():
         return mllm_cpu_numerics(decode_model, formats)
 
+    reused = single_model_results(prefill_json, decode_choice, prefill_fraction, records)
     results = score_records(float_model, prefill_model, decode_model, sequences, chunk_size, prefill_fraction,
-                            handover, numerics, float_logits_of)
+                            handover, numerics, float_logits_of, singles=[m for m in MODELS[2:] if m not in reused])
+    for key, result in reused.items():
+        if list(result.num_tokens) != list(results["demo"].num_tokens):
+            source = prefill_json if key == "prefill_only" else decode_choice
+            raise PipelineError(f"{source}: its continuation sums are of other records than {samples} at seq_len "
+                                f"{seq_len} ({len(result.num_tokens)} records, {sum(result.num_tokens)} tokens vs "
+                                f"{len(sequences)}, {sum(results['demo'].num_tokens)}); re-run the step that wrote it")
+    results.update(reused)
     runtime = json.loads(Path(runtime_json).read_text(encoding="utf-8"))
     result = {
         "model": name or Path(manifest).parent.name,
@@ -465,7 +516,10 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
             "decode": "teacher-forced over the continuation with the handed-over cache",
             "prefill_manifest": str(manifest), "decode_manifest": str(decode_manifest),
             "decode_model": str(decode_path), "decode_choice": None if decode_choice is None else str(decode_choice),
+            "decode_candidate": decode_candidate_of(decode_choice),
             "float_reference": "float baseline file" if baseline is not None else "float model",
+            "prefill_only_from": str(prefill_json) if "prefill_only" in reused else "this evaluation",
+            "decode_only_from": str(decode_choice) if "decode_only" in reused else "this evaluation",
             "decode_formats": ", ".join(f"{n} {fmt}" for fmt, n in sorted(Counter(formats.values()).items())),
         },
         **summarize_all(results, num_resamples),

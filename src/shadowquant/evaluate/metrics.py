@@ -42,6 +42,12 @@ float32 passes accurate (`exact_kl`).
 `per_record(result)` is the JSON-serializable per-record data (keys last_token_correct, nll_sum,
 num_tokens, kl_sum, agreement_count; the last two None without baseline) and
 `result_from_per_record(d)` reads it back, so paired intervals can be computed from JSON alone.
+
+Continuation sums: every evaluation also keeps the same per-record sums over the tokens after the
+demo's prefill (`result.continuation`; tokens prefill_length(L)..L-1, the second half by default):
+what mllm's demo has the CPU decoding model write after the NPU prefilled the first half. The demo
+evaluation (demo_evaluation) reads them from the sweep's and the decoding candidates' JSON
+(`per_record`'s "continuation", `continuation_from_per_record`) instead of running those models again.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ from shadowquant.calibrate.profiling import collate
 BASELINE_FORMAT = "shadowquant-float-baseline-v2"
 _BASELINE_TENSORS = ("sequence_lengths", "argmax", "hidden")
 _PER_RECORD_KEYS = ("last_token_correct", "nll_sum", "num_tokens", "kl_sum", "agreement_count")
+# The demo's split of a record (demo_evaluation): the NPU prefills this share of its tokens, the CPU decoding model
+# writes the rest; every evaluation keeps its sums over that rest too (EvalResult.continuation).
+PREFILL_FRACTION = 0.5
 # Positions x vocabulary elements per chunk of the exact KL: 2 MB float32 temporaries stay in cache.
 _KL_CHUNK_ELEMENTS = 1 << 19
 
@@ -92,6 +101,19 @@ class EvalResult:
     agreement_count: list[int] | None = None  # positions whose argmax equals the float baseline's
     kl_sum: list[float] | None = None  # sum over positions of exact KL(float || this model)
     baseline: Baseline | None = None  # collected when evaluate(collect_baseline=True) was asked for
+    # The same sums over the continuation (tokens prefill_length(L)..L-1), set by evaluate.
+    continuation: EvalResult | None = None
+
+
+def prefill_length(length: int, fraction: float = PREFILL_FRACTION) -> int:
+    """How many of a record's `length` tokens the demo's NPU prefills: floor(length * fraction), kept within
+    1..length-1 so that the prefill has a token and at least one token is scored after it."""
+    if not 0.0 < fraction < 1.0:
+        raise PipelineError(f"prefill fraction {fraction!r} must be strictly between 0 and 1 (0.5: half the record)")
+    if length < 2:
+        raise PipelineError(f"a record of {length} token(s) cannot be split into a prefill and a continuation; "
+                            "the demo evaluation needs at least 2 tokens per record")
+    return min(length - 1, max(1, int(np.floor(length * fraction))))
 
 
 def tokens_sha256(sequences: list[list[int]]) -> str:
@@ -164,16 +186,18 @@ def exact_kl(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> torch.Te
     return torch.cat(parts)
 
 
-def _sample_metrics(logits: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Accuracy and NLL of one sequence from its float32 logits at the predicted positions [L - 1, V]."""
-    lse = torch.logsumexp(logits, dim=-1)
-    targets = ids[1:]
-    nll = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
-    return {
-        "correct": bool(logits[-1].argmax() == ids[-1]),
-        "nll_sum": float(nll.double().sum()),
-        "num_tokens": int(targets.numel()),
-    }
+def _token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per-position NLL of one sequence from its float32 logits at the predicted positions [L - 1, V]."""
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, ids[1:, None]).squeeze(-1)
+
+
+def _sums(correct: bool, nll: torch.Tensor, kl: torch.Tensor | None, agree: torch.Tensor | None) -> dict:
+    """One record's sums (EvalResult's fields) from per-position NLL, KL and float agreement."""
+    sums = {"correct": correct, "nll_sum": float(nll.double().sum()), "num_tokens": int(nll.numel())}
+    if kl is not None:
+        sums["kl_sum"] = float(kl.sum())
+        sums["agreement_count"] = int(agree.sum())
+    return sums
 
 
 def _check_recomputed_logits(model: torch.nn.Module, head: torch.nn.Module, softcap: float | None,
@@ -261,13 +285,18 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
             for row, i in enumerate(batch):
                 length = len(sequences[i])
                 sample_logits = logits[row, :length - 1]
-                sample = _sample_metrics(sample_logits.float(), input_ids[row, :length])
+                nll = _token_nll(sample_logits.float(), input_ids[row, :length])
+                correct = bool(sample_logits[-1].float().argmax() == input_ids[row, length - 1])
+                kl = agree = None
                 if baseline is not None:
                     kl = exact_kl(float_logits[float_starts[row]:float_starts[row + 1]], sample_logits)
-                    sample["kl_sum"] = float(kl.sum())
                     positions = slice(offsets[i], offsets[i] + length - 1)
-                    sample["agreement_count"] = int(
-                        (sample_logits.argmax(-1).cpu() == baseline.argmax[positions]).sum())
+                    agree = sample_logits.argmax(-1).cpu() == baseline.argmax[positions]
+                sample = _sums(correct, nll, kl, agree)
+                # The continuation: positions p-1..L-2 predict tokens p..L-1 (p = prefill_length(L)).
+                tail = slice(prefill_length(length) - 1, None)
+                sample["continuation"] = _sums(correct, nll[tail], None if kl is None else kl[tail],
+                                               None if agree is None else agree[tail])
                 if collect_baseline:
                     sample["hidden"] = hidden[row, :length - 1].to("cpu", copy=True)
                     sample["argmax"] = sample_logits.argmax(-1).cpu()
@@ -278,14 +307,8 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
         if hook is not None:
             hook.remove()
 
-    result = EvalResult(
-        last_token_correct=[s["correct"] for s in per_sample],
-        nll_sum=[s["nll_sum"] for s in per_sample],
-        num_tokens=[s["num_tokens"] for s in per_sample],
-    )
-    if baseline is not None:
-        result.agreement_count = [s["agreement_count"] for s in per_sample]
-        result.kl_sum = [s["kl_sum"] for s in per_sample]
+    result = result_of_sums(per_sample)
+    result.continuation = result_of_sums([s["continuation"] for s in per_sample])
     if collect_baseline:
         result.baseline = Baseline(
             tokens_sha256=fingerprint,
@@ -293,6 +316,17 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
             argmax=torch.cat([s["argmax"] for s in per_sample]),
             hidden=torch.cat([s["hidden"] for s in per_sample]),
         )
+    return result
+
+
+def result_of_sums(rows: list[dict]) -> EvalResult:
+    """An EvalResult from per-record sums (dicts with correct, nll_sum, num_tokens and, with a float reference,
+    kl_sum and agreement_count)."""
+    result = EvalResult(last_token_correct=[r["correct"] for r in rows], nll_sum=[r["nll_sum"] for r in rows],
+                        num_tokens=[r["num_tokens"] for r in rows])
+    if rows and "kl_sum" in rows[0]:
+        result.kl_sum = [r["kl_sum"] for r in rows]
+        result.agreement_count = [r["agreement_count"] for r in rows]
     return result
 
 
@@ -412,15 +446,31 @@ def summarize(result: EvalResult, float_result: EvalResult | None = None, num_re
 
 
 def per_record(result: EvalResult) -> dict:
-    """The per-record data of a result as plain JSON types (keys: module docstring)."""
+    """The per-record data of a result as plain JSON types (keys: module docstring), with its continuation sums
+    and the prefill fraction they follow under "continuation" when the result has them."""
     _record_arrays(result, "result")
-    return {
+    data = {
         "last_token_correct": [bool(v) for v in result.last_token_correct],
         "nll_sum": [float(v) for v in result.nll_sum],
         "num_tokens": [int(v) for v in result.num_tokens],
         "kl_sum": None if result.kl_sum is None else [float(v) for v in result.kl_sum],
         "agreement_count": None if result.agreement_count is None else [int(v) for v in result.agreement_count],
     }
+    if result.continuation is not None:
+        data["continuation"] = {"prefill_fraction": PREFILL_FRACTION, **per_record(result.continuation)}
+    return data
+
+
+def continuation_from_per_record(data: dict, source: str, fraction: float = PREFILL_FRACTION) -> EvalResult:
+    """The continuation sums (after a prefill of `fraction`) of `per_record` output read back from `source`."""
+    part = data.get("continuation") if isinstance(data, dict) else None
+    if not isinstance(part, dict):
+        raise PipelineError(f"{source}: its per-record data has no continuation sums (written before they existed); "
+                            "delete it and re-run the step that wrote it")
+    if part.get("prefill_fraction") != fraction:
+        raise PipelineError(f"{source}: continuation sums after a prefill of {part.get('prefill_fraction')!r} of each "
+                            f"record, but {fraction!r} was asked for; delete it and re-run the step that wrote it")
+    return result_from_per_record(part, f"{source} (continuation)")
 
 
 def result_from_per_record(data: dict, source: str = "per-record data") -> EvalResult:

@@ -102,6 +102,8 @@ class Runtime(ABC):
     shadow_unit = ""
     # Whether the runtime's ranges come from runtime_scales.json (the runtime_scales rule).
     needs_runtime_scales = False
+    # Whether a phone runs what this runtime simulates (the phone bundle can be built for it).
+    runs_on_phone = True
 
     def __init__(self, profile: RuntimeProfile):
         self.profile = profile

@@ -57,6 +57,7 @@ def shadow_flop_fraction(model, layer_names: list[str], decisions) -> float:
 
 class IdealRuntime(Runtime):
     shadow_unit = "sides"
+    runs_on_phone = False
 
     @staticmethod
     def unfit(point: str) -> str:
