@@ -15,7 +15,7 @@ from shadowquant.cli import main as cli_main
 from shadowquant.decoding.cpu_numerics import mllm_cpu_numerics
 from shadowquant.decoding.candidates import write_decode_model
 from shadowquant.evaluate.demo_evaluation import (MODELS, _with_cache, chunk_size_of, decode_manifest_of, demo_logits,
-                                         evaluate_demo, hand_over, load_decoding_model, paired_differences, run_chunks,
+                                         demo_batch_logits, evaluate_demo, hand_over, load_decoding_model, paired_differences, run_chunks,
                                          score_records, summarize_all, whole_record_logits)
 from shadowquant.errors import PipelineError
 from shadowquant.evaluate.metrics import evaluate, output_head, per_record, prefill_length
@@ -83,6 +83,28 @@ def test_float16_handover_stays_within_float16_rounding(float_model):
     assert torch.allclose(exact, half, rtol=0, atol=4e-3 * float(exact.abs().max()))
     results = score_records(None, model, copy.deepcopy(model), sequences, chunk_size=4, progress=False)
     assert sum(results["demo"].kl_sum) / sum(results["demo"].num_tokens) < 1e-5
+
+
+def test_a_batch_of_one_length_gives_each_records_own_logits(float_model):
+    """Records of one length run together (no padding): each row is the record run alone, to float rounding,
+    for the demo and the prefill model's own continuation; and score_records' batches change no sum."""
+    model, sequences = float_model
+    n = min(len(s) for s in sequences)
+    batch = [s[:n] for s in sequences[:4]]
+    decoder = copy.deepcopy(model)
+    together = demo_batch_logits(model, decoder, batch, chunk_size=4)
+    assert together["demo"].shape[:2] == (4, n - together["prefill_length"])
+    for row, ids in enumerate(batch):
+        alone = demo_logits(model, decoder, ids, chunk_size=4)
+        for key in ("demo", "prefill_only"):
+            assert torch.allclose(together[key][row], alone[key], atol=1e-5), key
+    one, eight = (score_records(None, model, decoder, sequences, chunk_size=4, progress=False, batch_size=b)
+                  for b in (1, 8))
+    for name in one:
+        assert one[name].num_tokens == eight[name].num_tokens
+        assert one[name].nll_sum == pytest.approx(eight[name].nll_sum, rel=1e-5)
+    with pytest.raises(PipelineError, match="records of one length"):
+        demo_batch_logits(model, decoder, [batch[0], batch[1][:-1]], chunk_size=4)
 
 
 def test_handover_rounds_keys_and_values_to_float16(float_model):

@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill-fraction", type=float, default=0.5)
     s.add_argument("--handover", choices=["float16", "float32"], default="float16")
     s.add_argument("--records", type=int, default=None, help="only the first N records (a quick look)")
+    s.add_argument("--batch-size", type=int, default=8, help="records of one length run together, up to N")
     s.add_argument("--device", default="auto")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
 
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluate_demo(args.manifest, args.export, args.runtime_json, args.samples, args.decode, args.out_json,
                           args.out_md, args.seq_len, decode_choice=args.decode_choice, prefill_json=args.prefill_json,
                           prefill_fraction=args.prefill_fraction, handover=args.handover, baseline=args.baseline,
-                          device=args.device, num_resamples=args.bootstrap, records=args.records)
+                          device=args.device, num_resamples=args.bootstrap, records=args.records,
+                          batch_size=args.batch_size)
         elif args.command == "clip-scales":
             from shadowquant.calibrate.sensitivity import clip_scales_stage
 

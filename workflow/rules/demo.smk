@@ -42,6 +42,8 @@ rule evaluate_demo:
         f"{LOGS}/evaluate_demo.log",
     benchmark:
         f"{BENCH}/evaluate_demo.tsv"
+    # The last long job: first as soon as it is ready.
+    priority: 10
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_demo")
@@ -53,6 +55,7 @@ rule evaluate_demo:
         name=NAME,
         variants=EXPORT_VARIANTS,
         seq_len=config["evaluation"]["seq_len"],
+        batch_size=config["evaluation"]["batch_size"],
         device=config["device"],
         num_resamples=NUM_RESAMPLES,
     script:

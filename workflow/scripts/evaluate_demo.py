@@ -13,4 +13,5 @@ def evaluate_exported_variant(**kwargs):
 
 run_stage(snakemake, evaluate_exported_variant, export=i.export, runtime_json=i.runtime, samples=i.samples,
           decode_path=i.decode, decode_choice=i.decode_choice, prefill_json=i.prefill_json, out_json=out.metrics,
-          out_md=out.summary, seq_len=p.seq_len, device=p.device, num_resamples=p.num_resamples, name=p.name)
+          out_md=out.summary, seq_len=p.seq_len, batch_size=p.batch_size, device=p.device,
+          num_resamples=p.num_resamples, name=p.name)

@@ -97,55 +97,77 @@ def _with_cache(model, cache) -> dict:
     return {"cache" if "cache" in forward else "past_key_values": cache, "use_cache": True}
 
 
+def _last_logit_only(model) -> dict:
+    """The keyword argument that has the model compute the logits of the last position only (the prompt's other
+    positions predict nothing the demo uses): `logits_to_keep` where the forward takes it."""
+    import inspect
+
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.inference_mode()
-def run_chunks(model, ids: torch.Tensor, chunk_size: int, cache=None):
-    """`model` over the token ids [1, n] in chunks of `chunk_size`, continuing `cache` (a new one when None):
-    (logits [n, V] float32, the cache)."""
+def run_chunks(model, ids: torch.Tensor, chunk_size: int, cache=None, last_only: bool = False):
+    """`model` over the token ids [B, n] in chunks of `chunk_size`, continuing `cache` (a new one when None):
+    (logits [B, n, V] float32, or with `last_only` [B, 1, V] of the last position, the cache)."""
     from transformers import DynamicCache
 
     if chunk_size < 1:
         raise PipelineError(f"chunk size {chunk_size!r} must be a positive number of tokens")
     cache = DynamicCache() if cache is None else cache
+    keep = _last_logit_only(model) if last_only else {}
     logits = []
     for start in range(0, ids.shape[1], chunk_size):
-        out = model(input_ids=ids[:, start:start + chunk_size], **_with_cache(model, cache))
+        out = model(input_ids=ids[:, start:start + chunk_size], **_with_cache(model, cache), **keep)
         cache = out.past_key_values if getattr(out, "cache", None) is None else out.cache
-        logits.append(out.logits[0].float())
-    return torch.cat(logits), cache
+        logits.append(out.logits[:, -1:].float() if last_only else out.logits.float())
+    return (logits[-1] if last_only else torch.cat(logits, dim=1)), cache
 
 
 @torch.inference_mode()
-def demo_logits(prefill_model, decode_model, ids: list[int], chunk_size: int, fraction: float = PREFILL_FRACTION,
-                handover: str = "float16", decode_numerics=None, prefill_only: bool = True) -> dict:
-    """One record as the demo runs it: "demo" logits [L - p, V] of the positions p-1..L-2 (predicting tokens
-    p..L-1), with `prefill_only` also the prefill model's own continuation ("prefill_only", same positions), and
-    "prefill_length" p. `decode_numerics`: a context manager factory run around the decoding model's forward
-    (mllm_cpu_numerics), or None for plain float."""
+def demo_batch_logits(prefill_model, decode_model, batch: list[list[int]], chunk_size: int,
+                      fraction: float = PREFILL_FRACTION, handover: str = "float16", decode_numerics=None,
+                      prefill_only: bool = True) -> dict:
+    """Records of one length L as the demo runs each: "demo" logits [B, L - p, V] of the positions p-1..L-2
+    (predicting tokens p..L-1), with `prefill_only` also the prefill model's own continuation ("prefill_only",
+    same positions), and "prefill_length" p. One length, so the batch needs no padding and every row is what
+    the record alone gives, up to float rounding. `decode_numerics`: a context manager factory run around the
+    decoding model's forward (mllm_cpu_numerics), or None for plain float."""
     import contextlib
 
     if handover not in HANDOVER_DTYPES:
         raise PipelineError(f"unknown handover dtype {handover!r}; valid: {', '.join(HANDOVER_DTYPES)}")
-    p = prefill_length(len(ids), fraction)
+    length = len(batch[0])
+    if any(len(ids) != length for ids in batch):
+        raise PipelineError(f"a demo batch needs records of one length, got {sorted({len(ids) for ids in batch})}")
+    p = prefill_length(length, fraction)
     device = next(prefill_model.parameters()).device
-    tokens = torch.tensor([ids], dtype=torch.long, device=device)
-    prompt_logits, cache = run_chunks(prefill_model, tokens[:, :p], chunk_size)
+    tokens = torch.tensor(batch, dtype=torch.long, device=device)
+    # the prefill's last position predicts token p, as in the demo; its other positions feed only the cache
+    first, cache = run_chunks(prefill_model, tokens[:, :p], chunk_size, last_only=True)
     decode_dtype = next(decode_model.parameters()).dtype
     handed = hand_over(cache, HANDOVER_DTYPES[handover], decode_dtype)
     handed_device = next(decode_model.parameters()).device
     if handed_device != device:
         for layer in handed.layers:
             layer.keys, layer.values = layer.keys.to(handed_device), layer.values.to(handed_device)
-    first = prompt_logits[p - 1:p]  # the prefill's last position predicts token p, as in the demo
     parts = [first]
-    if len(ids) - 1 > p:
+    if length - 1 > p:
         with decode_numerics() if decode_numerics is not None else contextlib.nullcontext():
             out = decode_model(input_ids=tokens[:, p:-1].to(handed_device), **_with_cache(decode_model, handed))
-        parts.append(out.logits[0].float().to(first.device))
-    out = {"demo": torch.cat(parts), "prefill_length": p}
+        parts.append(out.logits.float().to(first.device))
+    out = {"demo": torch.cat(parts, dim=1), "prefill_length": p}
     if prefill_only:  # the NPU simulation continues over the rest of the record from its own cache
-        rest = [run_chunks(prefill_model, tokens[:, p:-1], chunk_size, cache)[0]] if len(ids) - 1 > p else []
-        out["prefill_only"] = torch.cat([first, *rest])
+        rest = [run_chunks(prefill_model, tokens[:, p:-1], chunk_size, cache)[0]] if length - 1 > p else []
+        out["prefill_only"] = torch.cat([first, *rest], dim=1)
     return out
+
+
+def demo_logits(prefill_model, decode_model, ids: list[int], chunk_size: int, fraction: float = PREFILL_FRACTION,
+                handover: str = "float16", decode_numerics=None, prefill_only: bool = True) -> dict:
+    """One record as the demo runs it: demo_batch_logits of a batch of one, its logits [L - p, V]."""
+    out = demo_batch_logits(prefill_model, decode_model, [ids], chunk_size, fraction, handover, decode_numerics,
+                            prefill_only)
+    return {key: value[0] if isinstance(value, torch.Tensor) else value for key, value in out.items()}
 
 
 @torch.inference_mode()
@@ -175,13 +197,14 @@ def record_scores(logits: torch.Tensor, targets: torch.Tensor, float_logits: tor
 
 def score_records(float_model, prefill_model, decode_model, sequences: list[list[int]], chunk_size: int,
                   fraction: float = PREFILL_FRACTION, handover: str = "float16", decode_numerics=None,
-                  float_logits_of=None, progress: bool = True, singles=("prefill_only", "decode_only")
-                  ) -> dict[str, EvalResult]:
+                  float_logits_of=None, progress: bool = True, singles=("prefill_only", "decode_only"),
+                  batch_size: int = 8) -> dict[str, EvalResult]:
     """EvalResults of float, demo and the `singles` (prefill_only, decode_only; the demo evaluation takes them
     from the sweep's and the decoding candidate's own evaluations instead) on the continuation tokens of every
-    record (module docstring), one record at a time. The float logits of record i, positions p-1..L-2, come
+    record (module docstring), records of one length in batches. The float logits of record i, positions p-1..L-2, come
     from `float_logits_of(i, p)` when given (the saved float baseline), else from `float_model` on the whole
-    record, else (both None, for tests) from the prefill model itself."""
+    record, else (both None, for tests) from the prefill model itself. `batch_size`: records of one length run
+    together, up to that many."""
     from tqdm import tqdm
 
     if not sequences:
@@ -193,26 +216,39 @@ def score_records(float_model, prefill_model, decode_model, sequences: list[list
     unknown = set(singles) - set(MODELS[2:])
     if unknown:
         raise PipelineError(f"unknown single model(s) {', '.join(sorted(unknown))}; valid: {', '.join(MODELS[2:])}")
+    if batch_size < 1:
+        raise PipelineError(f"batch size {batch_size!r} must be a positive number of records")
     names = ("float", "demo", *[name for name in MODELS[2:] if name in singles])
-    rows: dict[str, list[dict]] = {name: [] for name in names}
-    for index, ids in enumerate(tqdm(sequences, desc="demo", unit="record", disable=not progress)):
-        needs_prefill_only = "prefill_only" in singles or (float_logits_of is None and float_model is None)
-        out = demo_logits(prefill_model, decode_model, ids, chunk_size, fraction, handover, decode_numerics,
-                          prefill_only=needs_prefill_only)
-        p = out["prefill_length"]
-        targets = torch.tensor(ids[p:], dtype=torch.long)
-        if float_logits_of is not None:
-            float_logits = float_logits_of(index, p)
-        elif float_model is not None:
-            float_logits = whole_record_logits(float_model, ids, p)
-        else:
-            float_logits = out["prefill_only"]
-        rows["float"].append(record_scores(float_logits, targets, None))
-        logits = {"demo": out["demo"], "prefill_only": out.get("prefill_only")}
-        if "decode_only" in singles:
-            logits["decode_only"] = whole_record_logits(decode_model, ids, p, decode_numerics)
-        for name in names[1:]:
-            rows[name].append(record_scores(logits[name], targets, float_logits))
+    rows: dict[str, list[dict | None]] = {name: [None] * len(sequences) for name in names}
+    needs_prefill_only = "prefill_only" in singles or (float_logits_of is None and float_model is None)
+    # Records of one length share a batch (no padding); most records are cut at seq_len, so batches fill.
+    by_length: dict[int, list[int]] = {}
+    for index, ids in enumerate(sequences):
+        by_length.setdefault(len(ids), []).append(index)
+    batches = [group[i:i + batch_size] for _, group in sorted(by_length.items(), reverse=True)
+               for i in range(0, len(group), batch_size)]
+    with tqdm(total=len(sequences), desc="demo", unit="record", disable=not progress) as bar:
+        for batch in batches:
+            out = demo_batch_logits(prefill_model, decode_model, [sequences[i] for i in batch], chunk_size, fraction,
+                                    handover, decode_numerics, prefill_only=needs_prefill_only)
+            p = out["prefill_length"]
+            for row, index in enumerate(batch):
+                ids = sequences[index]
+                targets = torch.tensor(ids[p:], dtype=torch.long)
+                if float_logits_of is not None:
+                    float_logits = float_logits_of(index, p)
+                elif float_model is not None:
+                    float_logits = whole_record_logits(float_model, ids, p)
+                else:
+                    float_logits = out["prefill_only"][row]
+                rows["float"][index] = record_scores(float_logits, targets, None)
+                logits = {"demo": out["demo"][row],
+                          "prefill_only": out["prefill_only"][row] if needs_prefill_only else None}
+                if "decode_only" in singles:
+                    logits["decode_only"] = whole_record_logits(decode_model, ids, p, decode_numerics)
+                for name in names[1:]:
+                    rows[name][index] = record_scores(logits[name], targets, float_logits)
+            bar.update(len(batch))
     return {name: result_of_sums(rows[name]) for name in names}
 
 
@@ -442,14 +478,15 @@ def single_model_results(prefill_json, decode_choice, fraction: float, records: 
 def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json, out_md, seq_len: int,
                   decode_choice=None, prefill_json=None, prefill_fraction: float = PREFILL_FRACTION,
                   handover: str = "float16", baseline=None, device: str = "auto", dtype: str = "float32",
-                  num_resamples: int = 1000, name=None, records: int | None = None) -> dict:
+                  num_resamples: int = 1000, name=None, records: int | None = None, batch_size: int = 8) -> dict:
     """The demo evaluation (module docstring) of the export of `manifest` (the exported variant's) with the
     decoding model `decode_path` on the manifest decode_choice.json names (None: `manifest`); `name`: the
     model's name in the summary (default: the manifest's folder). `baseline`: the float baseline of the
     manifest's float run on the same records (float-baseline.safetensors), which spares the float model's
     forward; without it the float model runs each record. `prefill_json` (evaluation.json) and
     `decode_choice` give the single models' continuation sums; where one is None that model runs here.
-    `records`: only the first that many records (a quick look; the baseline is still checked against all)."""
+    `records`: only the first that many records (a quick look; the baseline is still checked against all).
+    `batch_size`: records of one length run together, up to that many."""
     import copy
     from collections import Counter
 
@@ -497,7 +534,8 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
 
     reused = single_model_results(prefill_json, decode_choice, prefill_fraction, records)
     results = score_records(float_model, prefill_model, decode_model, sequences, chunk_size, prefill_fraction,
-                            handover, numerics, float_logits_of, singles=[m for m in MODELS[2:] if m not in reused])
+                            handover, numerics, float_logits_of, singles=[m for m in MODELS[2:] if m not in reused],
+                            batch_size=batch_size)
     for key, result in reused.items():
         if list(result.num_tokens) != list(results["demo"].num_tokens):
             source = prefill_json if key == "prefill_only" else decode_choice
@@ -512,7 +550,7 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
             "runtime": simulated.name, "point": runtime.get("point"), "transform": runtime.get("transform", "none"),
             "shadow_layers": sorted(shadow), "chunk_size": chunk_size, "prefill_fraction": prefill_fraction,
             "prefill_tokens": sum(prefill_length(len(s), prefill_fraction) for s in sequences),
-            "handover": handover, "first_token": "prefill model's last position",
+            "handover": handover, "first_token": "prefill model's last position", "batch_size": batch_size,
             "decode": "teacher-forced over the continuation with the handed-over cache",
             "prefill_manifest": str(manifest), "decode_manifest": str(decode_manifest),
             "decode_model": str(decode_path), "decode_choice": None if decode_choice is None else str(decode_choice),
