@@ -413,3 +413,24 @@ def test_a_real_qkv_bias_keeps_its_values():
     decoded = decode_tensors({**state, "lm_head.weight": torch.randn(8, 64)})
     assert torch.equal(decoded["model.layers.0.self_attn.q_proj.bias"], state["model.layers.0.self_attn.q_proj.bias"])
     assert decoded["model.layers.0.self_attn.k_proj.bias"].shape == (64,) and not decoded["model.layers.0.self_attn.k_proj.bias"].any()
+
+
+def test_layer_ranking_replay_equals_full_runs(llama_run):
+    """The layer ranking that starts each shadow layer's run from the no-shadow run's recorded layer outputs
+    gives the full runs' rows to the bit: benefit, NLL and CPU share (a shadow layer changes only itself and
+    the layers after it)."""
+    from shadowquant.calibrate.sensitivity import stage_inputs
+    from shadowquant.runtimes.npu import first_changed_layer, layer_ranking
+
+    model, sequences, layers, scales = stage_inputs(llama_run / "model" / "manifest.json", llama_run / "calib.jsonl",
+                                                    llama_run / "act.json", 4, 24, "cpu", "auto")
+    profile = get_profile("qwen-npu", "llama")
+    runtime_scales = read_runtime_scales(llama_run / "rs.json", profile)
+    replayed, full = (layer_ranking(model, layers, sequences, scales, runtime_scales, profile, batch_size=3,
+                                    progress=False, replay=replay) for replay in (True, False))
+    assert replayed == full and len(full) == 2 and any(row["cost"] > 0 for row in full)
+    none = runtime_decisions(scales, runtime_scales, profile, layers, frozenset())
+    for index in (0, 1):
+        shadow = frozenset({index})
+        decisions = runtime_decisions(scales, runtime_scales, profile, layers, shadow)
+        assert first_changed_layer(decisions, none, layers, profile, shadow) == index

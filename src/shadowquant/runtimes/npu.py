@@ -15,6 +15,7 @@ down_proj MACs)` of its elements beyond int8, and takes the smallest tabulated r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -140,14 +141,79 @@ def runtime_decisions(act_scales: dict, scales: dict, profile: RuntimeProfile, l
 # ---------------------------------------------------------------- the layer ranking (sensitivity.csv)
 
 
+def first_changed_layer(decisions: dict, base: dict, layers: list[str], profile, shadow: frozenset) -> int:
+    """The first decoder layer whose simulation differs between the no-shadow decisions `base` and `decisions`
+    of the shadow set `shadow`: a shadow layer changes itself and the layers after it (their input norm and
+    the Linears' specs), never an earlier one; a changed decision or spec of an earlier Linear counts too."""
+    changed = [layer_index(name) for name in layers
+               if decisions[name] != base[name] or profile.spec(name, shadow) != profile.spec(name, frozenset())]
+    return min([*shadow, *(i for i in changed if i is not None)])
+
+
+class LayerReplay:
+    """Records the output of every decoder layer of the no-shadow run, batch by batch; a later run with a
+    shadow set that leaves layers 0..start-1 as they were skips them: layer start-1 returns its recorded
+    output, the earlier ones their input. The layers from `start` on compute from the same bits as a full
+    forward would give them, so the logits and the CPU counts of those layers are the full run's."""
+
+    def __init__(self, model):
+        from shadowquant.runtimes.runtime_linear import decoder_layers
+
+        self.layers = [layer for _, layer in sorted(decoder_layers(model), key=lambda item: item[0])]
+        self.outputs: list[list] = [[] for _ in self.layers]
+
+    def record(self):
+        """Context: every decoder layer's output is kept, in call order."""
+        import contextlib
+
+        def keep(index):
+            def hook(module, args, output):
+                self.outputs[index].append(output)
+            return hook
+
+        @contextlib.contextmanager
+        def recording():
+            handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return recording()
+
+    def skip_before(self, start: int):
+        """Context: layers 0..start-1 replay the recorded run (start 0: nothing is skipped)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def replaying():
+            if start <= 0:
+                yield
+                return
+            recorded = iter(self.outputs[start - 1])
+            for layer in self.layers[:start - 1]:
+                layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+            self.layers[start - 1].forward = lambda *args, **kwargs: next(recorded)
+            try:
+                yield
+                if next(recorded, None) is not None:
+                    raise PipelineError("the layer ranking ran fewer batches than the recorded run; run it again")
+            finally:
+                for layer in self.layers[:start]:
+                    del layer.forward  # the class's forward again
+        return replaying()
+
+
 def layer_ranking(model, layers: list[str], sequences: list[list[int]], act_scales: dict,
                   runtime_scales: dict, profile, batch_size: int = 4, weight_range="max",
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, replay: bool = True) -> list[dict]:
     """Rows of sensitivity.csv under an NPU runtime profile, one per shadow-capable layer, ranked.
 
     The model is simulated with no shadow layer, then with each layer alone as the shadow layer (its
     down_proj shadow op at the one-layer share of the CPU cap); the benefit is the measured decrease of
-    KL to float, the cost the measured CPU share, both on the given calibration records.
+    KL to float, the cost the measured CPU share, both on the given calibration records. With `replay`
+    (LayerReplay) a shadow layer's run starts at that layer from the no-shadow run's recorded outputs:
+    the same numbers at about half the work (a test compares it with full runs).
     """
     from tqdm import tqdm
 
@@ -158,7 +224,11 @@ def layer_ranking(model, layers: list[str], sequences: list[list[int]], act_scal
     quantized = copy.deepcopy(model)
     none = runtime_decisions(act_scales, runtime_scales, profile, layers, frozenset())
     counter = apply_runtime(quantized, none, layers, profile, frozenset(), weight_range=weight_range)
-    base = compare_to_reference(quantized, sequences, reference, batch_size).summary()
+    recorder = LayerReplay(quantized)
+    with recorder.record() if replay else contextlib.nullcontext():
+        base = compare_to_reference(quantized, sequences, reference, batch_size).summary()
+    # Every shadow set runs the same Linears on the same positions: the no-shadow run's total is each run's.
+    total = counter.total_macs
     ratios = layer_ratios(act_scales, profile, layers)
     shadow_layer_names = {layer_index(layer): layer for layer in layers
                           if layer_index(layer) in ratios and layer.endswith(f".{profile.shadow_role}")}
@@ -170,12 +240,15 @@ def layer_ranking(model, layers: list[str], sequences: list[list[int]], act_scal
         decisions = runtime_decisions(act_scales, runtime_scales, profile, layers, shadow)
         reconfigure(quantized, decisions, layers, profile, shadow)
         counter.shadow_macs = counter.total_macs = counter.input_outliers = counter.output_outliers = 0
-        measured = compare_to_reference(quantized, sequences, reference, batch_size).summary()
+        start = first_changed_layer(decisions, none, layers, profile, shadow) if replay else 0
+        with recorder.skip_before(start):
+            measured = compare_to_reference(quantized, sequences, reference, batch_size).summary()
         layer = shadow_layer_names[index]
         module = model.get_submodule(layer)
         rows.append({"layer": layer, "side": "layer", "statistic": "absmax", "ratio": ratios[index],
                      "clip_scale": none[layer].input_scale, "shadow_scale": decisions[layer].input_scale,
-                     "cost": counter.share, "flop_share": module.in_features * module.out_features / total_macs,
+                     "cost": counter.shadow_macs / total if total else 0.0,
+                     "flop_share": module.in_features * module.out_features / total_macs,
                      "proxy_kl": None, "delta_kl": base["kl"] - measured["kl"],
                      "delta_nll": base["nll"] - measured["nll"], "benefit": base["kl"] - measured["kl"]})
     reconfigure(quantized, none, layers, profile, frozenset())
