@@ -79,6 +79,9 @@ rule evaluate_decode_model:
     wildcard_constraints:
         source="prefill|unrotated",
         recipe="[a-z0-9_-]+",
+    # The last fillers: the demo evaluation (two threads) starts when both are done, with nothing left
+    # to take one of its CPUs.
+    priority: 3
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_decode_model")

@@ -25,6 +25,9 @@ if PROFILE_SHARDS == 1:
         benchmark:
             f"{RUN_BENCH}/profile.tsv"
         cache: CACHE_MODE
+        # The chain to the layer-front points (profile, runtime_scales, sensitivity) goes first among
+        # ready jobs: everything else fills the other CPU beside it.
+        priority: 10
         conda:
             CONDA_ENV
         threads: rule_threads("profile")  # capped by --cores locally; --cpus-per-task on SLURM

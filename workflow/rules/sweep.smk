@@ -50,6 +50,8 @@ rule choose_weight_range:
         f"{RUN_LOGS}/choose_weight_range.log",
     benchmark:
         f"{RUN_BENCH}/choose_weight_range.tsv"
+    # Every sweep point and decoding candidate needs these: before the points.
+    priority: 8
     conda:
         CONDA_ENV
     threads: rule_threads("choose_weight_range")
@@ -77,6 +79,8 @@ rule evaluate_float:
         f"{RUN_LOGS}/sweep/float.log",
     benchmark:
         f"{RUN_BENCH}/sweep/float.tsv"
+    # Every sweep point and decoding candidate needs these: before the points.
+    priority: 8
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_float")
@@ -105,6 +109,9 @@ rule runtime_scales:
         f"{RUN_LOGS}/runtime_scales.log",
     benchmark:
         f"{RUN_BENCH}/runtime_scales.tsv"
+    # The chain to the layer-front points (profile, runtime_scales, sensitivity) goes first among
+    # ready jobs: everything else fills the other CPU beside it.
+    priority: 10
     conda:
         CONDA_ENV
     threads: rule_threads("runtime_scales")
@@ -212,6 +219,9 @@ if POINTS_PER_JOB == 1:
             f"{RUN_BENCH}/sweep/{{point}}.tsv"
         wildcard_constraints:
             point=r"(signed|absmax)-(t[0-9]+(\.[0-9]+)?|k[0-9]+|l[0-9]+)(-mse)?",
+        # The points (the selection and the export wait for them) before the breakdown's parts and the
+        # decoding candidates, which only the end of the run needs.
+        priority: 5
         conda:
             CONDA_ENV
         threads: rule_threads("evaluate_point")
@@ -252,6 +262,8 @@ else:
             f"{RUN_BENCH}/sweep/groups/group-{{group}}-of-{len(POINT_GROUPS)}.tsv"
         wildcard_constraints:
             group=r"\d+",
+        # As evaluate_point.
+        priority: 5
         conda:
             CONDA_ENV
         threads: rule_threads("evaluate_point_group")
@@ -309,6 +321,8 @@ rule evaluate_part:
     wildcard_constraints:
         statistic="signed|absmax",
         part="weights|inputs|outputs",
+    # After the points, before the decoding candidates (bundle.smk).
+    priority: 4
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_part")
