@@ -108,7 +108,7 @@ def test_the_runtimes_import_no_torch():
 def test_the_evaluation_line_of_a_phone_profile_points_to_the_whole_generations_number():
     npu = get_runtime("qwen-npu-rotated").shadow_line({"shadow_layers": "3 7", "cpu_share": 0.0005})
     assert npu.startswith("Runtime profile qwen-npu-rotated: shadow layers 3, 7; the shadow ops run 0.050 %")
-    assert "snakemake bundle" in npu and "demo_evaluation.md" in npu
+    assert "snakemake bundle" in npu and "demo_evaluation.md" in npu and "default target" in npu
     ideal = get_runtime("ideal").shadow_line({"num_shadow_inputs": 2, "num_shadow_outputs": 1,
                                               "shadow_flop_fraction": 0.01})
     assert "no phone runs it" in ideal and "snakemake bundle" not in ideal

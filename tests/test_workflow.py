@@ -140,6 +140,12 @@ def check_breakdown_fronts_and_plots(family_run):
 def check_final_evaluation_generates_from_the_export(family_run):
     evaluation = family_run.json(family_run.results / "evaluation.json")
     assert evaluation["generations"][0]["prompt"] == "The list"
+    assert evaluation["model"] == f"tiny-{family_run.family}"
+    # the exported point's per-record sums, with the continuation the demo evaluation reads
+    assert evaluation["w8a8_per_record"]["continuation"]["prefill_fraction"] == 0.5
+    summary = (family_run.results / "evaluation.md").read_text()
+    assert summary.startswith(f"# W8A8 evaluation of tiny-{family_run.family}\n")
+    assert ("## What a generation on the phone gets" in summary) == (family_run.family == "llama")
 
 
 def check_runtime_json_and_export_metadata_name_the_runtime(family_run):

@@ -43,7 +43,7 @@ rule evaluate_demo:
     benchmark:
         f"{BENCH}/evaluate_demo.tsv"
     # The last long job: first as soon as it is ready.
-    priority: 10
+    priority: 100
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_demo")

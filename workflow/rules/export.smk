@@ -21,6 +21,8 @@ rule export_int8:
         f"{LOGS}/export_int8.log",
     benchmark:
         f"{BENCH}/export_int8.tsv"
+    # On the way to the export and the demo evaluation: first among ready jobs (see runtime_scales).
+    priority: 100
     conda:
         CONDA_ENV
     threads: rule_threads("export_int8")

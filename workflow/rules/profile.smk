@@ -27,7 +27,7 @@ if PROFILE_SHARDS == 1:
         cache: CACHE_MODE
         # The chain to the layer-front points (profile, runtime_scales, sensitivity) goes first among
         # ready jobs: everything else fills the other CPU beside it.
-        priority: 10
+        priority: 100
         conda:
             CONDA_ENV
         threads: rule_threads("profile")  # capped by --cores locally; --cpus-per-task on SLURM

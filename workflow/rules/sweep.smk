@@ -109,9 +109,10 @@ rule runtime_scales:
         f"{RUN_LOGS}/runtime_scales.log",
     benchmark:
         f"{RUN_BENCH}/runtime_scales.tsv"
-    # The chain to the layer-front points (profile, runtime_scales, sensitivity) goes first among
-    # ready jobs: everything else fills the other CPU beside it.
-    priority: 10
+    # The chain to the layer-front points, the export and the demo evaluation goes first among ready
+    # jobs, everything else fills the other CPU beside it. 100: the scheduler maximizes the sum of the
+    # chosen jobs' priorities, and two fillers (at most 8 each) must not outweigh one job of the chain.
+    priority: 100
     conda:
         CONDA_ENV
     threads: rule_threads("runtime_scales")
@@ -147,7 +148,7 @@ rule sensitivity:
         f"{RUN_BENCH}/sensitivity.tsv"
     # First among the ready jobs: the layer-front points wait for it (started after the other points, it
     # left a CPU idle while they queued behind it).
-    priority: 10
+    priority: 100
     conda:
         CONDA_ENV
     threads: rule_threads("sensitivity")
@@ -371,6 +372,8 @@ rule aggregate_sweep:
         f"{RUN_RESULTS}/sweep.csv",
     log:
         f"{RUN_LOGS}/aggregate_sweep.log",
+    # On the way to the export and the demo evaluation: first among ready jobs (see runtime_scales).
+    priority: 100
     conda:
         CONDA_ENV
     threads: 1
@@ -389,6 +392,8 @@ rule select_point:
         f"{RESULTS}/selection.json",
     log:
         f"{LOGS}/select_point.log",
+    # On the way to the export and the demo evaluation: first among ready jobs (see runtime_scales).
+    priority: 100
     conda:
         CONDA_ENV
     threads: 1
@@ -419,6 +424,8 @@ rule evaluate_export:
         f"{LOGS}/evaluate_export.log",
     benchmark:
         f"{BENCH}/evaluate_export.tsv"
+    # On the way to the export and the demo evaluation: first among ready jobs (see runtime_scales).
+    priority: 100
     conda:
         CONDA_ENV
     threads: rule_threads("evaluate_export")
@@ -427,6 +434,7 @@ rule evaluate_export:
         runtime=60,
         gpu=USES_GPU,
     params:
+        name=NAME,
         point=EXPORT_POINT,
         variants=EXPORT_VARIANTS,
         transform=config["export"]["transform"],

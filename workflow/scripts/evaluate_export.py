@@ -15,4 +15,4 @@ def evaluate_selected_variant(**kwargs):
 out = snakemake.output
 run_stage(snakemake, evaluate_selected_variant, export=i.export, out_json=out.metrics, point=p.point,
           selection=selection, prompts=list(p.prompts), max_new_tokens=p.max_new_tokens, device=p.device,
-          dtype=p.dtype)
+          dtype=p.dtype, name=p.name)

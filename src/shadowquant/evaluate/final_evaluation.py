@@ -44,10 +44,11 @@ def export_metadata(export) -> dict:
 @torch.inference_mode()
 def evaluate_export(manifest, export, float_json, sweep_csv, out_json, point: str = "auto", selection=None,
                     prompts: list[str] = (), max_new_tokens: int = 24, device: str = "auto",
-                    dtype: str = "auto") -> dict:
+                    dtype: str = "auto", name: str | None = None) -> dict:
     """Metrics of the exported point (from the sweep) next to float, its per-record sums (`w8a8_per_record`, from
     the point's JSON in the sweep/ folder beside `sweep_csv`; the demo evaluation reads their continuation
-    part), plus float vs exported W8A8 generations."""
+    part), plus float vs exported W8A8 generations. `name`: the model's name in the summary (default: the
+    manifest's folder)."""
     import pandas as pd
 
     point = resolve_export_point(point, selection)
@@ -67,7 +68,7 @@ def evaluate_export(manifest, export, float_json, sweep_csv, out_json, point: st
     runtime_of(meta, family).apply_from_export(model, tensors, quantized_layer_names(model, family), meta)
     w8a8_text = greedy_generations(model, tokenizer, list(prompts), max_new_tokens)
     result = {
-        "model": Path(manifest).parent.name, "point": point, "float": float_metrics, "w8a8": w8a8,
+        "model": name or Path(manifest).parent.name, "point": point, "float": float_metrics, "w8a8": w8a8,
         "selection": read_selection(selection) if selection is not None else None,
         "generations": [{"prompt": p, "float": a, "w8a8": b} for p, a, b in zip(prompts, float_text, w8a8_text)],
         "w8a8_per_record": point_data["per_record"],

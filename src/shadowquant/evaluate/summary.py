@@ -55,7 +55,8 @@ def demo_sentence(demo: dict) -> str:
     decoder = setup.get("decode_candidate") or setup["decode_model"]
     return (f"mllm's NPU demo prefills the prompt with the int8 NPU model and writes every further token with the "
             f"CPU decoding model. Run that way on each of {m['num_samples']} held-out records (the first "
-            f"{setup['prefill_fraction']:g} prefilled in chunks of {setup['chunk_size']}, the KV cache handed over in "
+            f"{setup['prefill_fraction']:.0%} of its tokens prefilled in chunks of {setup['chunk_size']}, the KV cache "
+            f"handed over in "
             f"{setup['handover']}, the rest written by the decoding model {decoder}), the "
             f"{m['num_tokens']} continuation tokens get perplexity {m['perplexity']:.4f}, "
             f"**{_with_interval(m, 'perplexity_increase')} over float**, against "

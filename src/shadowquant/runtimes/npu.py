@@ -430,8 +430,8 @@ class NpuRuntime(Runtime):
         return (f"Runtime profile {self.name}: shadow layers {layers}; the shadow ops run "
                 f"{100 * row['cpu_share']:.3f} % of the quantized Linear multiply-adds on the CPU (measured). "
                 "On the phone this model prefills the prompt and the CPU decoding model writes every further "
-                "token: `snakemake bundle` measures the two together as the demo runs them (demo_evaluation.md, "
-                "the bundle's README.txt).")
+                "token: the demo evaluation measures the two together as the demo runs them (demo_evaluation.md, "
+                "the bundle's README.txt; built by the default target, or by `snakemake bundle`).")
 
     def comparison_cost(self, row: dict) -> str:
         if number(row.get("selected_cpu_share")) is None:
