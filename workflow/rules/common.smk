@@ -427,8 +427,8 @@ def exported_variant_input(wildcards=None):
     """What says which variant the export came from: runtime.json when several may be exported, nothing when
     one is (so that jobs needing only the variant do not wait for the export). Refuses a runtime no phone
     runs before any job runs, as everything the phone bundle needs does."""
-    SIMULATED.require_phone(f"{CONFIG_SOURCE} (the bundle)")
-    return [f"{RESULTS}/runtime.json"] if len(EXPORT_VARIANTS) > 1 else []
+    runtime_json = bundle_runtime_json()
+    return [runtime_json] if len(EXPORT_VARIANTS) > 1 else []
 
 
 def bundle_runtime_json(wildcards=None):

@@ -54,7 +54,8 @@ import torch
 from shadowquant.atomic import write_json, write_text
 from shadowquant.errors import PipelineError
 from shadowquant.evaluate.metrics import (PREFILL_FRACTION, EvalResult, continuation_from_per_record, exact_kl,
-                                          per_record, prefill_length, result_of_sums, summarize)
+                                          interval_text, per_record, prefill_length, record_sums, result_of_sums,
+                                          summarize)
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +187,11 @@ def record_scores(logits: torch.Tensor, targets: torch.Tensor, float_logits: tor
     """Per-record sums (metrics.EvalResult's fields) of logits [n, V] predicting `targets` [n]."""
     targets = targets.to(logits.device)
     nll = torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets[:, None]).squeeze(-1)
-    scores = {"correct": bool(logits[-1].argmax() == targets[-1]), "nll_sum": float(nll.double().sum()),
-              "num_tokens": int(targets.numel())}
+    kl = agree = None
     if float_logits is not None:
         float_logits = float_logits.to(logits.device)
-        scores["kl_sum"] = float(exact_kl(float_logits, logits).sum())
-        scores["agreement_count"] = int((logits.argmax(-1) == float_logits.argmax(-1)).sum())
-    return scores
+        kl, agree = exact_kl(float_logits, logits), logits.argmax(-1) == float_logits.argmax(-1)
+    return record_sums(bool(logits[-1].argmax() == targets[-1]), nll, kl, agree)
 
 
 def score_records(float_model, prefill_model, decode_model, sequences: list[list[int]], chunk_size: int,
@@ -321,15 +320,6 @@ def summarize_all(results: dict[str, EvalResult], num_resamples: int = 1000) -> 
     return out
 
 
-def _interval(row: dict, key: str) -> str:
-    value, low, high = row.get(key), row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
-    if value is None:
-        return "–"
-    if key == "perplexity_increase":
-        return f"{value:+.2%}" + (f" [{low:+.2%}, {high:+.2%}]" if low is not None else "")
-    return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
-
-
 def _difference(entry: dict, key: str) -> str:
     value, low, high = entry["value"], entry["ci_low"], entry["ci_high"]
     if key == "perplexity_ratio":
@@ -346,7 +336,7 @@ def model_cells(result: dict) -> tuple[list[str], list[list[str]]]:
     """The header and the rows of the table of the four models (columns) and the metrics (rows) of a demo
     evaluation's result, each value with its interval."""
     return (["metric", *(LABELS[m] for m in MODELS)],
-            [[label, *(_interval(result[m], key) for m in MODELS)] for key, label in ROWS])
+            [[label, *(interval_text(result[m], key) for m in MODELS)] for key, label in ROWS])
 
 
 def model_table(result: dict) -> list[str]:
@@ -391,12 +381,8 @@ def markdown_summary(result: dict) -> str:
 # ---------------------------------------------------------------- the stage
 
 
-def decode_manifest_of(decode_choice, default) -> str:
-    """The manifest the decoding model's architecture and unstored tensors come from: decode_choice.json's
-    `manifest`, or `default` (the exported variant's) when no choice file is used. A choice made for another
-    prefill model (its `prefill_manifest`, where it names one, is not `default`) is refused."""
-    if decode_choice is None:
-        return str(default)
+def read_decode_choice(decode_choice) -> dict:
+    """decode_choice.json (the bundle's decoding-model choice) as a mapping; a missing or unreadable file is refused."""
     path = Path(decode_choice)
     if not path.is_file():
         raise PipelineError(f"{path}: no decoding-model choice; build it first (the bundle's decoding-model choice "
@@ -405,7 +391,13 @@ def decode_manifest_of(decode_choice, default) -> str:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{path}: not readable JSON ({exc}); delete it and re-run the decoding-model choice") from None
-    manifest = data.get(DECODE_CHOICE_KEY) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def manifest_of_choice(data: dict, path, default) -> str:
+    """The manifest a read decode_choice.json (`data`, from `path`) names for the decoding model; a choice made for
+    another prefill model (its `prefill_manifest`, where it names one, is not `default`) is refused."""
+    manifest = data.get(DECODE_CHOICE_KEY)
     if not isinstance(manifest, str) or not manifest:
         raise PipelineError(f"{path}: has no '{DECODE_CHOICE_KEY}' (the manifest of the decoding model's weights); "
                             "re-run the decoding-model choice")
@@ -418,11 +410,12 @@ def decode_manifest_of(decode_choice, default) -> str:
     return manifest
 
 
-def decode_candidate_of(decode_choice) -> str | None:
-    """The chosen decoding candidate's name (decode_choice.json's `chosen`), None without a choice file."""
+def decode_manifest_of(decode_choice, default) -> str:
+    """The manifest the decoding model's architecture and unstored tensors come from: decode_choice.json's
+    `manifest`, or `default` (the exported variant's) when no choice file is used."""
     if decode_choice is None:
-        return None
-    return json.loads(Path(decode_choice).read_text(encoding="utf-8")).get("chosen")
+        return str(default)
+    return manifest_of_choice(read_decode_choice(decode_choice), decode_choice, default)
 
 
 def chunk_size_of(runtime_json) -> int:
@@ -454,17 +447,23 @@ def load_decoding_model(manifest, decode_path, device: str = "auto"):
     return model, formats
 
 
-def single_model_results(prefill_json, decode_choice, fraction: float, records: int | None) -> dict[str, EvalResult]:
+def single_model_results(prefill_json, decode_choice, choice: dict | None, fraction: float,
+                         records: int | None) -> dict[str, EvalResult]:
     """The continuation sums of the single models evaluated elsewhere on the same records (module docstring):
-    prefill_only from `prefill_json` (evaluation.json's `w8a8_per_record`), decode_only from `decode_choice`
-    (decode_choice.json's `per_record`); each only where its file is given. `records`: the first that many."""
+    prefill_only from `prefill_json` (evaluation.json's `w8a8_per_record`), decode_only from decode_choice.json
+    (`choice`, read from `decode_choice`; its `per_record`); each only where its file is given. `records`: the
+    first that many."""
     from shadowquant.jsonfile import read_json_object
 
+    sources = []
+    if prefill_json is not None:
+        sources.append(("prefill_only", prefill_json, PREFILL_KEY,
+                        read_json_object(prefill_json, f"the {LABELS['prefill_only']}'s evaluation",
+                                         "re-run the step that wrote it")))
+    if choice is not None:
+        sources.append(("decode_only", decode_choice, "per_record", choice))
     found = {}
-    for name, path, key in (("prefill_only", prefill_json, PREFILL_KEY), ("decode_only", decode_choice, "per_record")):
-        if path is None:
-            continue
-        data = read_json_object(path, f"the {LABELS[name]}'s evaluation", "re-run the step that wrote it")
+    for name, path, key, data in sources:
         if key not in data:
             raise PipelineError(f"{path}: has no '{key}' (per-record sums of the {LABELS[name]}); delete it and re-run "
                                 "the step that wrote it")
@@ -502,7 +501,8 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
     if handover not in HANDOVER_DTYPES:
         raise PipelineError(f"unknown handover dtype {handover!r}; valid: {', '.join(HANDOVER_DTYPES)}")
     chunk_size = chunk_size_of(runtime_json)
-    decode_manifest = decode_manifest_of(decode_choice, manifest)
+    choice = None if decode_choice is None else read_decode_choice(decode_choice)
+    decode_manifest = str(manifest) if choice is None else manifest_of_choice(choice, decode_choice, manifest)
     if not Path(export).is_file():
         raise PipelineError(f"{export}: int8 export not found; run the export first")
     meta = export_metadata(export)
@@ -532,7 +532,7 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
     def numerics():
         return mllm_cpu_numerics(decode_model, formats)
 
-    reused = single_model_results(prefill_json, decode_choice, prefill_fraction, records)
+    reused = single_model_results(prefill_json, decode_choice, choice, prefill_fraction, records)
     results = score_records(float_model, prefill_model, decode_model, sequences, chunk_size, prefill_fraction,
                             handover, numerics, float_logits_of, singles=[m for m in MODELS[2:] if m not in reused],
                             batch_size=batch_size)
@@ -554,7 +554,7 @@ def evaluate_demo(manifest, export, runtime_json, samples, decode_path, out_json
             "decode": "teacher-forced over the continuation with the handed-over cache",
             "prefill_manifest": str(manifest), "decode_manifest": str(decode_manifest),
             "decode_model": str(decode_path), "decode_choice": None if decode_choice is None else str(decode_choice),
-            "decode_candidate": decode_candidate_of(decode_choice),
+            "decode_candidate": None if choice is None else choice.get("chosen"),
             "float_reference": "float baseline file" if baseline is not None else "float model",
             "prefill_only_from": str(prefill_json) if "prefill_only" in reused else "this evaluation",
             "decode_only_from": str(decode_choice) if "decode_only" in reused else "this evaluation",

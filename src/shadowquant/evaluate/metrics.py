@@ -191,7 +191,7 @@ def _token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - logits.gather(-1, ids[1:, None]).squeeze(-1)
 
 
-def _sums(correct: bool, nll: torch.Tensor, kl: torch.Tensor | None, agree: torch.Tensor | None) -> dict:
+def record_sums(correct: bool, nll: torch.Tensor, kl: torch.Tensor | None, agree: torch.Tensor | None) -> dict:
     """One record's sums (EvalResult's fields) from per-position NLL, KL and float agreement."""
     sums = {"correct": correct, "nll_sum": float(nll.double().sum()), "num_tokens": int(nll.numel())}
     if kl is not None:
@@ -292,11 +292,11 @@ def evaluate(model: torch.nn.Module, sequences: list[list[int]], batch_size: int
                     kl = exact_kl(float_logits[float_starts[row]:float_starts[row + 1]], sample_logits)
                     positions = slice(offsets[i], offsets[i] + length - 1)
                     agree = sample_logits.argmax(-1).cpu() == baseline.argmax[positions]
-                sample = _sums(correct, nll, kl, agree)
+                sample = record_sums(correct, nll, kl, agree)
                 # The continuation: positions p-1..L-2 predict tokens p..L-1 (p = prefill_length(L)).
                 tail = slice(prefill_length(length) - 1, None)
-                sample["continuation"] = _sums(correct, nll[tail], None if kl is None else kl[tail],
-                                               None if agree is None else agree[tail])
+                sample["continuation"] = record_sums(correct, nll[tail], None if kl is None else kl[tail],
+                                                     None if agree is None else agree[tail])
                 if collect_baseline:
                     sample["hidden"] = hidden[row, :length - 1].to("cpu", copy=True)
                     sample["argmax"] = sample_logits.argmax(-1).cpu()
@@ -443,6 +443,19 @@ def summarize(result: EvalResult, float_result: EvalResult | None = None, num_re
     summary.update(ci_level=level, num_resamples=num_resamples, num_samples=len(arrays["num_tokens"]),
                    num_tokens=int(arrays["num_tokens"].sum()))
     return summary
+
+
+def interval_text(row: dict, key: str) -> str:
+    """A summary's `key` with its interval as the summaries print it: '22.3100 [21.9000, 22.8000]', '+1.72%
+    [+1.08%, +2.37%]' for perplexity_increase, '–' without a value."""
+    value, low, high = row.get(key), row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+    if value is None:
+        return "–"
+    bracketed = low is not None and high is not None
+    if key == "perplexity_increase":
+        return f"{value:+.2%}" + (f" [{low:+.2%}, {high:+.2%}]" if bracketed else "")
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return text + (f" [{low:.4f}, {high:.4f}]" if bracketed else "")
 
 
 def per_record(result: EvalResult) -> dict:

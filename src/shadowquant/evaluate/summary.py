@@ -7,26 +7,10 @@ from __future__ import annotations
 import html
 
 from shadowquant.atomic import write_text
-from shadowquant.evaluate.demo_evaluation import model_cells
+from shadowquant.evaluate.demo_evaluation import model_cells, model_table
+from shadowquant.evaluate.metrics import interval_text
 from shadowquant.jsonfile import read_json_object
 from shadowquant.runtimes import runtime_of
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _with_interval(row: dict, key: str) -> str:
-    """'22.31 [21.9, 22.8]': the value and its 95 % bootstrap interval, where there is one."""
-    value, low, high = row.get(key), row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
-    if value is None:
-        return "–"
-    if key == "perplexity_increase":
-        text = f"{value:+.2%}"
-        return text + (f" [{low:+.2%}, {high:+.2%}]" if low is not None and high is not None else "")
-    return _fmt(value) + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
 
 
 METRIC_ROWS = (("perplexity", "perplexity"), ("perplexity_increase", "perplexity increase over float"),
@@ -59,9 +43,9 @@ def demo_sentence(demo: dict) -> str:
             f"handed over in "
             f"{setup['handover']}, the rest written by the decoding model {decoder}), the "
             f"{m['num_tokens']} continuation tokens get perplexity {m['perplexity']:.4f}, "
-            f"**{_with_interval(m, 'perplexity_increase')} over float**, against "
-            f"{_with_interval(demo['prefill_only'], 'perplexity_increase')} for the NPU prefill model alone and "
-            f"{_with_interval(demo['decode_only'], 'perplexity_increase')} for the CPU decoding model alone on the "
+            f"**{interval_text(m, 'perplexity_increase')} over float**, against "
+            f"{interval_text(demo['prefill_only'], 'perplexity_increase')} for the NPU prefill model alone and "
+            f"{interval_text(demo['decode_only'], 'perplexity_increase')} for the CPU decoding model alone on the "
             "same tokens (demo_evaluation.md: the setup and the paired differences).")
 
 
@@ -69,10 +53,8 @@ def markdown_summary(result: dict, demo: dict | None = None) -> str:
     q, f = result["w8a8"], result["float"]
     lines = [f"# W8A8 evaluation of {result['model']}", ""]
     if demo is not None:
-        header, rows = model_cells(demo)
-        lines += ["## What a generation on the phone gets", "", demo_sentence(demo), "",
-                  "| " + " | ".join(header) + " |", "| --- |" + " --- |" * (len(header) - 1),
-                  *("| " + " | ".join(row) + " |" for row in rows), "", "## The int8 prefill model (NPU)", ""]
+        lines += ["## What a generation on the phone gets", "", demo_sentence(demo), "", *model_table(demo), "",
+                  "## The int8 prefill model (NPU)", ""]
     lines += [
         _selection_line(result),
         _shadow_line(q),
@@ -84,7 +66,7 @@ def markdown_summary(result: dict, demo: dict | None = None) -> str:
         "| --- | --- | --- |",
     ]
     for key, label in METRIC_ROWS:
-        lines.append(f"| {label} | {_with_interval(f, key)} | {_with_interval(q, key)} |")
+        lines.append(f"| {label} | {interval_text(f, key)} | {interval_text(q, key)} |")
     lines += ["", "## Greedy generations", "",
               "The W8A8 text comes from a model rebuilt out of the int8 export file.", ""]
     for g in result["generations"]:
@@ -101,7 +83,7 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 def html_summary(result: dict, demo: dict | None = None) -> str:
     """The same summary as a small standalone page: the Snakemake report shows HTML inline."""
     q, f = result["w8a8"], result["float"]
-    rows = [[label, _with_interval(f, key), _with_interval(q, key)] for key, label in METRIC_ROWS]
+    rows = [[label, interval_text(f, key), interval_text(q, key)] for key, label in METRIC_ROWS]
     gens = "".join(f"<h4>{html.escape(g['prompt'])}</h4><p><b>float:</b> {html.escape(g['float'])}</p>"
                    f"<p><b>W8A8:</b> {html.escape(g['w8a8'])}</p>" for g in result["generations"])
     selection = html.escape(_selection_line(result)).replace("**", "")

@@ -149,7 +149,11 @@ class Runtime(ABC):
 
     def require_phone(self, what: str) -> None:
         """Refuse to build something for a phone (`what` says what and from where) when no phone runs this
-        runtime."""
+        runtime (`runs_on_phone`)."""
+        if not self.runs_on_phone:
+            raise PipelineError(f"{what}: runtime.profile is '{self.name}', which no phone runs; it needs an NPU "
+                                "profile (qwen-npu, qwen-npu-rotated or phonelm-npu) and a family mllm has an NPU "
+                                "model for")
 
     # ---------------------------------------------------------------- decisions (no torch)
 

@@ -98,10 +98,6 @@ class IdealRuntime(Runtime):
                for c in clips}
             | ({export_point} if export_point != "auto" else set()))
 
-    def require_phone(self, what: str) -> None:
-        raise PipelineError(f"{what}: runtime.profile is 'ideal', which no phone runs; it needs an NPU profile "
-                            "(qwen-npu, qwen-npu-rotated or phonelm-npu) and a family mllm has an NPU model for")
-
     def decide(self, act_scales: dict, point: str, layers: list[str], sources: DecisionSources,
                source: str = "act_scales.json") -> PointPlan:
         statistic, rule, value = parse_point(point)

@@ -162,46 +162,34 @@ class LayerReplay:
         self.layers = [layer for _, layer in sorted(decoder_layers(model), key=lambda item: item[0])]
         self.outputs: list[list] = [[] for _ in self.layers]
 
+    @contextlib.contextmanager
     def record(self):
         """Context: every decoder layer's output is kept, in call order."""
-        import contextlib
+        handles = [layer.register_forward_hook(lambda module, args, output, i=i: self.outputs[i].append(output))
+                   for i, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
-        def keep(index):
-            def hook(module, args, output):
-                self.outputs[index].append(output)
-            return hook
-
-        @contextlib.contextmanager
-        def recording():
-            handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
-            try:
-                yield
-            finally:
-                for handle in handles:
-                    handle.remove()
-        return recording()
-
+    @contextlib.contextmanager
     def skip_before(self, start: int):
         """Context: layers 0..start-1 replay the recorded run (start 0: nothing is skipped)."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def replaying():
-            if start <= 0:
-                yield
-                return
-            recorded = iter(self.outputs[start - 1])
-            for layer in self.layers[:start - 1]:
-                layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
-            self.layers[start - 1].forward = lambda *args, **kwargs: next(recorded)
-            try:
-                yield
-                if next(recorded, None) is not None:
-                    raise PipelineError("the layer ranking ran fewer batches than the recorded run; run it again")
-            finally:
-                for layer in self.layers[:start]:
-                    del layer.forward  # the class's forward again
-        return replaying()
+        if start <= 0:
+            yield
+            return
+        recorded = iter(self.outputs[start - 1])
+        for layer in self.layers[:start - 1]:
+            layer.forward = lambda hidden_states, *args, **kwargs: hidden_states
+        self.layers[start - 1].forward = lambda *args, **kwargs: next(recorded)
+        try:
+            yield
+            if next(recorded, None) is not None:
+                raise PipelineError("the layer ranking ran fewer batches than the recorded run; run it again")
+        finally:
+            for layer in self.layers[:start]:
+                del layer.forward  # the class's forward again
 
 
 def layer_ranking(model, layers: list[str], sequences: list[list[int]], act_scales: dict,
